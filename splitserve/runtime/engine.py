@@ -1,0 +1,124 @@
+"""The synchronous engine: one step = schedule, run the model over the paged cache, sample, update.
+
+It owns the model, the KV cache tensor, the core Scheduler and the Sampler. It never reads a clock:
+the caller passes `now`, exactly as the simulator does with virtual time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.core.blocks import BlockPool
+from splitserve.core.request import Request, SamplingParams
+from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.model.batch import SeqInput, build_forward_batch
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.model.loader import LoadedModel
+from splitserve.runtime.engine_client import EngineStats, TokenOutput
+from splitserve.runtime.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # default: as many as kv_cache_bytes holds
+    kv_cache_bytes: int = 1 * GiB
+    max_model_len: int | None = None  # default: the model's, capped at 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = False
+    enable_prefix_caching: bool = True
+    max_waiting: int = 256
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config
+        mc = loaded.config
+        block_bytes = PagedKVCache.bytes_per_block(mc, config.block_size, loaded.dtype)
+        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // block_bytes)
+        self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 8192), num_blocks * config.block_size)
+        self.kv_cache = PagedKVCache(mc, num_blocks, config.block_size, loaded.dtype, loaded.device)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_waiting=config.max_waiting,
+            ),
+            self.pool,
+        )
+        self.sampler = Sampler()
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
+            num_blocks, config.block_size, num_blocks * block_bytes / (1 << 20), self.max_model_len,
+        )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, now: float) -> None:
+        req = Request(request_id, list(prompt_token_ids), params, now, eos_token_ids=self.loaded.tokenizer.eos_token_ids)
+        self.scheduler.add_request(req)
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> TokenOutput | None:
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        self.sampler.forget(request_id)
+        return TokenOutput(request_id, [], True, reason, req.num_prompt_tokens, max(0, req.num_cached_tokens), error=error)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, now: float) -> list[TokenOutput]:
+        out = self.scheduler.schedule(now)
+        if out.empty:
+            return []
+        try:
+            tokens = self._run(out)
+        except Exception as exc:  # a failed step must not take the worker down: fail its requests only
+            log.exception("model step failed")
+            return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
+        sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
+        finished = {r.request_id for r in self.scheduler.update(out, sampled)}
+        return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]
+
+    def _run(self, out: SchedulerOutput) -> list[int]:
+        seqs = [
+            SeqInput(s.request.token_slice(s.start_pos, s.start_pos + s.num_new_tokens), s.start_pos, s.request.block_ids, s.sample)
+            for s in out.seqs
+        ]
+        batch = build_forward_batch(seqs, self.config.block_size, self.loaded.device)
+        logits = self.model(batch, self.kv_cache)
+        sampling = [s.request for s in out.seqs if s.sample]
+        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+
+    def _output(self, req: Request, finished: bool) -> TokenOutput:
+        if finished:
+            self.sampler.forget(req.request_id)
+        first = len(req.output_token_ids) == 1
+        return TokenOutput(
+            req.request_id,
+            [req.output_token_ids[-1]],
+            finished,
+            req.status.value if finished else None,
+            req.num_prompt_tokens,
+            max(0, req.num_cached_tokens),
+            queue_time=(req.first_scheduled_time - req.arrival_time) if first and req.first_scheduled_time is not None else None,
+        )
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            s.num_running, s.num_waiting, self.pool.num_free_blocks, self.pool.num_blocks,
+            s.prefix_queried_tokens, s.prefix_hit_tokens,
+        )

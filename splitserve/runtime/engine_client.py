@@ -1,0 +1,75 @@
+"""What the HTTP frontend needs from whatever generates tokens (a local engine now, remote pools later).
+
+Workers speak tokens; the frontend owns text (templating, detokenization, stop strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from splitserve.core.request import SamplingParams
+from splitserve.model.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenOutput:
+    """One increment of a request's output, as produced by the engine."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    # "stop" (EOS or a stop token id), "length", "abort", or "error".
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    # Set on the first output: seconds between arrival and first scheduling.
+    queue_time: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found cached
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full: the frontend answers 429 with Retry-After."""
+
+    def __init__(self, retry_after: float, message: str = "server overloaded, retry later") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineUnavailable(Exception):
+    """The engine is not serving (dead, draining or not ready): the frontend answers 503."""
+
+
+class EngineClient(Protocol):
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenOutput]:
+        """Stream outputs until one with finished=True. Raises EngineOverloaded before the first output
+        when the request cannot be queued. Closing the iterator early (client gone) aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def healthy(self) -> bool: ...
