@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # decode side: blocks reserved, KV arriving from a prefill worker
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -54,6 +55,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    # Prefill side: keep the blocks after finishing, until their KV has been sent (release_held).
+    hold_kv: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:

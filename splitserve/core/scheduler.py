@@ -9,6 +9,11 @@ Policy (one step):
    (its blocks freed, to be recomputed later): old requests keep making progress.
 2. Then waiting requests, in arrival order, while the token budget, the running cap and the free blocks
    allow. A prompt's cached prefix is taken from the prefix cache and not recomputed.
+
+Disaggregation uses the same object on both sides. A decode worker `reserve`s blocks for a prompt whose
+KV a prefill worker will send, and admits it with `kv_arrived` once every layer has landed. A prefill
+worker runs requests with `hold_kv`: when they finish their blocks stay referenced until
+`release_held`, i.e. until the transfer no longer reads them.
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ class Scheduler:
         self.kv = KVCacheManager(pool)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every unfinished request, in whichever state
+        self.ready: deque[Request] = deque()  # decode side: KV complete, waiting for a running slot
+        self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept for the transfer
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -80,30 +87,72 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_reserved(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def add_request(self, req: Request) -> None:
+        """Queue a request to be computed here (a prompt, or a request whose KV must be recomputed)."""
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests already waiting")
-        if req.num_tokens >= self.config.max_model_len:
-            raise ValueError(f"prompt of {req.num_tokens} tokens leaves no room in a {self.config.max_model_len}-token context")
-        max_blocks = -(-self.config.max_model_len // self.pool.block_size)
-        if max_blocks > self.pool.num_blocks:
-            raise ValueError(f"KV cache of {self.pool.num_blocks} blocks cannot hold one full-length request")
+        self._check_fits(req)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def reserve(self, req: Request) -> int | None:
+        """Decode side: take blocks for a prompt whose KV a prefill worker will send. Leading blocks this
+        worker already caches are reused, not sent again. Returns how many leading prompt tokens are
+        already here (the first `that // block_size` of `req.block_ids` need no transfer), or None if the
+        blocks are not free now: the caller waits or refuses, and never prefills what cannot be decoded."""
+        self._check_fits(req)
+        hit = self.kv.prefix_hit(req)
+        if not self.kv.allocate(req, req.num_prompt_tokens - len(hit) * self.pool.block_size, hit):
+            return None
+        self._record_hit(req, len(hit))
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.requests[req.request_id] = req
+        return req.num_cached_tokens
+
+    def kv_arrived(self, request_id: str, first_token: int, now: float) -> Request | None:
+        """Decode side: the whole prompt's KV has landed and the prefill worker sampled `first_token`.
+        Returns the request if that token already finishes it (its blocks are then freed)."""
+        req = self.requests[request_id]
+        if req.status is not RequestStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {request_id} is {req.status.value}, not waiting for KV")
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.first_scheduled_time = now
+        self.kv.publish(req)
+        req.append_token(first_token)
+        reason = req.stop_reason(self.config.max_model_len)
+        if reason is not None:
+            self._finish(req, reason)
+            return req
+        req.status = RequestStatus.RUNNING
+        self.ready.append(req)
+        return None
+
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the transfer is over (sent or failed); the blocks may go."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a request now, wherever it is; its blocks go back to the pool."""
         req = self.requests.get(request_id)
         if req is None:
-            return None
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
+            held = self.held.get(request_id)
+            self.release_held(request_id)
+            return held
+        for queue in (self.running, self.waiting, self.ready):
+            if req in queue:
+                queue.remove(req)
+                break
+        req.hold_kv = False
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         return req
 
@@ -151,6 +200,14 @@ class Scheduler:
         return finished
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+        # Requests whose KV arrived from a prefill worker come first: they only need one decode token.
+        while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.ready[0]
+            if not self.kv.allocate(req, 1):
+                return budget
+            self.running.append(self.ready.popleft())
+            out.seqs.append(self._scheduled(req, 1))
+            budget -= 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hit = self.kv.prefix_hit(req)
@@ -162,10 +219,7 @@ class Scheduler:
             if not self.kv.allocate(req, num_new, hit):
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = len(hit) * self.pool.block_size
-                self.prefix_queried_tokens += req.num_prompt_tokens
-                self.prefix_hit_tokens += req.num_cached_tokens
+            self._record_hit(req, len(hit))
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.status = RequestStatus.RUNNING
@@ -173,6 +227,18 @@ class Scheduler:
             out.seqs.append(self._scheduled(req, num_new))
             budget -= num_new
         return budget
+
+    def _record_hit(self, req: Request, hit_blocks: int) -> None:
+        if req.num_cached_tokens < 0:  # only a request's first admission counts, not a recompute
+            req.num_cached_tokens = hit_blocks * self.pool.block_size
+            self.prefix_queried_tokens += req.num_prompt_tokens
+            self.prefix_hit_tokens += req.num_cached_tokens
+
+    def _check_fits(self, req: Request) -> None:
+        if req.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt of {req.num_tokens} tokens leaves no room in a {self.config.max_model_len}-token context")
+        if -(-self.config.max_model_len // self.pool.block_size) > self.pool.num_blocks:
+            raise ValueError(f"KV cache of {self.pool.num_blocks} blocks cannot hold one full-length request")
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSeq:
         start = req.num_computed_tokens
@@ -186,6 +252,9 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        self.kv.free(req)
         req.status = status
         del self.requests[req.request_id]
+        if req.hold_kv:
+            self.held[req.request_id] = req
+        else:
+            self.kv.free(req)
