@@ -8,8 +8,11 @@ import sys
 from splitserve.runtime.engine import GiB, EngineConfig
 
 
+ENGINE_GROUP = "engine"
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
+    g = p.add_argument_group(ENGINE_GROUP)
     g.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--served-model-name", default=None, help="name clients use in `model` (default: from the checkpoint)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -40,16 +43,57 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The engine options of `args` as command-line words, to start a worker with the same engine."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_args(probe)
+    argv: list[str] = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in skip or value is None or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return argv
+
+
+def _add_transfer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV transfer")
+    g.add_argument("--transfer", choices=["tcp", "shm"], default="tcp", help="KV transport (shm: same host only)")
+    g.add_argument("--no-layer-pipelining", dest="layer_pipelining", action="store_false",
+                   help="send KV after the last layer instead of layer by layer (the baseline)")
+    g.add_argument("--secret-file", default=None, help="per-deployment secret authenticating KV connections (default: generated)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP service")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP service (router + worker pools)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
+    pools = serve.add_argument_group("deployment (default: 1 prefill + 1 decode with >= 2 cores, else --in-process)")
+    pools.add_argument("--prefill", type=int, default=0, help="prefill worker processes")
+    pools.add_argument("--decode", type=int, default=0, help="decode worker processes")
+    pools.add_argument("--colocated", type=int, default=0, help="colocated worker processes (the baseline)")
+    pools.add_argument("--in-process", action="store_true", help="one colocated engine inside the frontend process")
+    pools.add_argument("--pin", action="store_true", help="pin each worker to its own core")
+    pools.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    pools.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for workers' health")
+    _add_transfer_args(serve)
     add_engine_args(serve)
     serve.set_defaults(handler=_serve)
+
+    worker = sub.add_parser("worker", help="one worker process (normally started by `serve`)")
+    worker.add_argument("--role", choices=["prefill", "decode", "colocated"], required=True)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=8100)
+    worker.add_argument("--log-level", default="info")
+    worker.add_argument("--cpu", type=int, default=None, help="pin to this core")
+    _add_transfer_args(worker)
+    add_engine_args(worker)
+    worker.set_defaults(handler=_worker)
 
     from splitserve.bench.cli import add_parser as add_bench
 
@@ -58,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from splitserve.runtime.launch import serve_colocated
+    from splitserve.runtime.launch import serve
 
-    return serve_colocated(args)
+    return serve(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from splitserve.runtime.launch import run_worker
+
+    return run_worker(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,11 +88,18 @@ class Request:
 
     def stop_reason(self, max_model_len: int) -> RequestStatus | None:
         """Why this request must stop after its latest token, or None to keep going."""
-        last = self.output_token_ids[-1]
-        if not self.params.ignore_eos and last in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if last in self.params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        return stop_reason(self.output_token_ids, self.params, self.eos_token_ids, self.num_tokens, max_model_len)
+
+
+def stop_reason(
+    output_token_ids: list[int], params: SamplingParams, eos_token_ids: frozenset[int], num_tokens: int, max_model_len: int
+) -> RequestStatus | None:
+    """Shared by the scheduler and the frontend (which sees the prefill worker's first token first)."""
+    last = output_token_ids[-1]
+    if not params.ignore_eos and last in eos_token_ids:
+        return RequestStatus.FINISHED_STOPPED
+    if last in params.stop_token_ids:
+        return RequestStatus.FINISHED_STOPPED
+    if len(output_token_ids) >= params.max_tokens or num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None

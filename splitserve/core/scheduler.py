@@ -78,6 +78,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept for the transfer
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.num_preemptions = 0
 
     @property
     def num_waiting(self) -> int:
@@ -248,6 +249,7 @@ class Scheduler:
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
 

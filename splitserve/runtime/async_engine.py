@@ -1,7 +1,7 @@
 """Drives an Engine in real time on its own thread and serves it to asyncio code as an EngineClient.
 
-Every scheduler mutation (add, abort, step) happens on the engine thread, between steps: an abort can
-never free blocks that a running forward pass is still writing.
+Every scheduler mutation (add, abort, reserve, step) happens on the engine thread, between steps: an
+abort can never free blocks that a running forward pass is still writing.
 """
 
 from __future__ import annotations
@@ -11,26 +11,37 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 from splitserve.core.request import SamplingParams
 from splitserve.core.scheduler import QueueFull
-from splitserve.runtime.engine import Engine
+from splitserve.runtime.engine import Engine, HooksFactory
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 
 log = logging.getLogger(__name__)
 
-Command = Callable[[], None]
+T = TypeVar("T")
+Admit = Callable[[Engine], "TokenOutput | None"]
+
+
+class NoRoom(Exception):
+    """An admission found no free KV blocks right now (decode-side reservation)."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, hooks_for: HooksFactory | None = None, before_abort: Callable[[str], None] | None = None
+    ) -> None:
+        """`hooks_for`: layer hooks per step (prefill role). `before_abort(request_id)`: runs on the engine
+        thread before an abort frees a request's blocks (decode role: stop KV still arriving into them)."""
         self.engine = engine
+        self.before_abort = before_abort
         self.model_name = engine.loaded.name
         self.tokenizer = engine.loaded.tokenizer
         self.max_model_len = engine.max_model_len
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput]]] = {}
+        self.hooks_for = hooks_for
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | Exception]]] = {}
         # Adds sent to the engine thread vs applied there: each counter has one writer, so no lock is needed.
         self._adds_sent = 0
         self._adds_applied = 0
@@ -52,9 +63,31 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine thread between steps (callable from any thread)."""
+        self._inbox.put(fn)
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between steps and await its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, fut, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, result, None)
+
+        self.submit(run)
+        return await fut
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admit: Admit | None = None
     ) -> AsyncIterator[TokenOutput]:
+        """Stream a request's outputs. `admit` puts it into the engine (default: queue it for compute);
+        it may raise NoRoom / QueueFull / ValueError, which surface here before any output."""
         if not self.healthy():
             raise EngineUnavailable("engine is not running")
         if request_id in self._streams:
@@ -62,25 +95,41 @@ class AsyncEngine:
         waiting = self.engine.scheduler.num_waiting + self._adds_sent - self._adds_applied
         if waiting >= self.engine.config.max_waiting:
             raise EngineOverloaded(retry_after=self._retry_after(waiting))
-        out_queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        admit = admit or (lambda e: e.add_request(request_id, prompt_token_ids, params, time.monotonic()))
+        out_queue: asyncio.Queue[TokenOutput | Exception] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
         self._adds_sent += 1
-        self._inbox.put(lambda: self._add(request_id, prompt_token_ids, params))
+        self.submit(lambda: self._admit(request_id, admit))
+        return self._stream(request_id, out_queue)
+
+    async def _stream(self, request_id: str, out_queue: asyncio.Queue) -> AsyncIterator[TokenOutput]:
         finished = False
         try:
             while not finished:
                 out = await out_queue.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
                 finished = out.finished
-                if out.error and out.finish_reason == "rejected":
-                    raise EngineOverloaded(retry_after=1.0, message=out.error)
                 yield out
         finally:
             if not finished:
-                self._inbox.put(lambda: self._abort(request_id))
+                self.submit(lambda: self._abort(request_id))
             self._streams.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(lambda: self._abort(request_id))
+        self.submit(lambda: self._abort(request_id))
+
+    def abort_from_thread(self, request_id: str, reason: str, error: str | None = None) -> None:
+        """End a request from any thread with a given reason (e.g. its KV transfer failed)."""
+        self.submit(lambda: self._abort(request_id, reason, error))
+
+    def emit(self, out: TokenOutput | Exception, request_id: str | None = None) -> None:
+        """Deliver an output (or an error that ends the stream) to the request's stream, from any thread."""
+        stream = self._streams.get(request_id or out.request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)
 
     def _retry_after(self, waiting: int) -> float:
         # A rough drain estimate: one running batch's worth of requests per second, at least one second.
@@ -88,25 +137,24 @@ class AsyncEngine:
 
     # --- engine thread ---
 
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _admit(self, request_id: str, admit: Admit) -> None:
         self._adds_applied += 1
         try:
-            self.engine.add_request(request_id, prompt, params, time.monotonic())
+            out = admit(self.engine)
         except QueueFull as exc:
-            self._emit(TokenOutput(request_id, [], True, "rejected", error=str(exc)))
-        except ValueError as exc:
-            self._emit(TokenOutput(request_id, [], True, "error", error=str(exc)))
+            self.emit(EngineOverloaded(retry_after=1.0, message=str(exc)), request_id)
+        except (NoRoom, ValueError) as exc:
+            self.emit(exc, request_id)
+        else:
+            if out is not None:
+                self.emit(out)
 
-    def _abort(self, request_id: str) -> None:
-        out = self.engine.abort(request_id)
+    def _abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
+        if self.before_abort is not None:
+            self.before_abort(request_id)
+        out = self.engine.abort(request_id, reason, error)
         if out is not None:
-            self._emit(out)
-
-    def _emit(self, out: TokenOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            self.emit(out)
 
     def _loop(self) -> None:
         try:
@@ -125,5 +173,14 @@ class AsyncEngine:
                     self._inbox.get_nowait()()
             except queue.Empty:
                 pass
-            for out in self.engine.step(time.monotonic()):
-                self._emit(out)
+            for out in self.engine.step(time.monotonic(), self.hooks_for):
+                self.emit(out)
+
+
+def _settle(fut: asyncio.Future, result: object, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

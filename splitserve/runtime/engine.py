@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,6 +17,7 @@ from splitserve.core.request import Request, SamplingParams
 from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from splitserve.model.batch import SeqInput, build_forward_batch
 from splitserve.model.kv_cache import PagedKVCache
+from splitserve.model.llama import LayerHooks
 from splitserve.model.loader import LoadedModel
 from splitserve.runtime.engine_client import EngineStats, TokenOutput
 from splitserve.runtime.sampler import Sampler
@@ -23,6 +25,8 @@ from splitserve.runtime.sampler import Sampler
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+
+HooksFactory = Callable[[SchedulerOutput], LayerHooks | None]
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,41 @@ class Engine:
             num_blocks, config.block_size, num_blocks * block_bytes / (1 << 20), self.max_model_len,
         )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, now: float) -> None:
-        req = Request(request_id, list(prompt_token_ids), params, now, eos_token_ids=self.loaded.tokenizer.eos_token_ids)
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        now: float,
+        *,
+        output_token_ids: list[int] = (),
+        hold_kv: bool = False,
+    ) -> None:
+        """Queue a request to compute here. `output_token_ids` resumes one whose first tokens were produced
+        elsewhere (a failed transfer recomputed locally); `hold_kv` keeps its blocks for a transfer."""
+        req = self._request(request_id, prompt_token_ids, params, now)
+        req.output_token_ids = list(output_token_ids)
+        req.hold_kv = hold_kv
         self.scheduler.add_request(req)
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, now: float) -> Request | None:
+        """Decode side: blocks for a prompt whose KV will arrive; None if there is no room now."""
+        req = self._request(request_id, prompt_token_ids, params, now)
+        return req if self.scheduler.reserve(req) is not None else None
+
+    def kv_arrived(self, request_id: str, first_token: int, now: float) -> TokenOutput | None:
+        """Decode side: KV complete. Returns the final output if the first token already ends the request."""
+        req = self.scheduler.kv_arrived(request_id, first_token, now)
+        if req is None:
+            return None
+        self.sampler.forget(request_id)
+        return TokenOutput(request_id, [], True, req.status.value, req.num_prompt_tokens, req.num_cached_tokens)
+
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.release_held(request_id)
+
+    def _request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, now: float) -> Request:
+        return Request(request_id, list(prompt_token_ids), params, now, eos_token_ids=self.loaded.tokenizer.eos_token_ids)
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> TokenOutput | None:
         req = self.scheduler.abort(request_id)
@@ -79,12 +115,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self, now: float) -> list[TokenOutput]:
+    def step(self, now: float, hooks_for: HooksFactory | None = None) -> list[TokenOutput]:
+        """One scheduling step. `hooks_for` gives the layer hooks of this step's batch (the prefill role
+        uses them to send each layer's KV as soon as it is computed)."""
         out = self.scheduler.schedule(now)
         if out.empty:
             return []
         try:
-            tokens = self._run(out)
+            tokens = self._run(out, hooks_for(out) if hooks_for else None)
         except Exception as exc:  # a failed step must not take the worker down: fail its requests only
             log.exception("model step failed")
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
@@ -92,13 +130,13 @@ class Engine:
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]
 
-    def _run(self, out: SchedulerOutput) -> list[int]:
+    def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> list[int]:
         seqs = [
             SeqInput(s.request.token_slice(s.start_pos, s.start_pos + s.num_new_tokens), s.start_pos, s.request.block_ids, s.sample)
             for s in out.seqs
         ]
         batch = build_forward_batch(seqs, self.config.block_size, self.loaded.device)
-        logits = self.model(batch, self.kv_cache)
+        logits = self.model(batch, self.kv_cache, hooks)
         sampling = [s.request for s in out.seqs if s.sample]
         return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
 

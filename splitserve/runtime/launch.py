@@ -1,18 +1,44 @@
-"""Starting a service from parsed command-line arguments."""
+"""Starting services from parsed command-line arguments: one worker, or a whole deployment.
+
+`serve` with pools starts each worker as its own OS process, waits for their health, runs the frontend
+in this process, and takes every worker down with it (SIGINT/SIGTERM, or this process dying: workers
+get SIGTERM from the kernel through PR_SET_PDEATHSIG), so no worker is ever orphaned.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import ctypes
 import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import AsyncIterator
 
+import httpx
 import torch
+from fastapi import FastAPI
 
 from splitserve.runtime.async_engine import AsyncEngine
 from splitserve.runtime.engine import Engine
+from splitserve.runtime.pool_engine import PoolEngine
 
 log = logging.getLogger("splitserve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -27,17 +53,203 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return Engine(loaded, engine_config(args))
 
 
-def serve_colocated(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    pools = _pool_sizes(args)
+    if pools is None:
+        return _serve_in_process(args)
+    return _serve_pools(args, *pools)
+
+
+def _pool_sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """(prefill, decode, colocated) worker processes, or None for one engine inside this process."""
+    if args.in_process:
+        return None
+    if args.prefill or args.decode:
+        if not (args.prefill and args.decode):
+            raise SystemExit("a split deployment needs both --prefill N and --decode M (N, M >= 1)")
+        return args.prefill, args.decode, 0
+    if args.colocated:
+        return 0, 0, args.colocated
+    # The default: split when there are cores to give each phase its own; otherwise one engine.
+    return (1, 1, 0) if (os.cpu_count() or 1) >= 2 else None
+
+
+def _serve_in_process(args: argparse.Namespace) -> int:
     from splitserve.runtime.frontend import create_app, run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = AsyncEngine(build_engine(args)).start()
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     try:
-        run_server(create_app(engine), args.host, args.port, args.log_level)
+        run_server(create_app(engine, served_model_name=args.served_model_name), args.host, args.port, args.log_level)
     finally:
         engine.shutdown()
+    return 0
+
+
+def _serve_pools(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
+    from splitserve.model.loader import load_tokenizer
+    from splitserve.runtime.frontend import create_app, run_server
+    from splitserve.runtime.pool_engine import PoolConfig
+
+    secret_file = _secret_file(args.secret_file)
+    roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["colocated"] * n_colocated
+    procs: list[tuple[str, subprocess.Popen]] = []
+    _terminate_on_signals(procs)
+    try:
+        for i, role in enumerate(roles):
+            port = free_port(args.host)
+            cpu = i % (os.cpu_count() or 1) if args.pin else None
+            threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
+            procs.append((f"http://{args.host}:{port}", _spawn_worker(args, role, port, secret_file, cpu, threads)))
+        for url, proc in procs:
+            wait_healthy(url, proc, args.startup_timeout)
+        tokenizer, name = load_tokenizer(args.model)
+        engine = PoolEngine(
+            tokenizer, args.served_model_name or name,
+            PoolConfig(on_transfer_failure=args.on_transfer_failure),
+        )
+        app = create_app(engine, served_model_name=args.served_model_name)
+        attach_pool(app, engine, [url for url, _ in procs])
+        log.info("serving: %d prefill, %d decode, %d colocated workers", n_prefill, n_decode, n_colocated)
+        run_server(app, args.host, args.port, args.log_level)
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    finally:
+        stop_processes([p for _, p in procs])
+        if args.secret_file is None:
+            Path(secret_file).unlink(missing_ok=True)
+    return 0
+
+
+def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> None:
+    """Register the workers and poll their stats while the app runs (on the server's own event loop)."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[object]:
+        for url in worker_urls:
+            await engine.add_worker(url)
+        poller = asyncio.get_running_loop().create_task(engine.poll_stats())
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            poller.cancel()
+            await engine.close()
+
+    app.router.lifespan_context = lifespan
+
+    @app.get("/debug/requests")
+    async def recent_requests(limit: int = 100) -> list[dict]:
+        """Phase records (queue, prefill, transfer, wait-for-KV, decode) of recent requests."""
+        return engine.phases.recent(limit)
+
+
+def _spawn_worker(
+    args: argparse.Namespace, role: str, port: int, secret_file: str, cpu: int | None, threads: int
+) -> subprocess.Popen:
+    from splitserve.cli import engine_argv
+
+    cmd = [
+        sys.executable, "-m", "splitserve", "worker", "--role", role, "--host", args.host, "--port", str(port),
+        "--secret-file", secret_file, "--transfer", args.transfer, "--threads", str(threads),
+        "--log-level", args.log_level, *engine_argv(args, skip=("threads",)),
+    ]
+    if not args.layer_pipelining:
+        cmd.append("--no-layer-pipelining")
+    if cpu is not None:
+        cmd += ["--cpu", str(cpu)]
+    log.info("starting %s worker on port %d%s", role, port, f" (cpu {cpu})" if cpu is not None else "")
+    return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _terminate_on_signals(procs: list) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop_processes([p for _, p in procs])
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker {url} exited with code {proc.returncode} while starting")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"worker {url} not healthy after {timeout_s:.0f} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _secret_file(path: str | None) -> str:
+    """The per-deployment secret that authenticates KV transfer connections: given, or made now."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise SystemExit(f"--secret-file {path}: no such file")
+        return path
+    fd, tmp = tempfile.mkstemp(prefix="splitserve-secret-")
+    os.write(fd, secrets.token_hex(32).encode())
+    os.close(fd)
+    os.chmod(tmp, 0o600)
+    return tmp
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """`splitserve worker`: one engine in one role, behind its internal HTTP API."""
+    from splitserve.runtime.frontend import run_server
+    from splitserve.runtime.worker import Worker, create_worker_app
+
+    setup_logging(args.log_level)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    secret = Path(args.secret_file).read_bytes().strip() if args.secret_file else b""
+    if not secret:
+        log.error("a worker needs --secret-file with the deployment's secret (it authenticates KV transfers)")
+        return 2
+    try:
+        worker = Worker(
+            args.role, build_engine(args), secret, host=args.host, transport=args.transfer,
+            pipelined=args.layer_pipelining,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    worker.start()
+    try:
+        run_server(create_worker_app(worker), args.host, args.port, args.log_level)
+    finally:
+        worker.close()
     return 0

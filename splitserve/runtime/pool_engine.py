@@ -1,0 +1,299 @@
+"""The frontend's EngineClient for a deployment of worker processes: prefill + decode pools, or a
+colocated pool (the baseline, served through the very same frontend so comparisons are fair).
+
+A split request: reserve blocks on a decode worker (never prefill what cannot be decoded) → the prefill
+worker computes the prompt, streams KV layer by layer into those blocks and returns the first token,
+which goes to the client at once → the decode worker streams the rest. Whatever fails (a dead or
+stalled worker, a refused handshake, a passed deadline) ends the request within seconds: recomputed on
+a decode worker (`on_transfer_failure="recompute"`) or failed with a clear error ("fail").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import httpx
+
+from splitserve.core.request import SamplingParams, stop_reason
+from splitserve.model.tokenizer import Tokenizer
+from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
+from splitserve.runtime.phases import PhaseLog, PhaseRecord
+from splitserve.runtime.protocol import DecodeRequest, GenerateRequest, Params, PrefillRequest, StreamEvent
+from splitserve.runtime.worker_client import WorkerClient, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    on_transfer_failure: str = "recompute"  # or "fail"
+    reserve_timeout_s: float = 10.0  # how long a request may wait for decode-side blocks before a 429
+    deadline_base_s: float = 10.0  # a ticket's deadline: base + per prompt token
+    deadline_per_token_s: float = 0.01
+    max_waiting: int = 256  # requests waiting for a reservation; beyond it: 429
+    stream_read_timeout_s: float = 120.0
+
+
+class PoolEngine:
+    def __init__(self, tokenizer: Tokenizer, model_name: str, config: PoolConfig = PoolConfig()) -> None:
+        if config.on_transfer_failure not in ("recompute", "fail"):
+            raise ValueError("on_transfer_failure must be 'recompute' or 'fail'")
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.config = config
+        self.max_model_len = 0
+        self.pools: dict[str, list[WorkerClient]] = {"prefill": [], "decode": [], "colocated": []}
+        self.phases = PhaseLog()
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
+        self._waiting = 0
+        self._rr = itertools.count()
+        self._stats: dict[str, EngineStats] = {}
+
+    # --- membership ---
+
+    async def add_worker(self, url: str) -> WorkerClient:
+        w = await WorkerClient.connect(url, self.http)
+        peers = [p for pool in self.pools.values() for p in pool]
+        if peers and peers[0].info.fingerprint != w.info.fingerprint:
+            raise WorkerError(
+                f"worker {url} serves model {w.info.model_name} ({w.info.fingerprint[:12]}), "
+                f"this deployment serves {peers[0].info.model_name} ({peers[0].info.fingerprint[:12]})"
+            )
+        self.pools[w.info.role].append(w)
+        lens = [p.info.max_model_len for pool in self.pools.values() for p in pool]
+        self.max_model_len = min(lens)
+        return w
+
+    def remove_worker(self, url: str) -> None:
+        for pool in self.pools.values():
+            pool[:] = [w for w in pool if w.url != url.rstrip("/")]
+        self._stats.pop(url.rstrip("/"), None)
+
+    def healthy(self) -> bool:
+        return bool(self.pools["colocated"]) or bool(self.pools["prefill"] and self.pools["decode"])
+
+    async def poll_stats(self, interval_s: float = 1.0) -> None:
+        """Keep the pools' engine stats fresh for /metrics (a scrape must not wait on every worker)."""
+        while True:
+            for pool in self.pools.values():
+                for w in list(pool):
+                    try:
+                        r = await self.http.get(w.url + "/internal/stats", timeout=2.0)
+                        self._stats[w.url] = EngineStats(**r.json())
+                    except (httpx.HTTPError, ValueError, TypeError):
+                        self._stats.pop(w.url, None)
+            await asyncio.sleep(interval_s)
+
+    def stats(self) -> EngineStats:
+        s = list(self._stats.values())
+        return EngineStats(
+            num_running=sum(x.num_running for x in s),
+            num_waiting=sum(x.num_waiting for x in s) + self._waiting,
+            num_free_blocks=sum(x.num_free_blocks for x in s),
+            num_total_blocks=sum(x.num_total_blocks for x in s),
+            prefix_cache_queries=sum(x.prefix_cache_queries for x in s),
+            prefix_cache_hits=sum(x.prefix_cache_hits for x in s),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    # --- requests ---
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        if not self.healthy():
+            raise EngineUnavailable("no workers: the deployment needs a colocated worker, or a prefill and a decode worker")
+        if self._waiting >= self.config.max_waiting:
+            raise EngineOverloaded(retry_after=1.0)
+        return self._generate(request_id, list(prompt_token_ids), params)
+
+    async def abort(self, request_id: str) -> None:
+        """Requests end when their stream is closed (the frontend does that on disconnect)."""
+
+    async def _generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        rec = PhaseRecord(rid, time.monotonic(), prompt_tokens=len(prompt))
+        try:
+            if self.pools["colocated"]:
+                rec.path = "colocated"
+                w = self._pick("colocated")
+                rec.decode_worker = w.url
+                stream = self._local(w, rid, prompt, params, [], rec)
+            else:
+                stream = self._split(rid, prompt, params, rec)
+            async for out in stream:
+                if out.new_token_ids and rec.ttft_s is None:
+                    rec.ttft_s = time.monotonic() - rec.arrival
+                rec.output_tokens += len(out.new_token_ids)
+                if out.finished:
+                    rec.finish_reason, rec.error = out.finish_reason, out.error
+                yield out
+        finally:
+            now = time.monotonic()
+            rec.e2e_s = now - rec.arrival
+            if rec.ttft_s is not None:
+                rec.decode_s = rec.e2e_s - rec.ttft_s
+            self.phases.add(rec)
+
+    def _pick(self, role: str) -> WorkerClient:
+        pool = self.pools[role]
+        if not pool:
+            raise EngineUnavailable(f"no {role} worker")
+        # Fewest requests in flight; ties broken round-robin so idle workers share the load.
+        start = next(self._rr) % len(pool)
+        rotated = pool[start:] + pool[:start]
+        return min(rotated, key=lambda w: w.in_flight)
+
+    def _deadline(self, prompt: list[int]) -> float:
+        return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
+
+    async def _reserve(
+        self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord
+    ) -> tuple[WorkerClient, StreamEvent, AsyncIterator[StreamEvent]]:
+        """Blocks on some decode worker, waiting for room up to reserve_timeout_s (then 429)."""
+        give_up = time.monotonic() + self.config.reserve_timeout_s
+        body = DecodeRequest(rid, prompt, Params.of(params), self._deadline(prompt))
+        self._waiting += 1
+        try:
+            delay = 0.01
+            while True:
+                d = self._pick("decode")
+                events = d.stream("/internal/decode", body, self.config.stream_read_timeout_s)
+                try:
+                    ev = await anext(events)
+                except (WorkerError, StopAsyncIteration) as exc:
+                    rec.events.append(f"decode worker {d.url} failed to reserve: {exc}")
+                    if not await d.healthy():
+                        self.remove_worker(d.url)
+                    ev = StreamEvent(no_room=True)
+                if ev.ticket is not None:
+                    rec.reserve_s = time.monotonic() - rec.arrival
+                    return d, ev, events
+                await events.aclose()
+                if ev.error:
+                    raise ValueError(ev.error)
+                if time.monotonic() + delay > give_up:
+                    raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        finally:
+            self._waiting -= 1
+
+    async def _split(self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
+        d, reserved, d_events = await self._reserve(rid, prompt, params, rec)
+        p = self._pick("prefill")
+        rec.prefill_worker, rec.decode_worker = p.url, d.url
+        ticket = reserved.ticket
+        assert ticket is not None
+        body = PrefillRequest(rid, prompt, Params.of(params), ticket)
+        d.in_flight += 1
+        p.in_flight += 1
+        p_task = asyncio.ensure_future(p.prefill(body, timeout=ticket.deadline_s))
+        p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
+        d_next = asyncio.ensure_future(anext(d_events))
+        # On failure: (tokens the client already has, cause, whether the decode worker is still usable).
+        fallback: tuple[list[int], str, bool] | None = None
+        try:
+            await asyncio.wait({p_task, d_next}, return_when=asyncio.FIRST_COMPLETED)
+            if not p_task.done() and _decode_side_failed(d_next):
+                fallback = ([], *_decode_side_cause(d_next))
+            else:
+                # The decode side may legitimately speak first (KV and first token landed there before the
+                # prefill worker's reply reached us): the reply is still what we wait for.
+                await asyncio.wait({p_task})
+            if fallback is None and p_task.exception() is not None:
+                fallback = ([], str(p_task.exception()), True)
+            if fallback is None:
+                res = p_task.result()
+                rec.queue_s, rec.prefill_s, rec.cached_tokens = res.queue_s, res.prefill_s, res.num_cached_tokens
+                first = res.first_token
+                stop = stop_reason([first], params, self.tokenizer.eos_token_ids, len(prompt) + 1, self.max_model_len)
+                yield TokenOutput(
+                    rid, [first], stop is not None, stop.value if stop else None, len(prompt), res.num_cached_tokens,
+                    queue_time=res.queue_s,
+                )
+                if stop is not None:
+                    return
+                while True:
+                    try:
+                        ev = await d_next
+                    except (WorkerError, StopAsyncIteration) as exc:
+                        fallback = ([first], f"decode worker {d.url} lost: {exc}", False)
+                        break
+                    if ev.kv_wait_s is not None:
+                        rec.kv_wait_s = ev.kv_wait_s
+                    if ev.finish_reason == "transfer_failed":
+                        fallback = ([first], ev.error or "transfer failed", True)
+                        break
+                    yield ev.output(rid)
+                    if ev.finished:
+                        return
+                    d_next = asyncio.ensure_future(anext(d_events))
+        finally:
+            d.in_flight -= 1
+            if not p_task.done():
+                p_task.cancel()
+                asyncio.ensure_future(p.abort(rid))
+            d_next.cancel()
+            await asyncio.gather(p_task, d_next, return_exceptions=True)
+            await d_events.aclose()
+        produced, cause, decode_usable = fallback
+        rec.events.append(cause)
+        log.warning("request %s: %s", rid, cause)
+        if self.config.on_transfer_failure == "fail":
+            yield TokenOutput(rid, [], True, "error", len(prompt), error=f"KV transfer failed: {cause}")
+            return
+        rec.path = "recompute"
+        if not decode_usable:
+            self.remove_worker(d.url)
+            if not self.pools["decode"]:
+                yield TokenOutput(rid, [], True, "error", len(prompt), error=f"{cause}; no decode worker left")
+                return
+            d = self._pick("decode")
+        async for out in self._local(d, rid, prompt, params, produced, rec, suffix="/recompute"):
+            yield out
+
+    async def _local(
+        self, w: WorkerClient, rid: str, prompt: list[int], params: SamplingParams, produced: list[int],
+        rec: PhaseRecord, suffix: str = "",
+    ) -> AsyncIterator[TokenOutput]:
+        """The whole request (or its remainder after `produced`) computed on one worker."""
+        body = GenerateRequest(rid + suffix, prompt, Params.of(params), produced)
+        w.in_flight += 1
+        try:
+            async for ev in w.stream("/internal/generate", body, self.config.stream_read_timeout_s):
+                if ev.finish_reason == "rejected" and not produced and rec.output_tokens == 0:
+                    raise EngineOverloaded(retry_after=1.0, message=ev.error or "overloaded")
+                if ev.queue_time is not None and rec.queue_s is None:
+                    rec.queue_s = ev.queue_time
+                yield ev.output(rid)
+                if ev.finished:
+                    return
+            yield TokenOutput(rid, [], True, "error", len(prompt), error=f"worker {w.url} ended the stream early")
+        except WorkerError as exc:
+            yield TokenOutput(rid, [], True, "error", len(prompt), error=str(exc))
+        finally:
+            w.in_flight -= 1
+
+
+def _decode_side_failed(d_next: asyncio.Future) -> bool:
+    if not d_next.done():
+        return False
+    if d_next.exception() is not None:
+        return True
+    ev: StreamEvent = d_next.result()
+    return ev.finish_reason in ("transfer_failed", "error") or (ev.finished and not ev.tokens)
+
+
+def _decode_side_cause(d_next: asyncio.Future) -> tuple[str, bool]:
+    """Why the decode side ended a request before the first token came back, and whether it still serves."""
+    exc = d_next.exception()
+    if exc is not None:
+        return f"decode worker lost: {exc}", False
+    ev: StreamEvent = d_next.result()
+    return ev.error or f"decode worker ended the request ({ev.finish_reason})", True
+

@@ -1,0 +1,135 @@
+"""Prefill role: compute a prompt, stream each layer's KV to the decode worker named by the ticket while
+computing the next layer, return the first token at once, and keep the blocks until the transfer is over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from splitserve.core.scheduler import SchedulerOutput
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.runtime.async_engine import AsyncEngine
+from splitserve.runtime.protocol import PrefillRequest, PrefillResult
+from splitserve.runtime.worker_metrics import WorkerMetrics
+from splitserve.transfer import KVSender, TicketSend
+
+log = logging.getLogger(__name__)
+
+
+class PrefillFailed(Exception):
+    pass
+
+
+@dataclass
+class Outgoing:
+    send: TicketSend
+    first_block: int
+    num_blocks: int
+    started: float = field(default_factory=time.monotonic)
+    compute_done: float | None = None  # when the last layer's KV was in the cache
+
+
+class SendHooks:
+    """Layer hooks for one step: queue each finished layer's KV of the prompts completing in this step."""
+
+    def __init__(self, sends: list[tuple[Outgoing, list[int]]], kv_cache: PagedKVCache, num_layers: int, pipelined: bool):
+        self.sends = sends
+        self.kv_cache = kv_cache
+        self.last_layer = num_layers - 1
+        self.pipelined = pipelined
+
+    def before_layer(self, layer: int) -> None:
+        pass
+
+    def after_layer(self, layer: int) -> None:
+        if self.pipelined:
+            self._send(layer)
+        elif layer == self.last_layer:  # the baseline: everything after the last layer
+            for lyr in range(self.last_layer + 1):
+                self._send(lyr)
+        if layer == self.last_layer:
+            now = time.monotonic()
+            for og, _ in self.sends:
+                og.compute_done = now
+
+    def _send(self, layer: int) -> None:
+        for og, blocks in self.sends:
+            og.send.send_layer(layer, self.kv_cache, blocks)
+
+
+class PrefillRole:
+    def __init__(self, engine: AsyncEngine, sender: KVSender, metrics: WorkerMetrics, pipelined: bool = True) -> None:
+        self.engine = engine
+        self.sender = sender
+        self.metrics = metrics
+        self.pipelined = pipelined
+        self.transfer_timeout = 30.0
+        # Read by the engine thread (hooks_for), written by the event loop: single dict operations only.
+        self._outgoing: dict[str, Outgoing] = {}
+
+    def hooks_for(self, out: SchedulerOutput) -> SendHooks | None:
+        sends = []
+        for s in out.seqs:
+            og = self._outgoing.get(s.request.request_id)
+            if og is not None and s.sample:  # the step that completes the prompt has every block's KV
+                sends.append((og, s.request.block_ids[og.first_block : og.first_block + og.num_blocks]))
+        if not sends:
+            return None
+        return SendHooks(sends, self.engine.engine.kv_cache, self.engine.engine.loaded.config.num_layers, self.pipelined)
+
+    def before_abort(self, request_id: str) -> None:
+        og = self._outgoing.pop(request_id, None)
+        if og is not None:
+            og.send.abort("prefill aborted")
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        rid, ticket = req.request_id, req.ticket
+        send = await asyncio.to_thread(self.sender.start_ticket, ticket.endpoint, ticket.ticket_id, len(ticket.block_ids))
+        og = Outgoing(send, ticket.first_block, len(ticket.block_ids))
+        self._outgoing[rid] = og
+        params = replace(req.params.sampling(), max_tokens=1)
+        stream = self.engine.generate(
+            rid, req.prompt, params,
+            admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
+        )
+        out = None
+        try:
+            async for out in stream:
+                pass
+        finally:
+            if out is None or out.error or not out.new_token_ids:
+                self._outgoing.pop(rid, None)
+                send.abort("prefill failed")
+                self.metrics.transfer_failures.labels(cause="prefill_failed").inc()
+        if out is None or out.error or not out.new_token_ids:
+            raise PrefillFailed(out.error if out else "prefill produced no token")
+        first = out.new_token_ids[0]
+        send.finish(first_token=first)
+        asyncio.get_running_loop().create_task(self._complete(rid, og))
+        elapsed = time.monotonic() - og.started
+        queue_s = out.queue_time or 0.0
+        return PrefillResult(first, out.num_cached_tokens, queue_s, max(0.0, elapsed - queue_s))
+
+    async def _complete(self, rid: str, og: Outgoing) -> None:
+        """Once the transfer is over either way, the blocks may go (never earlier: the sender reads them)."""
+        try:
+            ok = await asyncio.to_thread(og.send.wait, self.transfer_timeout)
+            m = self.metrics
+            if ok:
+                m.transfer_bytes.inc(og.send.bytes_sent)
+                last = og.send.layer_sent_times[-1] if og.send.layer_sent_times else time.monotonic()
+                m.transfer_duration.observe(last - og.started)
+                if og.compute_done is not None:
+                    m.exposed_transfer.observe(max(0.0, last - og.compute_done))
+            else:
+                m.transfer_failures.labels(cause=_cause(og.send.error)).inc()
+                log.warning("transfer for %s failed: %s", rid, og.send.error)
+        finally:
+            self._outgoing.pop(rid, None)
+            self.engine.submit(lambda: self.engine.engine.release_held(rid))
+
+
+def _cause(error: str | None) -> str:
+    return (error or "timeout").split(":")[0].strip()[:32] or "unknown"

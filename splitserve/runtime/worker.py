@@ -1,0 +1,208 @@
+"""A worker process: one engine in one role (prefill, decode or colocated) behind an internal HTTP API.
+
+The frontend talks to workers over HTTP (control: small JSON messages and NDJSON token streams); KV bytes
+go worker to worker through `splitserve.transfer`, so control traffic never waits behind bulk bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from splitserve.runtime.async_engine import AsyncEngine
+from splitserve.runtime.decode_role import DecodeRole
+from splitserve.runtime.engine import Engine
+from splitserve.runtime.engine_client import EngineOverloaded, EngineUnavailable
+from splitserve.runtime.metrics import EngineStatsCollector
+from splitserve.runtime.prefill_role import PrefillFailed, PrefillRole
+from splitserve.runtime.protocol import DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, encoder
+from splitserve.runtime.worker_metrics import WorkerMetrics
+from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+class Worker:
+    def __init__(
+        self,
+        role: str,
+        engine: Engine,
+        secret: bytes,
+        *,
+        host: str = "127.0.0.1",
+        transport: str = "tcp",
+        pipelined: bool = True,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.engine = engine
+        self.generation = uuid.uuid4().hex[:12]
+        self.metrics = WorkerMetrics(role)
+        self.metrics.registry.register(EngineStatsCollector(engine.stats))
+        layout = KVLayout.from_cache(engine.kv_cache, engine.loaded.fingerprint)
+        self.receiver: KVReceiver | None = None
+        self.sender: KVSender | None = None
+        self.prefill_role: PrefillRole | None = None
+        self.decode_role: DecodeRole | None = None
+        if role == "decode":
+            self.receiver = KVReceiver(engine.kv_cache, layout, secret, host=host, transport=transport)
+            self.async_engine = AsyncEngine(engine, before_abort=self._before_abort)
+            self.decode_role = DecodeRole(self.async_engine, self.receiver, self.metrics)
+        elif role == "prefill":
+            self.sender = KVSender(layout, secret)
+            self.async_engine = AsyncEngine(engine, hooks_for=self._hooks_for, before_abort=self._before_abort)
+            self.prefill_role = PrefillRole(self.async_engine, self.sender, self.metrics, pipelined)
+        else:
+            self.async_engine = AsyncEngine(engine)
+
+    def _hooks_for(self, out):  # type: ignore[no-untyped-def]
+        return self.prefill_role.hooks_for(out)  # type: ignore[union-attr]
+
+    def _before_abort(self, request_id: str) -> None:
+        role = self.decode_role or self.prefill_role
+        role.before_abort(request_id)  # type: ignore[union-attr]
+
+    def start(self) -> None:
+        if self.receiver is not None:
+            self.receiver.start()
+        self.async_engine.start()
+
+    def close(self) -> None:
+        self.async_engine.shutdown()
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.sender is not None:
+            self.sender.close()
+
+    def info(self) -> WorkerInfo:
+        e = self.engine
+        return WorkerInfo(
+            role=self.role,
+            model_name=e.loaded.name,
+            fingerprint=e.loaded.fingerprint,
+            max_model_len=e.max_model_len,
+            block_size=e.config.block_size,
+            num_blocks=e.pool.num_blocks,
+            transfer_endpoint=self.receiver.endpoint if self.receiver else None,
+            generation=self.generation,
+        )
+
+    def health(self) -> tuple[bool, dict]:
+        errors = list(self.receiver.last_handshake_errors) if self.receiver else []
+        if self.sender is not None:
+            errors += list(getattr(self.sender, "last_handshake_errors", []))
+        ok = self.async_engine.healthy()
+        return ok, {"status": "ok" if ok else "engine down", "role": self.role, "handshake_errors": errors[-10:]}
+
+
+def create_worker_app(worker: Worker) -> FastAPI:
+    app = FastAPI(title=f"splitserve {worker.role} worker")
+    engine = worker.async_engine
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, body = worker.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/internal/info")
+    async def info() -> Response:
+        return Response(encoder.encode(worker.info()), media_type="application/json")
+
+    @app.get("/internal/stats")
+    async def stats() -> JSONResponse:
+        return JSONResponse(dataclasses.asdict(engine.stats()))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if worker.decode_role is not None:
+            worker.metrics.reservations_waiting.set(engine.engine.scheduler.num_reserved)
+        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/internal/abort")
+    async def abort(request: Request) -> Response:
+        body = await request.json()
+        await engine.abort(str(body["request_id"]))
+        return Response(status_code=204)
+
+    @app.post("/internal/generate")
+    async def generate(request: Request) -> StreamingResponse:
+        req = msgspec.json.decode(await request.body(), type=GenerateRequest)
+        params = req.params.sampling()
+
+        def admit(e: Engine) -> None:
+            e.add_request(req.request_id, req.prompt, params, time.monotonic(), output_token_ids=req.output_token_ids)
+
+        try:
+            stream = engine.generate(req.request_id, req.prompt, params, admit=admit)
+        except EngineOverloaded as exc:
+            return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": f"{exc.retry_after:.0f}"})
+        except EngineUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return _ndjson(_events(stream))
+
+    if worker.decode_role is not None:
+        decode_role = worker.decode_role
+
+        @app.post("/internal/decode")
+        async def decode(request: Request) -> StreamingResponse:
+            req = msgspec.json.decode(await request.body(), type=DecodeRequest)
+            return _ndjson(_count_no_room(decode_role.decode(req), worker.metrics))
+
+    if worker.prefill_role is not None:
+        prefill_role = worker.prefill_role
+
+        @app.post("/internal/prefill")
+        async def prefill(request: Request) -> Response:
+            req = msgspec.json.decode(await request.body(), type=PrefillRequest)
+            try:
+                result = await prefill_role.prefill(req)
+            except HandshakeError as exc:
+                return JSONResponse({"error": f"KV handshake refused: {exc}"}, status_code=502)
+            except (ConnectionError, OSError) as exc:
+                return JSONResponse({"error": f"cannot reach decode worker: {exc}"}, status_code=502)
+            except PrefillFailed as exc:
+                return JSONResponse({"error": str(exc)}, status_code=500)
+            return Response(encoder.encode(result), media_type="application/json")
+
+    @app.exception_handler(msgspec.ValidationError)
+    @app.exception_handler(msgspec.DecodeError)
+    async def bad_message(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"malformed message: {exc}"}, status_code=400)
+
+    return app
+
+
+async def _events(stream: AsyncIterator) -> AsyncIterator[StreamEvent]:
+    try:
+        async for out in stream:
+            yield StreamEvent.of(out)
+    except EngineOverloaded as exc:
+        yield StreamEvent(finished=True, finish_reason="rejected", error=str(exc))
+    except Exception as exc:  # admission refused or the engine failed: say so on the stream
+        yield StreamEvent(finished=True, finish_reason="error", error=str(exc))
+
+
+async def _count_no_room(events: AsyncIterator[StreamEvent], metrics: WorkerMetrics) -> AsyncIterator[StreamEvent]:
+    async for ev in events:
+        if ev.no_room:
+            metrics.no_room.inc()
+        yield ev
+
+
+def _ndjson(events: AsyncIterator[StreamEvent]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for ev in events:
+            yield encoder.encode(ev) + b"\n"
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
