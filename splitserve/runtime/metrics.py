@@ -48,7 +48,7 @@ class FrontendMetrics:
         )
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("splitserve_generation_tokens", "Output tokens of finished requests", registry=r)
-        r.register(_EngineStatsCollector(engine_stats))
+        r.register(EngineStatsCollector(engine_stats))
 
     def track(self, arrival: float) -> RequestMetrics:
         return RequestMetrics(self, arrival)
@@ -90,7 +90,7 @@ class RequestMetrics:
         self._m.generation_tokens.inc(num_generation_tokens)
 
 
-class _EngineStatsCollector(Collector):
+class EngineStatsCollector(Collector):
     def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
         self._engine_stats = engine_stats
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -130,6 +130,8 @@ def read_trace(path: str | Path, fmt: TraceFormat = "auto") -> Trace:
         raise WorkloadError(f"trace file not found: {p}")
     if fmt == "auto":
         fmt = _detect_format(p)
+    elif fmt not in ("mooncake", "azure"):
+        raise WorkloadError(f"unknown trace format {fmt!r} (mooncake, azure or auto)")
     try:
         with p.open(newline="", encoding="utf-8") as f:
             rows = _read_mooncake(f, p) if fmt == "mooncake" else _read_azure(f, p)
@@ -154,20 +156,25 @@ def _detect_format(p: Path) -> Literal["mooncake", "azure"]:
     raise WorkloadError(f"{p}: cannot tell the trace format; pass --trace-format mooncake or azure")
 
 
-def _length(value: object, where: str, name: str) -> int:
+def _number(value: object, where: str, name: str) -> float:
     if isinstance(value, str):
-        value = value.strip()
         try:
-            value = float(value)
+            value = float(value.strip())
         except ValueError:
-            raise WorkloadError(f"{where}: {name} is not a number: {value!r}") from None
+            raise WorkloadError(f"{where}: {name} is not a number: {value.strip()!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise WorkloadError(f"{where}: {name} is not a number: {value!r}")
-    if value != int(value):
+    return float(value)
+
+
+def _count(value: object, where: str, name: str) -> int:
+    """A token count: a whole number >= 0."""
+    x = _number(value, where, name)
+    if x != int(x):
         raise WorkloadError(f"{where}: {name} is not a whole number: {value!r}")
-    if value < 0:
-        raise WorkloadError(f"{where}: {name} is negative: {int(value)}")
-    return int(value)
+    if x < 0:
+        raise WorkloadError(f"{where}: {name} is negative: {int(x)}")
+    return int(x)
 
 
 def _read_mooncake(lines, p: Path) -> list[TraceRow]:
@@ -190,9 +197,9 @@ def _read_mooncake(lines, p: Path) -> list[TraceRow]:
             raise WorkloadError(f"{where}: hash_ids must be a list of integers")
         rows.append(
             TraceRow(
-                arrival_s=_length(obj["timestamp"], where, "timestamp") / 1000.0,
-                input_len=_length(obj["input_length"], where, "input_length"),
-                output_len=_length(obj["output_length"], where, "output_length"),
+                arrival_s=_number(obj["timestamp"], where, "timestamp") / 1000.0,
+                input_len=_count(obj["input_length"], where, "input_length"),
+                output_len=_count(obj["output_length"], where, "output_length"),
                 hash_ids=tuple(hash_ids),
             )
         )
@@ -216,20 +223,23 @@ def _read_azure(f, p: Path) -> list[TraceRow]:
         if len(rec) < 3:
             raise WorkloadError(f"{where}: expected 3 columns, got {len(rec)}")
         try:
-            stamps.append(datetime.fromisoformat(rec[0].strip()).timestamp())
+            stamps.append(datetime.fromisoformat(rec[0].strip()))
         except ValueError:
             raise WorkloadError(f"{where}: TIMESTAMP is not a date-time: {rec[0]!r}") from None
-        rows.append((_length(rec[1], where, "ContextTokens"), _length(rec[2], where, "GeneratedTokens")))
-    t0 = min(stamps, default=0.0)
-    return [TraceRow(t - t0, i, o) for t, (i, o) in zip(stamps, rows)]
+        rows.append((_count(rec[1], where, "ContextTokens"), _count(rec[2], where, "GeneratedTokens")))
+    # Differences of datetimes, not epoch floats: exact to the microsecond and blind to local-time changes.
+    t0 = min(stamps, default=None)
+    return [TraceRow((t - t0).total_seconds(), i, o) for t, (i, o) in zip(stamps, rows)]
 
 
 def from_trace(trace: Trace, scaling: Scaling = Scaling()) -> Workload:
     """Scale and cut a parsed trace into a workload; `notes` lists every change."""
     s = scaling
-    _check_positive(time_scale=s.time_scale, length_scale=s.length_scale)
+    _check_positive(time_scale=s.time_scale, length_scale=s.length_scale, duration=s.max_duration_s)
     if s.jitter_s < 0:
         raise WorkloadError(f"jitter must be >= 0, got {s.jitter_s}")
+    if s.max_requests is not None and s.max_requests < 1:
+        raise WorkloadError(f"number of requests must be >= 1, got {s.max_requests}")
     notes = [f"trace {trace.path} ({trace.format}, {len(trace.rows)} requests)"]
     rows = list(trace.rows)
     times = np.array([r.arrival_s for r in rows])
@@ -287,6 +297,20 @@ def load_trace(path: str | Path, fmt: TraceFormat = "auto", scaling: Scaling = S
     return from_trace(read_trace(path, fmt), scaling)
 
 
+def at_rate(trace: Trace, scaling: Scaling, rate: float) -> Workload:
+    """The trace, cut as `scaling` says, with its arrivals stretched or squeezed to a mean of `rate` req/s.
+
+    The request set does not depend on the rate (only on max_requests), so a rate sweep compares like with like.
+    """
+    _check_positive(rate=rate)
+    if scaling.max_duration_s is not None:
+        raise WorkloadError("a rate sweep over a trace is bounded by the number of requests, not a duration")
+    base = from_trace(trace, replace(scaling, time_scale=1.0))
+    if not math.isfinite(base.mean_rate):
+        raise WorkloadError("the selected trace requests all arrive at once: no rate to scale; take more requests")
+    return from_trace(trace, replace(scaling, time_scale=base.mean_rate / rate))
+
+
 def _cut_reason(s: Scaling) -> str:
     reasons = []
     if s.max_requests is not None:
@@ -334,7 +358,7 @@ def synthetic(spec: SyntheticSpec) -> Workload:
             f"{spec.shared_prefix_ratio:.0%} of each prompt (whole {spec.block_tokens}-token blocks) "
             f"from one of {spec.num_prefixes} shared prefixes"
         )
-    params = {"kind": "synthetic", **_as_dict(spec)}
+    params = {"kind": "synthetic", **asdict(spec)}
     return Workload(tuple(requests), "synthetic", tuple(notes), params)
 
 
@@ -376,39 +400,3 @@ def _describe(d: LengthDist) -> str:
     if d.kind == "uniform":
         return f"uniform, mean {d.mean:g} +/- {d.spread:.0%}"
     return f"lognormal, mean {d.mean:g}, sigma {d.spread:g}"
-
-
-def _as_dict(spec: SyntheticSpec) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in spec.__dict__.items():
-        out[k] = v.__dict__.copy() if isinstance(v, LengthDist) else v
-    return out
-
-
-def at_rate(trace: Trace, scaling: Scaling, rate: float) -> Workload:
-    """The trace, cut as `scaling` says, with its arrivals stretched or squeezed to a mean of `rate` req/s.
-
-    The request set does not depend on the rate (only on max_requests), so a rate sweep compares like with like.
-    """
-    _check_positive(rate=rate)
-    if scaling.max_duration_s is not None:
-        raise WorkloadError("a rate sweep over a trace is bounded by the number of requests, not a duration")
-    base = from_trace(trace, replace(scaling, time_scale=1.0))
-    if not math.isfinite(base.mean_rate):
-        raise WorkloadError("the selected trace requests all arrive at once: no rate to scale; take more requests")
-    return from_trace(trace, replace(scaling, time_scale=base.mean_rate / rate))
-
-
-def rows_summary(requests: Sequence[RequestSpec]) -> dict[str, float]:
-    """Sizes of a workload, for reports."""
-    if not requests:
-        return {"requests": 0}
-    inp = np.array([r.input_len for r in requests])
-    out = np.array([r.output_len for r in requests])
-    return {
-        "requests": len(requests),
-        "input_tokens_mean": float(inp.mean()),
-        "input_tokens_max": int(inp.max()),
-        "output_tokens_mean": float(out.mean()),
-        "output_tokens_max": int(out.max()),
-    }

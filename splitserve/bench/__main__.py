@@ -1,0 +1,5 @@
+"""`python -m splitserve.bench ...`: the same as `splitserve bench ...`."""
+
+from splitserve.bench.cli import main
+
+raise SystemExit(main())
