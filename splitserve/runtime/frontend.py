@@ -193,6 +193,10 @@ class _Run:
     def usage(self) -> Usage:
         return Usage.of(self._num_prompt_tokens, self._text.num_tokens, self._num_cached_tokens)
 
+    @property
+    def token_ids(self) -> list[int]:
+        return self._text.token_ids
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -233,7 +237,7 @@ async def _complete(body: GenerationRequest, meta: ResponseMeta, run: _Run) -> R
         delta = await run.next_delta()
         parts.append(delta.text)
         if delta.finish_reason is not None:
-            return _json(body.response(meta, "".join(parts), delta.finish_reason, run.usage()))
+            return _json(body.response(meta, "".join(parts), delta.finish_reason, run.usage(), run.token_ids))
 
 
 async def _events(body: GenerationRequest, meta: ResponseMeta, run: _Run) -> AsyncIterator[str]:

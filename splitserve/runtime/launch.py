@@ -110,7 +110,11 @@ def _serve_pools(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colo
         tokenizer, name = load_tokenizer(args.model)
         engine = PoolEngine(
             tokenizer, args.served_model_name or name,
-            PoolConfig(on_transfer_failure=args.on_transfer_failure),
+            PoolConfig(
+                on_transfer_failure=args.on_transfer_failure,
+                deadline_base_s=args.transfer_deadline,
+                deadline_per_token_s=args.transfer_deadline_per_token,
+            ),
         )
         app = create_app(engine, served_model_name=args.served_model_name)
         attach_pool(app, engine, [url for url, _ in procs])
@@ -143,6 +147,13 @@ def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> Non
             await engine.close()
 
     app.router.lifespan_context = lifespan
+
+    @app.get("/debug/workers")
+    async def workers() -> list[dict]:
+        return [
+            {"url": w.url, "role": role, "pid": w.info.pid, "in_flight": w.in_flight, "generation": w.info.generation}
+            for role, pool in engine.pools.items() for w in pool
+        ]
 
     @app.get("/debug/requests")
     async def recent_requests(limit: int = 100) -> list[dict]:

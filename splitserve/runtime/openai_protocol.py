@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from splitserve.core.request import SamplingParams
 from splitserve.model.tokenizer import Tokenizer
@@ -128,7 +128,9 @@ class GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
         )
 
-    def response(self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage) -> BaseModel:
+    def response(
+        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
+    ) -> BaseModel:
         raise NotImplementedError
 
     def opening_chunk(self, meta: ResponseMeta) -> BaseModel | None:
@@ -174,6 +176,7 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str | list[int] = Field(min_length=1, description="text, or token ids; one prompt per request")
     logprobs: int | None = None
+    return_token_ids: bool = Field(False, description="extension: also return the generated token ids")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -197,10 +200,13 @@ class CompletionRequest(GenerationRequest):
             raise InvalidRequest(f"prompt: token ids must be in [0, {tokenizer.vocab_size})", "prompt")
         return list(self.prompt)
 
-    def response(self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage) -> CompletionResponse:
+    def response(
+        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
+    ) -> CompletionResponse:
+        ids = token_ids if self.return_token_ids else None
         return CompletionResponse(
             id=meta.id, created=meta.created, model=meta.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage,
+            choices=[CompletionChoice(text=text, finish_reason=finish_reason, token_ids=ids)], usage=usage,
         )
 
     def chunk(self, meta: ResponseMeta, text: str, finish_reason: str | None) -> CompletionResponse:
@@ -258,7 +264,9 @@ class ChatCompletionRequest(GenerationRequest):
         # The template writes the special tokens (BOS included) itself.
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def response(self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage) -> ChatCompletionResponse:
+    def response(
+        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
+    ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=meta.id, created=meta.created, model=meta.model,
             choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)], usage=usage,
@@ -314,6 +322,14 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None = None
     logprobs: None = None
+    token_ids: list[int] | None = None  # only when the request asked for return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_token_ids(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if data.get("token_ids") is None:
+            data.pop("token_ids", None)
+        return data
 
 
 class CompletionResponse(BaseModel):

@@ -218,17 +218,19 @@ class PoolEngine:
                 )
                 if stop is not None:
                     return
+                sent = [first]  # what the client has: a recompute continues after these
                 while True:
                     try:
                         ev = await d_next
                     except (WorkerError, StopAsyncIteration) as exc:
-                        fallback = ([first], f"decode worker {d.url} lost: {exc}", False)
+                        fallback = (sent, f"decode worker {d.url} lost: {exc}", False)
                         break
                     if ev.kv_wait_s is not None:
                         rec.kv_wait_s = ev.kv_wait_s
                     if ev.finish_reason == "transfer_failed":
-                        fallback = ([first], ev.error or "transfer failed", True)
+                        fallback = (sent, ev.error or "transfer failed", True)
                         break
+                    sent += ev.tokens
                     yield ev.output(rid)
                     if ev.finished:
                         return

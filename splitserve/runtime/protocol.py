@@ -104,6 +104,7 @@ class WorkerInfo(msgspec.Struct):
     num_blocks: int
     transfer_endpoint: str | None
     generation: str  # changes when the worker restarts
+    pid: int
 
 
 encoder = msgspec.json.Encoder()

@@ -35,8 +35,12 @@ class TextOutput:
         self._stop = tuple(stop)
         self._stop_token_ids = stop_token_ids
         self._pending = ""  # decoded but not yet released
-        self.num_tokens = 0  # tokens that count as output: up to the one that completed a stop string
+        self.token_ids: list[int] = []  # tokens that count as output: up to the one that completed a stop string
         self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def finished(self) -> bool:
@@ -47,7 +51,7 @@ class TextOutput:
         string matched first, the caller must abort the engine request."""
         if self.finished:
             return TextDelta("")
-        self.num_tokens += len(out.new_token_ids)
+        self.token_ids += out.new_token_ids
         ids = out.new_token_ids
         if out.finish_reason == "stop" and ids and ids[-1] in self._stop_token_ids:
             ids = ids[:-1]

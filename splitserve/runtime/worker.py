@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from typing import AsyncIterator
@@ -96,6 +97,7 @@ class Worker:
             num_blocks=e.pool.num_blocks,
             transfer_endpoint=self.receiver.endpoint if self.receiver else None,
             generation=self.generation,
+            pid=os.getpid(),
         )
 
     def health(self) -> tuple[bool, dict]:

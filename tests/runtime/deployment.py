@@ -1,0 +1,83 @@
+"""A real `splitserve serve` deployment in subprocesses, for end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from splitserve.runtime.launch import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Deployment:
+    def __init__(self, model: Path, *args: str, startup_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "splitserve", "serve", "--model", str(model), "--port", str(self.port),
+               "--log-level", "warning", *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+        end = time.monotonic() + startup_timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError("deployment not healthy in time")
+
+    def workers(self, role: str | None = None) -> list[dict]:
+        ws = httpx.get(self.url + "/debug/workers", timeout=5).json()
+        return [w for w in ws if role is None or w["role"] == role]
+
+    def requests(self) -> list[dict]:
+        return httpx.get(self.url + "/debug/requests?limit=1000", timeout=5).json()
+
+    def free_blocks(self) -> dict[str, tuple[int, int]]:
+        """(free, total) KV blocks of every live worker."""
+        out = {}
+        for w in self.workers():
+            s = httpx.get(w["url"] + "/internal/stats", timeout=5).json()
+            out[w["url"]] = (s["num_free_blocks"], s["num_total_blocks"])
+        return out
+
+    def wait_all_free(self, timeout: float = 10.0) -> dict[str, tuple[int, int]]:
+        end = time.monotonic() + timeout
+        while True:
+            blocks = self.free_blocks()
+            if all(free == total for free, total in blocks.values()) or time.monotonic() > end:
+                return blocks
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def complete(url: str, prompt: list[int], max_tokens: int, timeout: float = 60.0, **extra) -> httpx.Response:
+    body = {"model": extra.pop("model", None), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, **extra}
+    body = {k: v for k, v in body.items() if v is not None}
+    return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
