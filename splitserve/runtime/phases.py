@@ -16,7 +16,8 @@ class PhaseRecord:
     prefill_worker: str | None = None
     decode_worker: str | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the computing worker found in its prefix cache
+    decode_cached_tokens: int = 0  # prompt tokens the decode worker already held: their KV was not sent
     output_tokens: int = 0
     reserve_s: float | None = None  # arrival to blocks reserved on the decode worker
     queue_s: float | None = None  # waiting in the computing worker's queue

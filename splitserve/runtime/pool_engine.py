@@ -187,6 +187,7 @@ class PoolEngine:
         d, reserved, d_events = await self._reserve(rid, prompt, params, rec)
         p = self._pick("prefill")
         rec.prefill_worker, rec.decode_worker = p.url, d.url
+        rec.decode_cached_tokens = reserved.num_cached_tokens
         ticket = reserved.ticket
         assert ticket is not None
         body = PrefillRequest(rid, prompt, Params.of(params), ticket)

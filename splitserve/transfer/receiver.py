@@ -1,0 +1,497 @@
+"""The decode side: accepts sender connections and lands KV bytes in reserved blocks.
+
+Threads: one accepts, one per connection reads frames (and answers with acks and shm credits), one
+housekeeper fails tickets at their deadline and delivers acks that other threads decided on, so no
+caller of cancel() ever waits on a socket.
+
+Late-writer rule: every write into a ticket's blocks happens under that ticket's lock, after checking
+the ticket is alive, one recv (or one ring copy) at a time; ending a ticket takes the same lock. So
+once cancel() or any failure returns, nothing writes those blocks again and the caller may reuse them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.transfer.channel import Channel, Stalled, consume, tune
+from splitserve.transfer.frames import Abort, Ack, Credit, Done, Error, Heartbeat, HelloAck, Layer, ProtocolError
+from splitserve.transfer.handshake import HandshakeError, server_ack, server_hello
+from splitserve.transfer.layout import CacheBytes, KVLayout
+from splitserve.transfer.shm_ring import DEFAULT_NUM_SLOTS, DEFAULT_SLOT_BYTES, ReceiverRing
+
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED = 4096  # outcomes remembered for wait_layer() and for telling late senders why
+KEEP_HANDSHAKE_ERRORS = 32
+
+
+@dataclass
+class ReceiverStats:
+    bytes_received: int = 0  # payload written into KV blocks
+    bytes_discarded: int = 0  # payload for unknown, finished or cancelled tickets
+    frames: int = 0
+    tickets_completed: int = 0
+    failures: Counter = field(default_factory=Counter)  # by cause; "sender_abort" without its message
+    connections_accepted: int = 0
+    connections_dropped: Counter = field(default_factory=Counter)  # by cause
+    handshakes_refused: int = 0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "failures": dict(self.failures), "connections_dropped": dict(self.connections_dropped)}
+
+
+class _Ticket:
+    def __init__(self, ticket_id: str, block_ids: np.ndarray, deadline: float, num_layers: int) -> None:
+        self.id = ticket_id
+        self.block_ids = block_ids
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.dead = False  # ended (complete, failed or cancelled): its blocks are off limits
+        self.conn: _Conn | None = None  # the one connection allowed to send it, fixed by its first frame
+        self.received = bytearray(num_layers * len(block_ids))  # 1 per (layer, block index) landed
+        self.missing = [len(block_ids)] * num_layers  # blocks still to land, per layer
+
+    def complete(self) -> bool:
+        return not any(self.missing)
+
+
+class _Conn:
+    def __init__(self, ch: Channel, node: str, ring: ReceiverRing | None) -> None:
+        self.ch = ch
+        self.node = node
+        self.ring = ring
+        self.tickets: set[str] = set()  # live tickets bound to this connection
+        self.told: OrderedDict[str, None] = OrderedDict()  # unknown tickets already answered
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        kv_cache: PagedKVCache,
+        layout: KVLayout,
+        secret: bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        transport: str = "tcp",
+        *,
+        node_id: str | None = None,
+        stall_timeout: float = 2.0,
+        num_slots: int = DEFAULT_NUM_SLOTS,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+    ) -> None:
+        if transport not in ("tcp", "shm"):
+            raise ValueError(f"transport must be 'tcp' or 'shm', got {transport!r}")
+        self.layout = layout
+        self._cache = CacheBytes(kv_cache, layout)
+        self._secret = secret
+        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._stall = stall_timeout
+        self._num_slots = num_slots
+        self._slot_bytes = max(slot_bytes, layout.block_bytes)
+        self._listener = socket.create_server((host, port), backlog=128)
+        port = self._listener.getsockname()[1]
+        # The name part is informational: each connection gets its own ring, named in hello_ack.
+        self.endpoint = f"tcp://{host}:{port}" if transport == "tcp" else f"shm://kv{os.getpid()}@{host}:{port}"
+        # (ticket_id, first_token or None): every block of every layer landed and the sender said done.
+        self.on_complete: Callable[[str, int | None], None] = lambda ticket_id, first_token: None
+        self.on_failed: Callable[[str, str], None] = lambda ticket_id, cause: None
+        self.last_handshake_errors: list[str] = []
+        self.stats = ReceiverStats()
+
+        self._lock = threading.Lock()  # tickets, finished, deadlines, outbox, connections, stats
+        self._progress = threading.Condition(self._lock)  # a layer landed or a ticket ended
+        self._wake = threading.Condition(self._lock)  # housekeeper: new deadline, ack to send, close
+        self._tickets: dict[str, _Ticket] = {}
+        self._finished: OrderedDict[str, str] = OrderedDict()  # ticket id -> "" (complete) or cause
+        self._deadlines: list[tuple[float, int, _Ticket]] = []
+        self._seq = itertools.count()
+        self._outbox: list[tuple[_Conn, Ack]] = []
+        self._channels: set[Channel] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+
+    # ---- the worker's API ----
+
+    def start(self) -> None:
+        for target, name in ((self._accept_loop, "kv-accept"), (self._housekeep, "kv-housekeeper")):
+            self._spawn(target, name)
+
+    def close(self) -> None:
+        """Stop serving: pending tickets end silently (the worker is going away), connections close."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            tickets = list(self._tickets.values())
+            channels = list(self._channels)
+            self._wake.notify_all()
+        for t in tickets:
+            self._end(t, "receiver_closed")
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux; close() alone does not
+        except OSError:
+            pass
+        self._listener.close()
+        for ch in channels:
+            ch.shutdown()
+        for th in list(self._threads):
+            if th is not threading.current_thread():
+                th.join(timeout=2.0)
+
+    def expect(self, ticket_id: str, block_ids: list[int], deadline: float) -> None:
+        ids = np.asarray(block_ids, dtype=np.intp).reshape(-1)
+        n = self._cache.num_blocks
+        if len(ids) and (ids.min() < 0 or ids.max() >= n or len(np.unique(ids)) != len(ids)):
+            raise ValueError(f"block ids must be distinct and in [0, {n}): {block_ids}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("receiver is closed")
+            if ticket_id in self._tickets:
+                raise ValueError(f"ticket {ticket_id!r} is already expected")
+            self._finished.pop(ticket_id, None)
+            t = _Ticket(ticket_id, ids, deadline, self.layout.num_layers)
+            self._tickets[ticket_id] = t
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), t))
+            self._wake.notify()
+
+    def wait_layer(self, ticket_id: str, layer: int, timeout: float) -> bool:
+        """True once every block of `layer` has landed; False on timeout or if the ticket failed."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        end = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                t = self._tickets.get(ticket_id)
+                if t is None:
+                    return self._finished.get(ticket_id) == ""
+                if not t.missing[layer]:
+                    return True
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._progress.wait(left)
+
+    def cancel(self, ticket_id: str) -> None:
+        """After this returns, no byte is ever written into the ticket's blocks again. No on_failed call."""
+        with self._lock:
+            t = self._tickets.get(ticket_id)
+        if t is not None and self._end(t, "cancelled"):
+            self._post(t, "cancelled")
+
+    # ---- ticket lifecycle ----
+
+    def _end(self, t: _Ticket, cause: str) -> bool:
+        """The one way a ticket stops being writable; False if it had already ended."""
+        with t.lock:  # waits out an in-flight recv into its blocks
+            if t.dead:
+                return False
+            t.dead = True
+        with self._lock:
+            self._tickets.pop(t.id, None)
+            self._finished[t.id] = cause
+            while len(self._finished) > KEEP_FINISHED:
+                self._finished.popitem(last=False)
+            if t.conn is not None:
+                t.conn.tickets.discard(t.id)
+            if cause:
+                self.stats.failures[cause.partition(":")[0]] += 1
+            else:
+                self.stats.tickets_completed += 1
+            self._progress.notify_all()
+        return True
+
+    def _fail(self, t: _Ticket, cause: str, tell_sender: bool = False) -> None:
+        if self._end(t, cause):
+            if tell_sender:
+                self._post(t, cause)
+            log.warning("KV ticket %s failed: %s", t.id, cause)
+            self._call(self.on_failed, t.id, cause)
+
+    def _post(self, t: _Ticket, cause: str) -> None:
+        """Tell the ticket's sender, from the housekeeper thread: callers never block on a socket."""
+        if t.conn is not None:
+            with self._lock:
+                self._outbox.append((t.conn, Ack(ticket_id=t.id, error=f"receiver ended the ticket: {cause}")))
+                self._wake.notify()
+
+    def _call(self, fn: Callable, *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("KV receiver callback %s%r raised", getattr(fn, "__name__", fn), args)
+
+    def _housekeep(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._outbox or (self._deadlines and self._deadlines[0][0] <= time.monotonic())):
+                    self._wake.wait(self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = []
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    due.append(heapq.heappop(self._deadlines)[2])
+                outbox, self._outbox = self._outbox, []
+            for t in due:
+                self._fail(t, "deadline", tell_sender=True)
+            for conn, ack in outbox:
+                try:
+                    conn.ch.send(ack)
+                except OSError:
+                    conn.ch.shutdown()  # its reader thread reports the drop
+
+    # ---- connections ----
+
+    def _spawn(self, target: Callable, name: str, *args: object) -> None:
+        th = threading.Thread(target=self._run, args=(target, *args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(th)
+        th.start()
+
+    def _run(self, target: Callable, *args: object) -> None:
+        try:
+            target(*args)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                return  # closed
+            self._spawn(self._serve, f"kv-conn-{addr[0]}:{addr[1]}", sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        tune(sock)
+        try:
+            ch = Channel(sock, send_timeout=self._stall)
+        except OSError:
+            sock.close()  # gone before we could look at it
+            return
+        with self._lock:
+            if self._closed:
+                ch.close()
+                return
+            self._channels.add(ch)
+        conn = self._handshake(ch)
+        cause, why = "peer_closed", "closed by peer"
+        try:
+            if conn is not None:
+                self._read_loop(conn)
+        except ProtocolError as e:
+            cause, why = "malformed", str(e)
+        except Stalled as e:
+            cause, why = "stalled", str(e)
+        except OSError as e:  # PeerClosed, resets, send timeouts
+            why = str(e) or type(e).__name__
+        finally:
+            with self._lock:
+                self._channels.discard(ch)
+            if conn is not None:
+                if cause != "peer_closed":
+                    try:  # best effort: the sender's error then says why, not just "connection lost"
+                        ch.send(Error(message=f"{cause}: {why}"))
+                    except OSError:
+                        pass
+                self._drop(conn, cause, why)
+            ch.close()
+
+    def _handshake(self, ch: Channel) -> _Conn | None:
+        try:
+            hello, nonce = server_hello(ch, self.layout, self._secret, self.node_id, self._stall)
+            try:
+                ring = ReceiverRing(self._num_slots, self._slot_bytes) if hello.transport == "shm" else None
+            except OSError as e:
+                raise HandshakeError(f"receiver {self.node_id!r} cannot create an shm ring: {e}") from e
+            ack = HelloAck(
+                node_id=self.node_id,
+                idle_timeout=self._stall,
+                mac=b"",
+                shm_name=ring.name if ring else "",
+                slot_bytes=ring.slot_bytes if ring else 0,
+                num_slots=ring.num_slots if ring else 0,
+            )
+            conn = _Conn(ch, hello.node_id, ring)
+            try:
+                server_ack(ch, self._secret, nonce, hello, ack)
+            except OSError:
+                if ring is not None:
+                    ring.close()
+                raise
+        except (HandshakeError, ProtocolError) as e:
+            self._refused(f"from {ch.peer}: {e}")  # recorded before the peer can see the refusal
+            try:
+                ch.send(Error(message=str(e)))
+            except OSError:
+                pass
+            return None
+        except OSError as e:  # probes and scanners that hang up, or never speak
+            log.info("KV connection from %s ended during handshake: %s", ch.peer, e)
+            return None
+        with self._lock:
+            self.stats.connections_accepted += 1
+        log.info("KV sender %s connected from %s over %s", hello.node_id, ch.peer, hello.transport)
+        return conn
+
+    def _refused(self, message: str) -> None:
+        log.warning("KV handshake refused %s", message)
+        with self._lock:
+            self.stats.handshakes_refused += 1
+            self.last_handshake_errors.append(message)
+            del self.last_handshake_errors[:-KEEP_HANDSHAKE_ERRORS]
+
+    def _drop(self, conn: _Conn, cause: str, why: str) -> None:
+        with self._lock:
+            bound = [self._tickets[tid] for tid in conn.tickets if tid in self._tickets]
+            self.stats.connections_dropped[cause] += 1
+        (log.warning if bound or cause == "malformed" else log.info)(
+            "KV connection from %s (%s) closed: %s: %s; failing %d ticket(s)", conn.ch.peer, conn.node, cause, why, len(bound)
+        )
+        for t in bound:
+            self._fail(t, cause)
+        if conn.ring is not None:
+            conn.ring.close()
+
+    # ---- frames ----
+
+    def _read_loop(self, conn: _Conn) -> None:
+        while True:
+            frame = conn.ch.read_frame(self._stall)
+            if conn.ring is not None:
+                conn.ring.unlink()  # the sender mapped the ring before sending anything
+            with self._lock:
+                self.stats.frames += 1
+            if isinstance(frame, Layer):
+                self._on_layer(conn, frame)
+            elif isinstance(frame, Done):
+                self._on_done(conn, frame)
+            elif isinstance(frame, Abort):
+                t = self._lookup(conn, frame.ticket_id)
+                if t is not None:
+                    self._fail(t, f"sender_abort:{frame.reason}")
+            elif not isinstance(frame, Heartbeat):
+                raise ProtocolError(f"unexpected {type(frame).__name__} frame from a sender")
+
+    def _lookup(self, conn: _Conn, ticket_id: str) -> _Ticket | None:
+        with self._lock:
+            t = self._tickets.get(ticket_id)
+        if t is not None and t.conn not in (None, conn):
+            raise ProtocolError(f"ticket {ticket_id!r} is already being sent over another connection")
+        return t
+
+    def _on_layer(self, conn: _Conn, f: Layer) -> None:
+        lay, k = self.layout, f.num_blocks
+        if f.dtype != lay.dtype or tuple(f.block_shape) != lay.block_shape:
+            raise ProtocolError(f"layer frame carries {f.dtype} {f.block_shape}, expected {lay.dtype} {lay.block_shape}")
+        if k < 1 or f.payload_len != k * lay.block_bytes:
+            raise ProtocolError(f"payload_len {f.payload_len} != {k} blocks x {lay.block_bytes} bytes")
+        if f.layer >= lay.num_layers:
+            raise ProtocolError(f"layer {f.layer} out of range [0, {lay.num_layers})")
+        ring = conn.ring
+        if ring is None and f.slot != -1:
+            raise ProtocolError("ring slot named on a tcp connection")
+        if ring is not None and not (0 <= f.slot < ring.num_slots and f.payload_len <= ring.slot_bytes):
+            raise ProtocolError(f"slot {f.slot} / payload {f.payload_len} outside the ring ({ring.num_slots} x {ring.slot_bytes})")
+        t = self._claim(conn, f)
+        landed = False
+        if t is not None:
+            ids = t.block_ids[f.first_block : f.first_block + k]
+            if ring is None:
+                landed = self._recv_blocks(conn, t, self._cache.views(f.layer, ids.tolist()))
+            else:
+                with t.lock:
+                    if not t.dead:
+                        self._cache.array[f.layer][ids] = ring.slot(f.slot, k, lay.block_bytes)
+                        landed = True
+        elif ring is None:
+            conn.ch.discard(f.payload_len, self._stall)
+        if ring is not None:
+            conn.ch.send(Credit(slot=f.slot))
+        if landed:
+            self._landed(t, f, k)
+        else:
+            with self._lock:
+                self.stats.bytes_discarded += f.payload_len
+            self._tell(conn, f.ticket_id)
+
+    def _claim(self, conn: _Conn, f: Layer) -> _Ticket | None:
+        """The live ticket a layer frame may write, bound to this connection from its first frame."""
+        t = self._lookup(conn, f.ticket_id)
+        if t is None:
+            return None
+        n = len(t.block_ids)
+        if f.first_block + f.num_blocks > n:
+            raise ProtocolError(f"blocks [{f.first_block}, {f.first_block + f.num_blocks}) outside ticket {t.id!r} of {n} blocks")
+        at = f.layer * n + f.first_block
+        if any(t.received[at : at + f.num_blocks]):
+            raise ProtocolError(f"ticket {t.id!r} layer {f.layer}: blocks sent twice")
+        with self._lock:
+            if t.conn is None and not t.dead:
+                t.conn = conn
+                conn.tickets.add(t.id)
+        return t
+
+    def _recv_blocks(self, conn: _Conn, t: _Ticket, bufs: list[memoryview]) -> bool:
+        """Receive straight into the blocks; if the ticket ends midway, the rest goes to scratch."""
+        while bufs:
+            with t.lock:
+                if t.dead:
+                    break
+                n = conn.ch.try_recv(bufs)
+            if n:
+                consume(bufs, n)
+            else:
+                conn.ch.wait_readable(self._stall)  # outside the lock: cancel() never waits on a slow peer
+        conn.ch.discard(sum(map(len, bufs)), self._stall)
+        return not bufs
+
+    def _landed(self, t: _Ticket, f: Layer, k: int) -> None:
+        with t.lock:
+            if t.dead:
+                return
+            n = len(t.block_ids)
+            at = f.layer * n + f.first_block
+            t.received[at : at + k] = b"\x01" * k
+            t.missing[f.layer] -= k
+        with self._lock:
+            self.stats.bytes_received += f.payload_len
+            if not t.missing[f.layer]:
+                self._progress.notify_all()
+
+    def _on_done(self, conn: _Conn, f: Done) -> None:
+        t = self._lookup(conn, f.ticket_id)
+        if t is None:
+            self._tell(conn, f.ticket_id, again=True)
+        elif not t.complete():
+            conn.ch.send(Ack(ticket_id=t.id, error="receiver ended the ticket: done before every block arrived"))
+            self._fail(t, "malformed")
+        elif self._end(t, ""):
+            # Callback before ack: when the sender's wait() says True, this worker already knows.
+            self._call(self.on_complete, t.id, f.first_token)
+            conn.ch.send(Ack(ticket_id=t.id))
+
+    def _tell(self, conn: _Conn, ticket_id: str, again: bool = False) -> None:
+        """Answer frames for a ticket we will not take, once, so its sender stops and frees its blocks."""
+        if ticket_id in conn.told and not again:
+            return
+        conn.told[ticket_id] = None
+        while len(conn.told) > KEEP_FINISHED:
+            conn.told.popitem(last=False)
+        with self._lock:
+            cause = self._finished.get(ticket_id)
+        why = f"ended: {cause or 'already complete'}" if cause is not None else "unknown (never expected, or forgotten)"
+        conn.ch.send(Ack(ticket_id=ticket_id, error=f"receiver does not take ticket {ticket_id!r}: {why}"))

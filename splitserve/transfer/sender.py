@@ -1,0 +1,326 @@
+"""The prefill side: one cached, handshaken connection per decode endpoint, each with a writer thread
+that owns every send and every ticket outcome, and a reader thread for acks and shm credits.
+
+send_layer() only queues: the engine thread never waits on the network. A ticket's future completes
+only on the writer thread, between frames, so when wait() returns nothing is still reading the
+source blocks and the prefill worker may free them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+
+import numpy as np
+
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.transfer.channel import IOV_MAX, Channel, parse_endpoint, tune
+from splitserve.transfer.frames import Abort, Ack, Credit, Done, Error, Heartbeat, Layer, ProtocolError
+from splitserve.transfer.handshake import HandshakeError, client_handshake
+from splitserve.transfer.layout import CacheBytes, KVLayout
+from splitserve.transfer.shm_ring import SenderRing
+
+log = logging.getLogger(__name__)
+
+
+class TicketSend:
+    """One ticket's sends. A future: wait() is True once the receiver confirmed every block landed."""
+
+    def __init__(self, conn: _Connection, ticket_id: str, num_blocks: int) -> None:
+        self.ticket_id = ticket_id
+        self.num_blocks = num_blocks
+        self.error: str | None = None
+        self.bytes_sent = 0
+        # Monotonic time each layer's last byte left (NaN until then): exposed-transfer metrics.
+        self.layer_sent_times: list[float] = [math.nan] * conn.layout.num_layers
+        self._conn = conn
+        self._event = threading.Event()
+        self._stop = False  # failed or aborted: the writer skips what is left of it
+        self._closed = False  # finish() or abort() called
+        self._done_at: float | None = None  # when "done" went out: the ack is due within the timeout
+
+    def send_layer(self, layer: int, kv_cache: PagedKVCache, src_block_ids: list[int]) -> None:
+        if self._closed:
+            raise RuntimeError(f"ticket {self.ticket_id!r}: send_layer after finish() or abort()")
+        if not 0 <= layer < len(self.layer_sent_times):
+            raise ValueError(f"layer {layer} out of range [0, {len(self.layer_sent_times)})")
+        if len(src_block_ids) != self.num_blocks:
+            raise ValueError(f"ticket {self.ticket_id!r} has {self.num_blocks} blocks, got {len(src_block_ids)} source ids")
+        cache = CacheBytes(kv_cache, self._conn.layout)
+        ids = [int(i) for i in src_block_ids]  # a private copy: the caller may reuse its list
+        if ids and (min(ids) < 0 or max(ids) >= cache.num_blocks):
+            raise ValueError(f"source block ids outside [0, {cache.num_blocks}): {src_block_ids}")
+        if not self._stop:  # once failed, wait() already has the answer
+            self._conn.submit(("layer", self, layer, cache, ids))
+
+    def finish(self, first_token: int | None = None) -> None:
+        """Queue "done" (with the sampled first token) after the layers already queued; every layer must
+        have been sent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.submit(("done", self, first_token))
+
+    def abort(self, reason: str) -> None:
+        self._closed = True
+        self._stop = True
+        self._conn.submit(("abort", self, reason))
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout) and self.error is None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def _settle(self, error: str | None) -> None:
+        """Writer thread only."""
+        if not self._event.is_set():
+            self.error = error
+            self._stop = True
+            self._event.set()
+
+
+class _Connection:
+    def __init__(self, sender: KVSender, endpoint: str, ch: Channel, heartbeat: float, ring: SenderRing | None) -> None:
+        self.sender = sender
+        self.endpoint = endpoint
+        self.layout = sender.layout
+        self.ch = ch
+        self.ring = ring
+        block_bytes = self.layout.block_bytes
+        # Frames of whole blocks, bounded so one iovec list fits IOV_MAX and other tickets get turns.
+        if ring is not None:
+            self._frame_blocks = ring.slot_bytes // block_bytes
+        else:
+            self._frame_blocks = max(1, min(IOV_MAX - 1, sender.max_frame_bytes // block_bytes))
+        self._heartbeat = heartbeat
+        self._last_send = time.monotonic()
+        self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._tickets: dict[str, TicketSend] = {}
+        self.alive = True
+        self._closing: str | None = None
+        self._threads = [
+            threading.Thread(target=self._write_loop, name=f"kv-send-{endpoint}", daemon=True),
+            threading.Thread(target=self._read_loop, name=f"kv-acks-{endpoint}", daemon=True),
+        ]
+        for th in self._threads:
+            th.start()
+
+    def register(self, ticket_id: str, num_blocks: int) -> TicketSend | None:
+        """A new ticket on this connection, or None if it has died (the caller reconnects)."""
+        with self._lock:
+            if not self.alive:
+                return None
+            if ticket_id in self._tickets:
+                raise ValueError(f"ticket {ticket_id!r} is already being sent to {self.endpoint}")
+            t = self._tickets[ticket_id] = TicketSend(self, ticket_id, num_blocks)
+            return t
+
+    def submit(self, item: tuple) -> None:
+        self._queue.put(item)
+
+    def close(self, reason: str) -> None:
+        self._closing = reason
+        self.ch.shutdown()  # a writer blocked in sendmsg fails at once
+        self._queue.put(("lost", reason))
+        for th in self._threads:
+            th.join(timeout=2.0)
+
+    # ---- writer thread ----
+
+    def _write_loop(self) -> None:
+        error = "connection closed"
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self._heartbeat)
+                except queue.Empty:
+                    item = ("idle",)
+                if item[0] == "lost":
+                    error = item[1]
+                    break
+                self._handle(item)
+                now = time.monotonic()
+                if now - self._last_send >= self._heartbeat:
+                    self._send(Heartbeat())  # the receiver reads silence as a dead sender
+                self._expire_acks(now)
+        except (OSError, ProtocolError) as e:
+            error = f"connection to {self.endpoint} failed: {e}"
+        finally:
+            with self._lock:
+                self.alive = False
+                tickets = list(self._tickets.values())
+                self._tickets.clear()
+            error = self._closing or error
+            if tickets:
+                log.warning("KV connection to %s ended with %d ticket(s) in flight: %s", self.endpoint, len(tickets), error)
+            for t in tickets:
+                t._settle(error)
+            self.ch.shutdown()  # the reader wakes, posts "lost" to nobody and exits
+            self._threads[1].join(timeout=2.0)
+            self.ch.close()
+            if self.ring is not None:
+                self.ring.close()
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "layer":
+            _, t, layer, cache, ids = item
+            if not t._stop:
+                self._send_layer(t, layer, cache, ids)
+        elif kind == "done":
+            _, t, first_token = item
+            if not t._stop:
+                self._send(Done(ticket_id=t.ticket_id, first_token=first_token))
+                t._done_at = time.monotonic()
+        elif kind == "abort":
+            _, t, reason = item
+            if not t.done:
+                self._send(Abort(ticket_id=t.ticket_id, reason=reason))
+                self._settle(t, f"aborted: {reason}")
+        elif kind == "ack":
+            _, ticket_id, error = item
+            t = self._tickets.get(ticket_id)
+            if t is not None:
+                self._settle(t, error or None)
+
+    def _send_layer(self, t: TicketSend, layer: int, cache: CacheBytes, ids: list[int]) -> None:
+        lay = self.layout
+        for first in range(0, len(ids), self._frame_blocks):
+            if t._stop:  # aborted from another thread, or failed: stop between frames
+                return
+            chunk = ids[first : first + self._frame_blocks]
+            k = len(chunk)
+            header = dict(
+                ticket_id=t.ticket_id, layer=layer, first_block=first, num_blocks=k,
+                dtype=lay.dtype, block_shape=lay.block_shape, payload_len=k * lay.block_bytes,
+            )
+            if self.ring is None:
+                self._send(Layer(**header), cache.views(layer, chunk))
+            else:
+                slot = self.ring.acquire(self.sender.timeout)
+                # The one copy shm needs: gather the blocks into the slot ("clip": ids are checked, and
+                # "raise" would buffer through a temporary).
+                np.take(cache.array[layer], chunk, axis=0, out=self.ring.slot(slot, k, lay.block_bytes), mode="clip")
+                self._send(Layer(**header, slot=slot))
+            t.bytes_sent += k * lay.block_bytes
+        t.layer_sent_times[layer] = time.monotonic()
+
+    def _send(self, frame: object, payload: list[memoryview] = ()) -> None:
+        self.ch.send(frame, payload)
+        self._last_send = time.monotonic()
+
+    def _settle(self, t: TicketSend, error: str | None) -> None:
+        with self._lock:
+            self._tickets.pop(t.ticket_id, None)
+        t._settle(error)
+
+    def _expire_acks(self, now: float) -> None:
+        timeout = self.sender.timeout
+        with self._lock:
+            late = [t for t in self._tickets.values() if t._done_at is not None and now - t._done_at > timeout]
+        for t in late:
+            self._settle(t, f"no completion ack from {self.endpoint} within {timeout:.1f}s of done")
+
+    # ---- reader thread ----
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = self.ch.read_frame(None)  # idle is fine here: silence from the receiver is normal
+                if isinstance(frame, Ack):
+                    self._queue.put(("ack", frame.ticket_id, frame.error))
+                elif isinstance(frame, Credit) and self.ring is not None:
+                    self.ring.release(frame.slot)
+                elif isinstance(frame, Error):
+                    raise ConnectionError(f"receiver closed the connection: {frame.message}")
+                else:
+                    raise ProtocolError(f"unexpected {type(frame).__name__} frame from the receiver")
+        except (OSError, ProtocolError) as e:
+            self._queue.put(("lost", f"connection to {self.endpoint} lost: {e}"))
+            if self.ring is not None:
+                self.ring.wake()
+
+
+class KVSender:
+    def __init__(
+        self,
+        layout: KVLayout,
+        secret: bytes,
+        timeout: float = 5.0,
+        *,
+        node_id: str | None = None,
+        max_frame_bytes: int = 4 << 20,
+    ) -> None:
+        self.layout = layout
+        self.timeout = timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._secret = secret
+        self._lock = threading.Lock()
+        self._conns: dict[str, _Connection] = {}
+        self._connecting: dict[str, threading.Lock] = {}  # one handshake per endpoint at a time
+        self._closed = False
+
+    def start_ticket(self, endpoint: str, ticket_id: str, num_blocks: int) -> TicketSend:
+        """Raises HandshakeError if the receiver refuses us, ConnectionError if it cannot be reached."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("sender is closed")
+            gate = self._connecting.setdefault(endpoint, threading.Lock())
+        with gate:
+            conn = self._conns.get(endpoint)
+            t = conn.register(ticket_id, num_blocks) if conn is not None else None
+            if t is None:
+                conn = self._connect(endpoint)
+                with self._lock:
+                    if self._closed:
+                        conn.close("sender closed")
+                        raise RuntimeError("sender is closed")
+                    self._conns[endpoint] = conn
+                t = conn.register(ticket_id, num_blocks)
+        return t
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for conn in conns:
+            conn.close("sender closed")
+
+    def _connect(self, endpoint: str) -> _Connection:
+        transport, host, port = parse_endpoint(endpoint)
+        try:
+            sock = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as e:
+            raise ConnectionError(f"cannot connect to KV receiver {endpoint}: {e}") from e
+        try:
+            tune(sock)
+            ch = Channel(sock, send_timeout=self.timeout)
+        except OSError as e:
+            sock.close()
+            raise ConnectionError(f"KV receiver {endpoint} hung up at once: {e}") from e
+        try:
+            ack = client_handshake(ch, self.layout, self._secret, self.node_id, transport, self.timeout)
+            ring = None
+            if transport == "shm":
+                if not ack.shm_name:
+                    raise ProtocolError("receiver offered no shm ring")
+                ring = SenderRing(ack.shm_name, ack.num_slots, ack.slot_bytes)
+        except HandshakeError:
+            ch.close()
+            raise
+        except (OSError, ProtocolError) as e:
+            ch.close()
+            raise ConnectionError(f"KV handshake with {endpoint} failed: {e}") from e
+        log.info("KV connection to %s (%s) over %s", endpoint, ack.node_id, transport)
+        # Four beats per idle limit: one late beat never looks like death (floored against a silly limit).
+        return _Connection(self, endpoint, ch, max(0.05, ack.idle_timeout / 4), ring)
