@@ -77,6 +77,12 @@ class PoolEngine:
     def healthy(self) -> bool:
         return bool(self.pools["colocated"]) or bool(self.pools["prefill"] and self.pools["decode"])
 
+    async def _evict_if_dead(self, w: WorkerClient) -> None:
+        """After a failure: a worker that does not answer its health check takes no more requests."""
+        if not await w.healthy():
+            log.warning("removing unresponsive %s worker %s", w.info.role, w.url)
+            self.remove_worker(w.url)
+
     async def poll_stats(self, interval_s: float = 1.0) -> None:
         """Keep the pools' engine stats fresh for /metrics (a scrape must not wait on every worker)."""
         while True:
@@ -167,8 +173,7 @@ class PoolEngine:
                     ev = await anext(events)
                 except (WorkerError, StopAsyncIteration) as exc:
                     rec.events.append(f"decode worker {d.url} failed to reserve: {exc}")
-                    if not await d.healthy():
-                        self.remove_worker(d.url)
+                    await self._evict_if_dead(d)
                     ev = StreamEvent(no_room=True)
                 if ev.ticket is not None:
                     rec.reserve_s = time.monotonic() - rec.arrival
@@ -193,7 +198,9 @@ class PoolEngine:
         body = PrefillRequest(rid, prompt, Params.of(params), ticket)
         d.in_flight += 1
         p.in_flight += 1
-        p_task = asyncio.ensure_future(p.prefill(body, timeout=ticket.deadline_s))
+        # The decode side enforces the deadline and says why it gave up; the extra second lets its verdict
+        # arrive before this call's own timeout.
+        p_task = asyncio.ensure_future(p.prefill(body, timeout=ticket.deadline_s + 1.0))
         p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
         d_next = asyncio.ensure_future(anext(d_events))
         # On failure: (tokens the client already has, cause, whether the decode worker is still usable).
@@ -208,6 +215,7 @@ class PoolEngine:
                 await asyncio.wait({p_task})
             if fallback is None and p_task.exception() is not None:
                 fallback = ([], str(p_task.exception()), True)
+                asyncio.ensure_future(self._evict_if_dead(p))
             if fallback is None:
                 res = p_task.result()
                 rec.queue_s, rec.prefill_s, rec.cached_tokens = res.queue_s, res.prefill_s, res.num_cached_tokens

@@ -45,10 +45,13 @@ class Deployment:
         return httpx.get(self.url + "/debug/requests?limit=1000", timeout=5).json()
 
     def free_blocks(self) -> dict[str, tuple[int, int]]:
-        """(free, total) KV blocks of every live worker."""
+        """(free, total) KV blocks of every worker that answers."""
         out = {}
         for w in self.workers():
-            s = httpx.get(w["url"] + "/internal/stats", timeout=5).json()
+            try:
+                s = httpx.get(w["url"] + "/internal/stats", timeout=5).json()
+            except httpx.HTTPError:
+                continue
             out[w["url"]] = (s["num_free_blocks"], s["num_total_blocks"])
         return out
 
