@@ -78,8 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--decode", type=int, default=0, help="decode worker processes")
     pools.add_argument("--colocated", type=int, default=0, help="colocated worker processes (the baseline)")
     pools.add_argument("--in-process", action="store_true", help="one colocated engine inside the frontend process")
+    pools.add_argument("--attach", nargs="+", metavar="URL", default=None,
+                       help="serve over workers already running (`splitserve worker`) at these URLs; start none")
     pools.add_argument("--pin", action="store_true", help="pin each worker to its own core")
-    pools.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    pools.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute",
+                       help="a failed KV transfer: prefill again on the decode worker, or fail the request")
+    pools.add_argument("--transfer-deadline", type=float, default=10.0,
+                       help="seconds a decode worker holds a reservation for KV to arrive (plus --transfer-deadline-per-token)")
+    pools.add_argument("--transfer-deadline-per-token", type=float, default=0.01)
     pools.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for workers' health")
     _add_transfer_args(serve)
     add_engine_args(serve)

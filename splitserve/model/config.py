@@ -52,6 +52,10 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         num_heads = int(d["num_attention_heads"])
+        max_positions = int(d.get("max_position_embeddings", 2048))
+        # Sliding-window attention is not implemented: serve such a model (Mistral v0.1) only as far as its
+        # window, where full attention is exact.
+        window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -63,7 +67,7 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=min(max_positions, int(window)) if window else max_positions,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2's config has no such key: its q/k/v projections always carry a bias.
             attention_bias=bool(d.get("attention_bias", architecture == "qwen2")),

@@ -55,10 +55,12 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
 def serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    if args.attach:
+        return _serve_pools(args, [url.rstrip("/") for url in args.attach], [])
     pools = _pool_sizes(args)
     if pools is None:
         return _serve_in_process(args)
-    return _serve_pools(args, *pools)
+    return _spawn_and_serve(args, *pools)
 
 
 def _pool_sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
@@ -90,11 +92,7 @@ def _serve_in_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_pools(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
-    from splitserve.model.loader import load_tokenizer
-    from splitserve.runtime.frontend import create_app, run_server
-    from splitserve.runtime.pool_engine import PoolConfig
-
+def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
     secret_file = _secret_file(args.secret_file)
     roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["colocated"] * n_colocated
     procs: list[tuple[str, subprocess.Popen]] = []
@@ -107,26 +105,39 @@ def _serve_pools(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colo
             procs.append((f"http://{args.host}:{port}", _spawn_worker(args, role, port, secret_file, cpu, threads)))
         for url, proc in procs:
             wait_healthy(url, proc, args.startup_timeout)
-        tokenizer, name = load_tokenizer(args.model)
-        engine = PoolEngine(
-            tokenizer, args.served_model_name or name,
-            PoolConfig(
-                on_transfer_failure=args.on_transfer_failure,
-                deadline_base_s=args.transfer_deadline,
-                deadline_per_token_s=args.transfer_deadline_per_token,
-            ),
-        )
-        app = create_app(engine, served_model_name=args.served_model_name)
-        attach_pool(app, engine, [url for url, _ in procs])
-        log.info("serving: %d prefill, %d decode, %d colocated workers", n_prefill, n_decode, n_colocated)
-        run_server(app, args.host, args.port, args.log_level)
-    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        log.info("workers up: %d prefill, %d decode, %d colocated", n_prefill, n_decode, n_colocated)
+        return _serve_pools(args, [url for url, _ in procs], [p for _, p in procs])
+    except RuntimeError as exc:
         log.error("cannot start: %s", exc)
         return 2
     finally:
         stop_processes([p for _, p in procs])
         if args.secret_file is None:
             Path(secret_file).unlink(missing_ok=True)
+
+
+def _serve_pools(args: argparse.Namespace, worker_urls: list[str], procs: list[subprocess.Popen]) -> int:
+    """The frontend over running workers."""
+    from splitserve.model.loader import load_tokenizer
+    from splitserve.runtime.frontend import create_app, run_server
+    from splitserve.runtime.pool_engine import PoolConfig
+
+    try:
+        tokenizer, name = load_tokenizer(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    engine = PoolEngine(
+        tokenizer, args.served_model_name or name,
+        PoolConfig(
+            on_transfer_failure=args.on_transfer_failure,
+            deadline_base_s=args.transfer_deadline,
+            deadline_per_token_s=args.transfer_deadline_per_token,
+        ),
+    )
+    app = create_app(engine, served_model_name=args.served_model_name)
+    attach_pool(app, engine, worker_urls)
+    run_server(app, args.host, args.port, args.log_level)
     return 0
 
 

@@ -17,11 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Deployment:
-    def __init__(self, model: Path, *args: str, startup_timeout: float = 120.0) -> None:
+    def __init__(self, model: Path | None, *args: str, startup_timeout: float = 120.0) -> None:
+        """model None: the bundled default."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "splitserve", "serve", "--model", str(model), "--port", str(self.port),
-               "--log-level", "warning", *args]
+        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning", *args]
+        if model is not None:
+            cmd += ["--model", str(model)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
         end = time.monotonic() + startup_timeout
