@@ -80,7 +80,12 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = frontend.healthy()
-        return JSONResponse({"status": "ok" if ok else "unavailable", "model": frontend.model_name}, 200 if ok else 503)
+        body = {"status": "ok" if ok else "unavailable", "model": frontend.model_name}
+        # Deployment problems (e.g. workers refused for a KV layout or handshake mismatch) are shown here.
+        errors = getattr(frontend.engine, "health_errors", None)
+        if errors:
+            body["errors"] = errors[-10:]
+        return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -53,21 +53,47 @@ class PoolEngine:
         self._waiting = 0
         self._rr = itertools.count()
         self._stats: dict[str, EngineStats] = {}
+        self.health_errors: list[str] = []  # workers refused at registration, and why
 
     # --- membership ---
 
     async def add_worker(self, url: str) -> WorkerClient:
+        """Admit a worker after checking it can work with the others: same model and KV layout, and a
+        completed KV handshake with every peer of the other phase. Refused with a message naming both
+        sides' values (also kept in `health_errors`), never discovered per request."""
         w = await WorkerClient.connect(url, self.http)
-        peers = [p for pool in self.pools.values() for p in pool]
-        if peers and peers[0].info.fingerprint != w.info.fingerprint:
-            raise WorkerError(
-                f"worker {url} serves model {w.info.model_name} ({w.info.fingerprint[:12]}), "
-                f"this deployment serves {peers[0].info.model_name} ({peers[0].info.fingerprint[:12]})"
-            )
+        try:
+            await self._check_compatible(w)
+        except WorkerError as exc:
+            self.health_errors.append(str(exc))
+            log.error("%s", exc)
+            raise
         self.pools[w.info.role].append(w)
         lens = [p.info.max_model_len for pool in self.pools.values() for p in pool]
         self.max_model_len = min(lens)
         return w
+
+    async def _check_compatible(self, w: WorkerClient) -> None:
+        peers = [p for pool in self.pools.values() for p in pool]
+        if peers:
+            ref = peers[0].info
+            # The layout first: it names dtype and block size, which also change the weights' fingerprint.
+            checks = (
+                ("KV layout", w.info.kv_layout, ref.kv_layout),
+                ("model", f"{w.info.model_name} {w.info.fingerprint[:16]}", f"{ref.model_name} {ref.fingerprint[:16]}"),
+            )
+            for field, ours, theirs in checks:
+                if ours != theirs:
+                    raise WorkerError(f"worker {w.url} differs in {field}: {ours!r}, the deployment has {theirs!r} ({peers[0].url})")
+        if w.info.role == "prefill":
+            pairs = [(w, d) for d in self.pools["decode"]]
+        elif w.info.role == "decode":
+            pairs = [(p, w) for p in self.pools["prefill"]]
+        else:
+            pairs = []
+        for p, d in pairs:
+            assert d.info.transfer_endpoint is not None
+            await p.connect_to(d.info.transfer_endpoint)
 
     def remove_worker(self, url: str) -> None:
         for pool in self.pools.values():

@@ -105,6 +105,7 @@ class WorkerInfo(msgspec.Struct):
     transfer_endpoint: str | None
     generation: str  # changes when the worker restarts
     pid: int
+    kv_layout: str  # dtype, block size and per-block shape: what KV peers must agree on
 
 
 encoder = msgspec.json.Encoder()

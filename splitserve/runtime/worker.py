@@ -6,6 +6,7 @@ go worker to worker through `splitserve.transfer`, so control traffic never wait
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -52,6 +53,8 @@ class Worker:
         self.metrics = WorkerMetrics(role)
         self.metrics.registry.register(EngineStatsCollector(engine.stats))
         layout = KVLayout.from_cache(engine.kv_cache, engine.loaded.fingerprint)
+        self.kv_layout = f"{layout.dtype} block_size={layout.block_size} layers={layout.num_layers} block={layout.shape_str}"
+        self.handshake_errors: list[str] = []  # as a sender: receivers that refused us
         self.receiver: KVReceiver | None = None
         self.sender: KVSender | None = None
         self.prefill_role: PrefillRole | None = None
@@ -98,12 +101,12 @@ class Worker:
             transfer_endpoint=self.receiver.endpoint if self.receiver else None,
             generation=self.generation,
             pid=os.getpid(),
+            kv_layout=self.kv_layout,
         )
 
     def health(self) -> tuple[bool, dict]:
         errors = list(self.receiver.last_handshake_errors) if self.receiver else []
-        if self.sender is not None:
-            errors += list(getattr(self.sender, "last_handshake_errors", []))
+        errors += self.handshake_errors
         ok = self.async_engine.healthy()
         return ok, {"status": "ok" if ok else "engine down", "role": self.role, "handshake_errors": errors[-10:]}
 
@@ -163,6 +166,19 @@ def create_worker_app(worker: Worker) -> FastAPI:
 
     if worker.prefill_role is not None:
         prefill_role = worker.prefill_role
+
+        @app.post("/internal/connect")
+        async def connect(request: Request) -> JSONResponse:
+            """Handshake with a decode worker now: a mismatch shows at deployment time, not per request."""
+            endpoint = str((await request.json())["endpoint"])
+            try:
+                await asyncio.to_thread(worker.sender.connect, endpoint)  # type: ignore[union-attr]
+            except (HandshakeError, ConnectionError, OSError) as exc:
+                message = f"KV connection to {endpoint} refused: {exc}"
+                worker.handshake_errors.append(message)
+                log.error("%s", message)
+                return JSONResponse({"error": message}, status_code=502)
+            return JSONResponse({"status": "connected"})
 
         @app.post("/internal/prefill")
         async def prefill(request: Request) -> Response:

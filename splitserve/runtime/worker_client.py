@@ -54,6 +54,15 @@ class WorkerClient:
         except httpx.HTTPError as exc:
             raise WorkerError(f"worker {self.url} lost: {type(exc).__name__}: {exc}") from exc
 
+    async def connect_to(self, endpoint: str) -> None:
+        """Prefill worker: open and handshake the KV connection to a decode worker's endpoint."""
+        try:
+            r = await self.http.post(self.url + "/internal/connect", json={"endpoint": endpoint}, timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise WorkerError(f"prefill worker {self.url}: {exc}") from exc
+        if r.status_code != 200:
+            raise WorkerError(r.json().get("error", r.text))
+
     async def abort(self, request_id: str) -> None:
         try:
             await self.http.post(self.url + "/internal/abort", json={"request_id": request_id}, timeout=2.0)

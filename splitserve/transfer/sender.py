@@ -15,10 +15,13 @@ import queue
 import socket
 import threading
 import time
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from splitserve.model.kv_cache import PagedKVCache
+
+T = TypeVar("T")
 from splitserve.transfer.channel import IOV_MAX, Channel, parse_endpoint, tune
 from splitserve.transfer.frames import Abort, Ack, Credit, Done, Error, Heartbeat, Layer, ProtocolError
 from splitserve.transfer.handshake import HandshakeError, client_handshake
@@ -271,22 +274,31 @@ class KVSender:
 
     def start_ticket(self, endpoint: str, ticket_id: str, num_blocks: int) -> TicketSend:
         """Raises HandshakeError if the receiver refuses us, ConnectionError if it cannot be reached."""
+        return self._with_connection(endpoint, lambda conn: conn.register(ticket_id, num_blocks))
+
+    def connect(self, endpoint: str) -> None:
+        """Open (and handshake) the connection to `endpoint` now, so that a mismatch shows at deployment
+        time rather than on a request. Same errors as start_ticket."""
+        self._with_connection(endpoint, lambda conn: conn.alive or None)
+
+    def _with_connection(self, endpoint: str, use: Callable[[_Connection], T | None]) -> T:
+        """use(conn) on a live connection (None means the cached one died), connecting once if needed."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("sender is closed")
             gate = self._connecting.setdefault(endpoint, threading.Lock())
         with gate:
             conn = self._conns.get(endpoint)
-            t = conn.register(ticket_id, num_blocks) if conn is not None else None
-            if t is None:
+            result = use(conn) if conn is not None else None
+            if result is None:
                 conn = self._connect(endpoint)
                 with self._lock:
                     if self._closed:
                         conn.close("sender closed")
                         raise RuntimeError("sender is closed")
                     self._conns[endpoint] = conn
-                t = conn.register(ticket_id, num_blocks)
-        return t
+                result = use(conn)
+        return result
 
     def close(self) -> None:
         with self._lock:

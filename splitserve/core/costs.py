@@ -1,0 +1,210 @@
+"""CostModel: where a prompt should be prefilled — on a prefill worker P (remote) or on its decode worker D
+(local) — from estimated seconds. The router asks it per request; the simulator and the planner build it
+from the roofline model (`from_perf`) and feed it the same observations the runtime does.
+
+Both paths end with the prompt's KV on D and D decoding it. What differs (all in seconds):
+
+remote (P computes, the KV crosses the link)
+    queue_s      P's queued prefill tokens x P's per-token prefill cost: the work ahead of this prompt
+    prefill_s    tokens P does not cache x P's per-token cost
+    overhead_s   the remote path's fixed extra: reservation round trip, ticket, connection (configured)
+    transfer_s   the *exposed* KV transfer, after P's prefill ends, of the tokens D does not cache:
+                 unpipelined all of bytes / link; pipelined (layer i sent while layer i+1 is computed)
+                 max(x, L x - (L-1) c), x = one layer's bytes on the wire, c = one layer's compute
+    TTFT = queue + prefill + overhead (P returns the first token at once); ready = TTFT + transfer
+
+local (D computes)
+    queue_s      half of D's decode step (the step in flight finishes first) + D's queued prefill tokens
+    prefill_s    tokens D does not cache x D's per-token cost
+    interference_s  while D prefills, each of its `running` requests waits: running x prefill_s
+                 request-seconds stolen from others' inter-token latency, times `interference_weight`
+    TTFT = ready = queue + prefill
+
+cost = ready + interference; the cheaper path wins (ties go local: no bytes on the wire).
+
+Per-token prefill cost is *marginal* (per uncached token, at typical batch sizes): a token-weighted EWMA
+of what each worker measured (`observe_prefill`), the configured prior until the first measurement. The
+link's speed and each worker's decode step are EWMAs of measurements likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol
+
+WorkerId = Hashable
+
+
+class _Model(Protocol):
+    def kv_bytes_per_token(self) -> int: ...
+
+
+class StepTimes(Protocol):
+    """What `from_perf` reads: `splitserve.sim.perf.PerfModel` has it (core does not import sim)."""
+
+    layers: int
+    model: _Model
+
+    def prefill_time(self, tokens: int, cached: int = 0) -> float: ...
+
+    def decode_step_time(self, batch: int, ctx: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class PathCost:
+    ttft_s: float  # arrival at the router -> first token
+    ready_s: float  # arrival -> the KV is complete on the decode worker (decoding goes on)
+    cost_s: float  # what the decision minimises: ready_s plus weighted harm to other requests
+    terms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    remote: bool
+    local: PathCost
+    remote_path: PathCost | None  # None: no prefill worker to compare with
+
+    @property
+    def chosen(self) -> PathCost:
+        return self.remote_path if self.remote and self.remote_path is not None else self.local
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """Every term of both paths, prefixed `remote.` / `local.`: the reasons, for logs and tests."""
+        out = {f"local.{k}": v for k, v in self.local.terms.items()}
+        if self.remote_path is not None:
+            out.update({f"remote.{k}": v for k, v in self.remote_path.terms.items()})
+        return out
+
+
+class _Ewma:
+    """Ratio of exponentially decayed sums: big samples weigh more than small ones (a 5-token prefill's
+    fixed overhead must not swamp the per-token cost a 2,000-token one measured)."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.num = 0.0
+        self.den = 0.0
+
+    def add(self, num: float, den: float) -> None:
+        self.num += self.alpha * (num - self.num)
+        self.den += self.alpha * (den - self.den)
+
+    def value(self, prior: float) -> float:
+        return self.num / self.den if self.den > 0 else prior
+
+
+@dataclass
+class CostModel:
+    kv_bytes_per_token: float  # all layers, K and V, as sent over the link
+    num_layers: int
+    link_bytes_per_s: float  # prior until `observe_transfer` measures it
+    prefill_s_per_token: float  # prior until a worker's `observe_prefill`
+    decode_step_s: float  # prior until a worker's `observe_decode_step`
+    pipelined: bool = True  # KV sent layer by layer during the prefill
+    link_latency_s: float = 0.0  # per message (per layer when pipelined)
+    remote_overhead_s: float = 0.0
+    interference_weight: float = 1.0  # request-seconds of others' stall worth one second of this request
+    alpha: float = 0.2  # EWMA weight of each new measurement
+    _prefill: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
+    _decode: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
+    _link: _Ewma = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.link_bytes_per_s <= 0 or self.prefill_s_per_token <= 0:
+            raise ValueError("need num_layers >= 1 and positive link speed and per-token prefill cost")
+        self._link = _Ewma(self.alpha)
+
+    @classmethod
+    def from_perf(
+        cls, perf: StepTimes, link_bytes_per_s: float, *, ref_tokens: int = 2048, ref_batch: int = 32,
+        ref_ctx: int = 1024, **kwargs,
+    ) -> CostModel:
+        """Priors from the roofline model: per-token prefill cost at a `ref_tokens` prompt, a decode step
+        of `ref_batch` sequences of `ref_ctx` context. `link_bytes_per_s`: e.g.
+        `network.instance_bandwidth(tp)`; kwargs set the other fields."""
+        return cls(
+            kv_bytes_per_token=perf.model.kv_bytes_per_token(), num_layers=perf.layers,
+            link_bytes_per_s=link_bytes_per_s, prefill_s_per_token=perf.prefill_time(ref_tokens) / ref_tokens,
+            decode_step_s=perf.decode_step_time(ref_batch, ref_ctx), **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------ measurements
+
+    def observe_prefill(self, worker: WorkerId, tokens: int, seconds: float) -> None:
+        """A prefill of `tokens` uncached tokens took `seconds` of compute on `worker` (not its queueing)."""
+        if tokens > 0 and seconds > 0:
+            self._prefill.setdefault(worker, _Ewma(self.alpha)).add(seconds, tokens)
+
+    def observe_decode_step(self, worker: WorkerId, seconds: float) -> None:
+        self._decode.setdefault(worker, _Ewma(self.alpha)).add(seconds, 1.0)
+
+    def observe_transfer(self, nbytes: float, seconds: float) -> None:
+        """`nbytes` took `seconds` on the wire (the sender's busy time, not the span of a pipelined prefill)."""
+        if nbytes > 0 and seconds > 0:
+            self._link.add(seconds, nbytes)
+
+    def forget(self, worker: WorkerId) -> None:
+        """A restarted or removed worker's measurements no longer describe it."""
+        self._prefill.pop(worker, None)
+        self._decode.pop(worker, None)
+
+    def per_token_s(self, worker: WorkerId) -> float:
+        e = self._prefill.get(worker)
+        return e.value(self.prefill_s_per_token) if e else self.prefill_s_per_token
+
+    def step_s(self, worker: WorkerId) -> float:
+        e = self._decode.get(worker)
+        return e.value(self.decode_step_s) if e else self.decode_step_s
+
+    def link_s_per_byte(self) -> float:
+        return self._link.value(1.0 / self.link_bytes_per_s)
+
+    # ------------------------------------------------------------------------------ estimates
+
+    def transfer_s(self, tokens: int, prefill_s: float) -> float:
+        """Exposed transfer time of `tokens` tokens' KV after a prefill of `prefill_s` seconds."""
+        if tokens <= 0:
+            return 0.0
+        wire = tokens * self.kv_bytes_per_token * self.link_s_per_byte()
+        if not self.pipelined:
+            return self.link_latency_s + wire
+        L = self.num_layers
+        x = self.link_latency_s + wire / L
+        return max(x, L * x - (L - 1) * prefill_s / L)
+
+    def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: int, transfer_tokens: int) -> PathCost:
+        """Prefill `new_tokens` on `prefill_worker` behind `queued_tokens`, then send `transfer_tokens`."""
+        per_tok = self.per_token_s(prefill_worker)
+        queue = queued_tokens * per_tok
+        prefill = new_tokens * per_tok
+        transfer = self.transfer_s(transfer_tokens, prefill)
+        ttft = queue + prefill + self.remote_overhead_s
+        terms = {"queue_s": queue, "prefill_s": prefill, "overhead_s": self.remote_overhead_s, "transfer_s": transfer}
+        return PathCost(ttft, ttft + transfer, ttft + transfer, terms)
+
+    def local(self, decode_worker: WorkerId, new_tokens: int, queued_tokens: int, running: int) -> PathCost:
+        """Prefill `new_tokens` on `decode_worker`, behind `queued_tokens`, while it decodes `running`."""
+        per_tok = self.per_token_s(decode_worker)
+        queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * per_tok
+        prefill = new_tokens * per_tok
+        interference = self.interference_weight * running * prefill
+        ready = queue + prefill
+        terms = {"queue_s": queue, "prefill_s": prefill, "interference_s": interference}
+        return PathCost(ready, ready, ready + interference, terms)
+
+    def decide(
+        self, *, prompt_tokens: int, decode_worker: WorkerId, decode_cached_tokens: int, decode_queued_tokens: int,
+        decode_running: int, prefill_worker: WorkerId | None = None, prefill_cached_tokens: int = 0,
+        prefill_queued_tokens: int = 0,
+    ) -> Decision:
+        """Remote prefill on `prefill_worker` or local prefill on `decode_worker` for one prompt.
+        Cached token counts are what each worker will really reuse (whole blocks, at least one token left)."""
+        local = self.local(decode_worker, prompt_tokens - decode_cached_tokens, decode_queued_tokens, decode_running)
+        if prefill_worker is None:
+            return Decision(False, local, None)
+        remote = self.remote(
+            prefill_worker, prompt_tokens - prefill_cached_tokens, prefill_queued_tokens,
+            prompt_tokens - decode_cached_tokens,
+        )
+        return Decision(remote.cost_s < local.cost_s, local, remote)

@@ -1,0 +1,243 @@
+"""Router: picks each request's decode worker and prefill worker (or prefill on the decode worker).
+
+Pure: the runtime and the simulator feed it registrations, load reports, KV events and measurements, and
+ask `route`. It never returns a worker that is not registered (or is draining), and says `NoWorker` when a
+pool it needs is empty.
+
+Policies, comparable on one load (`conditional` disaggregation works with any of them):
+  round_robin   each pool in turn
+  least_loaded  decode: fewest running requests, then most free blocks; prefill: fewest queued prompt tokens
+  kv_aware      decode: overlap_weight x prompt blocks it lacks + blocks in use (fewest running breaks ties),
+                among workers with room for the prompt; prefill: that worker's per-token cost x
+                (overlap_weight x prompt tokens it lacks + queued prompt tokens)
+Ties rotate, so idle workers share the load.
+
+Loads are the workers' last reports plus what the router itself routed since (a burst between two reports
+must not all land on the one worker that looked idle); a report replaces them.
+
+Cached counts mirror what a worker's scheduler will reuse: leading whole blocks, at least one prompt token
+left to compute (`KVCacheManager.prefix_hit`). Blocks the decode worker already holds are neither reserved
+nor sent again; the decision's `decode_cached_blocks` sizes the transfer (the reservation's ticket is the
+authority: the index can lag the worker by one report).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Literal, Sequence, TypeVar
+
+from splitserve.core.blocks import KVEvent, hash_blocks
+from splitserve.core.costs import CostModel, Decision
+from splitserve.core.prefix_index import Generation, PrefixIndex
+
+WorkerId = Hashable
+Role = Literal["prefill", "decode"]
+Policy = Literal["round_robin", "least_loaded", "kv_aware"]
+POLICIES: tuple[Policy, ...] = ("round_robin", "least_loaded", "kv_aware")
+T = TypeVar("T")
+
+
+class NoWorker(RuntimeError):
+    """The pool a request needs has no registered, non-draining worker (HTTP 503)."""
+
+
+@dataclass
+class WorkerState:
+    role: Role
+    total_blocks: int
+    free_blocks: int
+    running: int = 0  # requests decoding (or holding blocks) there
+    queued_prefill_tokens: int = 0  # prompt tokens waiting to be computed there
+    draining: bool = False  # finishes its requests, takes no new ones
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    decode: WorkerId
+    prefill: WorkerId | None  # None: prefill on the decode worker
+    num_blocks: int  # the prompt's blocks, the last one possibly partial
+    decode_cached_blocks: int  # leading blocks the decode worker holds: not reserved anew, not sent
+    prefill_cached_blocks: int  # leading blocks the prefill worker holds: not recomputed (0 when local)
+    decision: Decision | None  # the cost model's comparison; None without conditional disaggregation
+
+
+class Router:
+    def __init__(
+        self, policy: Policy, block_size: int, cost_model: CostModel, overlap_weight: float = 1.0,
+        conditional: bool = True,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.block_size = block_size
+        self.costs = cost_model
+        self.overlap_weight = overlap_weight
+        self.conditional = conditional
+        self.index = PrefixIndex()
+        self.workers: dict[WorkerId, WorkerState] = {}
+        self._turn = {"decode": itertools.count(), "prefill": itertools.count()}  # per pool: rotations
+
+    # ------------------------------------------------------------------------------ membership
+
+    def register(self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int) -> None:
+        """A worker joins, or re-registers (after a restart: a new generation drops its index entries and
+        measurements). Its cache is unknown until its first events or a `resync`: a router that restarted
+        registers every worker and resyncs each from its snapshot. A late registration of a generation the
+        worker has already left behind is ignored."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        known = self.index.position(worker_id)
+        if not self.index.track(worker_id, generation):
+            return
+        if known is None or known[0] != generation:
+            self.costs.forget(worker_id)
+        self.workers[worker_id] = WorkerState(role, total_blocks, total_blocks)
+
+    def deregister(self, worker_id: WorkerId) -> None:
+        self.workers.pop(worker_id, None)
+        self.index.remove(worker_id)
+        self.costs.forget(worker_id)
+
+    def drain(self, worker_id: WorkerId) -> None:
+        """Route nothing new to the worker; its index entries and load stay until `deregister`."""
+        self.workers[worker_id].draining = True
+
+    # ------------------------------------------------------------------------------ what workers report
+
+    def update_load(self, worker_id: WorkerId, *, free_blocks: int, running: int, queued_prefill_tokens: int) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.free_blocks, w.running, w.queued_prefill_tokens = free_blocks, running, queued_prefill_tokens
+
+    def on_events(
+        self, worker_id: WorkerId, generation: Generation, events: Iterable[KVEvent], last_seq: int | None = None
+    ) -> bool:
+        """False: fetch the worker's snapshot and `resync`. Events of unregistered workers are dropped."""
+        if worker_id not in self.workers:
+            return True
+        return self.index.apply(worker_id, generation, events, last_seq)
+
+    def resync(self, worker_id: WorkerId, generation: Generation, seq: int, hashes: Iterable[int]) -> None:
+        if worker_id in self.workers:
+            self.index.resync(worker_id, generation, seq, hashes)
+
+    def observe_prefill(self, worker_id: WorkerId, tokens: int, seconds: float) -> None:
+        self.costs.observe_prefill(worker_id, tokens, seconds)
+
+    def observe_decode_step(self, worker_id: WorkerId, seconds: float) -> None:
+        self.costs.observe_decode_step(worker_id, seconds)
+
+    def observe_transfer(self, nbytes: float, seconds: float) -> None:
+        self.costs.observe_transfer(nbytes, seconds)
+
+    # ------------------------------------------------------------------------------ routing
+
+    def route_tokens(self, token_ids: Sequence[int]) -> RouteDecision:
+        return self.route(len(token_ids), hash_blocks(token_ids, self.block_size))
+
+    def route(self, num_tokens: int, block_hashes: Sequence[int]) -> RouteDecision:
+        """Place a prompt of `num_tokens` tokens whose full blocks hash to `block_hashes`."""
+        decoders = self._pool("decode")
+        if not decoders:
+            raise NoWorker("no decode worker registered (or all are draining)")
+        prefillers = self._pool("prefill")
+        if not prefillers and not self.conditional:
+            raise NoWorker("no prefill worker registered (or all are draining)")
+        bs = self.block_size
+        num_blocks = -(-num_tokens // bs)
+        # A worker reuses whole blocks and always computes at least the last prompt token.
+        reusable = block_hashes[: max(0, num_tokens - 1) // bs]
+        cached = self.index.match(reusable, decoders + prefillers)
+
+        d = self._pick_decode(decoders, cached, num_blocks)
+        p = self._pick_prefill(prefillers, cached, num_tokens) if prefillers else None
+        decision = None
+        if self.conditional:
+            dw = self.workers[d]
+            decision = self.costs.decide(
+                prompt_tokens=num_tokens, decode_worker=d, decode_cached_tokens=cached[d] * bs,
+                decode_queued_tokens=dw.queued_prefill_tokens, decode_running=dw.running, prefill_worker=p,
+                prefill_cached_tokens=cached[p] * bs if p is not None else 0,
+                prefill_queued_tokens=self.workers[p].queued_prefill_tokens if p is not None else 0,
+            )
+            if not decision.remote:
+                p = None
+
+        dw = self.workers[d]
+        dw.running += 1
+        dw.free_blocks -= num_blocks - cached[d]
+        computer, computer_cached = (p, cached[p]) if p is not None else (d, cached[d])
+        self.workers[computer].queued_prefill_tokens += num_tokens - computer_cached * bs
+        return RouteDecision(d, p, num_blocks, cached[d], cached[p] if p is not None else 0, decision)
+
+    def _pool(self, role: Role) -> list[WorkerId]:
+        return [i for i, w in self.workers.items() if w.role == role and not w.draining]
+
+    def _pick_decode(self, ids: list[WorkerId], cached: dict[WorkerId, int], num_blocks: int) -> WorkerId:
+        ws = self.workers
+        if self.policy == "round_robin":
+            return ids[next(self._turn["decode"]) % len(ids)]
+        if self.policy == "least_loaded":
+            return self._min("decode", ids, lambda i: (ws[i].running, -ws[i].free_blocks))
+        # Never prefill what cannot be decoded: prefer workers with room; if none has, the reservation waits.
+        roomy = [i for i in ids if num_blocks - cached[i] <= ws[i].free_blocks] or ids
+        return self._min("decode", roomy, lambda i: (
+            self.overlap_weight * (num_blocks - cached[i]) + ws[i].total_blocks - ws[i].free_blocks, ws[i].running,
+        ))
+
+    def _pick_prefill(self, ids: list[WorkerId], cached: dict[WorkerId, int], num_tokens: int) -> WorkerId:
+        ws = self.workers
+        if self.policy == "round_robin":
+            return ids[next(self._turn["prefill"]) % len(ids)]
+        if self.policy == "least_loaded":
+            return self._min("prefill", ids, lambda i: ws[i].queued_prefill_tokens)
+        bs = self.block_size
+        return self._min("prefill", ids, lambda i: self.costs.per_token_s(i) * (
+            self.overlap_weight * (num_tokens - cached[i] * bs) + ws[i].queued_prefill_tokens
+        ))
+
+    def _min(self, role: Role, ids: list[WorkerId], key: Callable[[WorkerId], T]) -> WorkerId:
+        start = next(self._turn[role]) % len(ids)
+        return min(ids[start:] + ids[:start], key=key)
+
+
+class AdmissionQueue:
+    """The router's bounded waiting room: requests admitted but not yet placed (e.g. waiting for decode
+    blocks). Full → refuse (HTTP 429) with a Retry-After of how long the current queue takes to drain at
+    the rate requests have been leaving it, so clients come back when there is likely room."""
+
+    def __init__(self, capacity: int, min_retry_s: float = 1.0, max_retry_s: float = 60.0, window: int = 64) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.min_retry_s, self.max_retry_s = min_retry_s, max_retry_s
+        self.waiting = 0
+        self._departures: deque[float] = deque(maxlen=window)  # times of recent departures
+
+    def __len__(self) -> int:
+        return self.waiting
+
+    def offer(self) -> bool:
+        """Take a place if there is one."""
+        if self.waiting >= self.capacity:
+            return False
+        self.waiting += 1
+        return True
+
+    def leave(self, now: float) -> None:
+        """A request left the queue: placed, refused or aborted."""
+        if self.waiting <= 0:
+            raise ValueError("leave() without a matching offer()")
+        self.waiting -= 1
+        self._departures.append(now)
+
+    def retry_after(self, now: float) -> float:
+        d = self._departures
+        if len(d) < 2 or now <= d[0]:
+            return self.min_retry_s  # no drain rate measured yet
+        # Departures per second over the window, the silence since the last one included: a stalled
+        # queue's rate decays, and its Retry-After grows.
+        rate = (len(d) - 1) / (now - d[0])
+        return min(self.max_retry_s, max(self.min_retry_s, self.waiting / rate))

@@ -1,0 +1,238 @@
+"""`splitserve plan`: should this deployment disaggregate? Simulated on the real scheduler.
+
+    splitserve plan --model llama-3.1-70b --gpu h100 --gpus 16 --network rdma-400 \\
+        --isl 4096 --osl 256 --slo-ttft 2 --slo-tpot 0.05
+    splitserve plan ... --sweep prompt-length --out results/plan
+    splitserve plan calibrate --out calibration.json     # fit the model to the engine on this machine
+    splitserve plan report results/plan/plan.json --out results/plan
+
+Exit codes: 0 done; 2 bad input or an SLO no configuration meets (one line on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from splitserve.bench.metrics import SLO
+from splitserve.plan import report
+from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
+from splitserve.plan.sweep import AXES, sweep
+from splitserve.sim.cluster import InfeasibleConfig
+from splitserve.sim.hardware import PresetError, gpu, network
+from splitserve.sim.models import model as model_preset
+from splitserve.sim.perf import Efficiency
+from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
+
+PROG = "splitserve plan"
+USER_ERRORS = (PlanError, PresetError, WorkloadError, InfeasibleConfig)
+DTYPES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add `plan` (with `calibrate` and `report`) to the main CLI; `args.handler(args)` returns the exit code."""
+    configure(subparsers.add_parser("plan", help="simulate a cluster: disaggregate or not?", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(handler=run_command, plan_action=_plan)
+    sub = p.add_subparsers(dest="plan_command", metavar="{calibrate,report}")
+    cal = sub.add_parser("calibrate", help="profile the real engine here and fit the performance model")
+    cal.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the bundled SmolLM2-135M)")
+    cal.add_argument("--threads", type=int, default=1, help="torch threads, as each worker will run (default %(default)s)")
+    cal.add_argument("--quick", action="store_true", help="a small grid (seconds, rough)")
+    cal.add_argument("--out", type=Path, default=Path("calibration.json"), help="where to write it (default %(default)s)")
+    cal.set_defaults(plan_action=_calibrate)
+    rep = sub.add_parser("report", help="plots and an HTML page from saved plan or sweep JSON")
+    rep.add_argument("files", nargs="+", type=Path, metavar="RESULT.json")
+    rep.add_argument("--out", type=Path, required=True, help="folder for the plots and HTML")
+    rep.set_defaults(plan_action=_report)
+
+    g = p.add_argument_group("deployment")
+    g.add_argument("--model", help="model preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b, qwen3-32b, mistral-7b, "
+                   "smollm2-135m) or a path to a Hugging Face config.json")
+    g.add_argument("--gpu", help="GPU preset: h100, h200, a100, l40s, b200")
+    g.add_argument("--calibration", type=Path, help="a file from `splitserve plan calibrate`: its hardware, fitted "
+                   "efficiencies and (without --model) its model")
+    g.add_argument("--gpus", type=int, help="cluster size: find the best goodput per GPU on this many GPUs")
+    g.add_argument("--rate", type=float, help="target requests/s: find the fewest GPUs that serve it")
+    g.add_argument("--network", default="rdma-400", help="KV link: rdma-400, rdma-200, eth-100, eth-25, nvlink (default %(default)s)")
+    g.add_argument("--no-pipelining", dest="pipelined", action="store_false", help="send KV after the prefill, not layer by layer")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights and KV cache (default %(default)s)")
+    g.add_argument("--gpu-hour-cost", type=float, help="USD per GPU-hour (default: the preset's rough cloud price)")
+
+    g = p.add_argument_group("traffic (a trace, or a synthetic load as in `splitserve bench`)")
+    g.add_argument("--trace", help="Mooncake JSONL or Azure CSV; its first --requests requests, stretched to each probed rate")
+    g.add_argument("--trace-format", choices=("mooncake", "azure", "auto"), default="auto")
+    g.add_argument("--length-scale", type=float, default=1.0, help="multiply the trace's lengths")
+    g.add_argument("--jitter", type=float, help="spread trace arrivals over this many seconds (default: 3 for Mooncake, else 0)")
+    for name, what, mean in (("isl", "prompt", 2048), ("osl", "output", 256)):
+        g.add_argument(f"--{name}", type=float, default=mean, help=f"mean {what} length (default %(default)s)")
+        g.add_argument(f"--{name}-dist", choices=("fixed", "uniform", "lognormal"), default="fixed")
+        g.add_argument(f"--{name}-spread", type=float, default=0.5)
+    g.add_argument("--shared-prefix-ratio", type=float, default=0.0, help="fraction of each prompt from a few shared prefixes")
+    g.add_argument("--num-prefixes", type=int, default=4)
+    g.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    g.add_argument("--burstiness", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("SLO")
+    g.add_argument("--slo-ttft", type=float, help="time-to-first-token target, seconds")
+    g.add_argument("--slo-tpot", type=float, help="time-per-output-token target, seconds")
+    g.add_argument("--attainment", type=float, default=0.9, help="fraction of requests within both (default %(default)s)")
+
+    g = p.add_argument_group("search")
+    g.add_argument("--tp", default="1,2,4,8", help="tensor parallel sizes to try (default %(default)s)")
+    g.add_argument("--chunks", default="512,2048", help="chunked-prefill token budgets to try colocated (default %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="running-batch cap per worker (default %(default)s)")
+    g.add_argument("--max-instances", type=int, default=4, help="workers per simulated unit (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=4, help="configurations per mode to simulate (default %(default)s)")
+    g.add_argument("--requests", type=int, default=400, help="requests per simulated probe (default %(default)s)")
+    g.add_argument("--jobs", type=int, default=0, help="simulation processes (default: one per core)")
+    g.add_argument("--sweep", choices=AXES, help="plan along one axis and plot the verdict")
+    g.add_argument("--sweep-values", help="comma-separated values for --sweep (default: a standard range)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    g.add_argument("--out", type=Path, help="write JSON, plots and an HTML page to this folder")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise PlanError(f"--{name} takes comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise PlanError(f"--{name} needs positive integers, got {text!r}")
+    return vals
+
+
+def spec_from_args(args: argparse.Namespace) -> PlanSpec:
+    eff = Efficiency()
+    if args.calibration is not None:
+        from splitserve.sim.calibrate import Calibration
+
+        cal = Calibration.load(args.calibration)
+        hw, eff = cal.hardware, cal.efficiency
+        m = model_preset(args.model) if args.model else cal.model
+    else:
+        if not args.model:
+            raise PlanError("give --model (a preset or a config.json)")
+        if not args.gpu:
+            raise PlanError("give --gpu (h100, h200, a100, l40s, b200) or --calibration FILE")
+        hw, m = gpu(args.gpu), model_preset(args.model)
+        m = m.with_dtype(DTYPES[args.dtype])
+    if args.slo_ttft is None or args.slo_tpot is None:
+        raise PlanError("give both --slo-ttft and --slo-tpot (seconds)")
+    if args.requests < 10:
+        raise PlanError(f"--requests must be at least 10, got {args.requests}")
+    if args.trace is not None:
+        trace = read_trace(args.trace, args.trace_format)
+        jitter = args.jitter if args.jitter is not None else (3.0 if trace.format == "mooncake" else 0.0)
+        wl = WorkloadDef(trace=trace, scaling=Scaling(length_scale=args.length_scale, jitter_s=jitter, seed=args.seed),
+                         num_requests=args.requests)
+    else:
+        syn = SyntheticSpec(
+            rate=1.0, arrival=args.arrival, burstiness=args.burstiness,
+            input=LengthDist(args.isl_dist, args.isl, args.isl_spread),
+            output=LengthDist(args.osl_dist, args.osl, args.osl_spread),
+            shared_prefix_ratio=args.shared_prefix_ratio, num_prefixes=args.num_prefixes,
+            num_requests=args.requests, seed=args.seed,
+        )
+        wl = WorkloadDef(synthetic=syn, num_requests=args.requests)
+        wl.at(1.0)  # validate the synthetic parameters now
+    return PlanSpec(
+        model=m, hardware=hw, network=network(args.network, hw), workload=wl, slo=SLO(args.slo_ttft, args.slo_tpot),
+        gpus=args.gpus, rate=args.rate, attainment=args.attainment, gpu_hour_cost=args.gpu_hour_cost, efficiency=eff,
+        pipelined=args.pipelined, tp_options=_ints(args.tp, "tp"), chunk_options=_ints(args.chunks, "chunks"),
+        max_num_seqs=args.max_num_seqs, max_instances=args.max_instances, top_k=args.top_k, jobs=args.jobs,
+    )
+
+
+def _plan(args: argparse.Namespace, out: Console, err: Console) -> int:
+    spec = spec_from_args(args)
+    say = None if (args.quiet or args.json) else (lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+    if args.sweep:
+        values = [v.strip() for v in args.sweep_values.split(",") if v.strip()] if args.sweep_values else None
+        result = sweep(spec, args.sweep, values, progress=say)
+        doc = report.sweep_json(result)
+        if args.json:
+            print(report.dumps(doc))
+        else:
+            report.print_sweep(result, out)
+        if args.out:
+            files = report.write_sweep(result, args.out)
+            if not args.json:
+                out.print(f"wrote {', '.join(str(f) for f in files)}")
+        return 0
+    result = plan(spec, progress=say)
+    if args.json:
+        print(report.dumps(report.plan_json(result)))
+    else:
+        report.print_plan(result, out)
+    if args.out:
+        files = report.write_plan(result, args.out)
+        if not args.json:
+            out.print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from splitserve.sim.calibrate import calibrate
+
+    if args.threads is not None and args.threads < 1:
+        raise PlanError("--threads must be >= 1")
+    err.print(f"[dim]profiling the engine ({'quick' if args.quick else 'full'} grid, {args.threads} thread(s))...[/]")
+    try:
+        cal = calibrate(args.model, args.threads, args.quick, on_point=lambda pt: err.print(
+            f"[dim]  {pt.kind}: {len(pt.batch)} seq, {sum(n for n, _, _ in pt.batch)} tokens, {pt.seconds * 1e3:.1f} ms[/]"))
+    except (FileNotFoundError, ValueError) as e:
+        raise PlanError(f"cannot calibrate: {e}") from None
+    cal.save(args.out)
+    e = cal.efficiency
+    out.print(f"{cal.hardware.describe()}")
+    out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}, memory {e.memory:.2f} of peak; overheads "
+              f"{e.step_overhead_s * 1e3:.2f} ms/step, {e.seq_overhead_s * 1e3:.3f} ms/seq, {e.token_overhead_s * 1e3:.4f} ms/token")
+    out.print(f"step-time error over {len(cal.points)} points: median {cal.median_rel_err:.1%}, p90 {cal.p90_rel_err:.1%}")
+    out.print(f"wrote {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from splitserve.plan.search import PlanResult
+
+    for f in args.files:
+        res = report.load(f)
+        target = args.out if len(args.files) == 1 else args.out / f.stem
+        files = report.write_plan(res, target) if isinstance(res, PlanResult) else report.write_sweep(res, target)
+        out.print(f"wrote {', '.join(str(x) for x in files)}")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    out, err = Console(), Console(stderr=True)
+    try:
+        return args.plan_action(args, out, err)
+    except USER_ERRORS as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

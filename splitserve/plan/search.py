@@ -1,0 +1,616 @@
+"""The planner: the best colocated and the best disaggregated configuration, by simulation, and the verdict.
+
+Search (fixed cluster of N GPUs):
+1. Enumerate units. Colocated: one replica of tensor parallel size tp (with or without chunked prefill, a
+   few chunk sizes). Disaggregated: x prefill workers of TP p and y decode workers of TP d,
+   x + y <= `max_instances`, x p + y d <= N. A cluster is as many copies of its unit as N holds: each copy
+   is simulated alone on its share of the traffic (a random split of Poisson arrivals is Poisson), which
+   keeps simulations small. Every probe lasts several request lifetimes so that batches fill up, and is
+   judged past its warm-up.
+2. Screen every unit with the closed-form estimate (`estimate.py`); keep the `top_k` best of each mode.
+3. Simulate each kept unit on the real Scheduler and search its goodput: the highest request rate at which
+   at least `attainment` of the requests meet both TTFT and TPOT (bench's `attainment`), bracketed around
+   the estimate and bisected to `resolution`.
+4. Compare goodput per GPU used; the verdict says which mode wins and why (which SLO fails first above the
+   goodput, where the time goes, utilisation of each pool, the transfer's share).
+With a target rate instead (`rate`), each unit needs ceil(rate / its goodput) copies: the fewest GPUs wins.
+
+Limits: a unit has at most `max_instances` workers; copies are independent (no cross-unit balancing);
+tensor parallelism stays within a node (tp <= gpus per node).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from splitserve.bench.metrics import SLO, attainment, e2e, summarize, tpot, ttft
+from splitserve.sim.cluster import ClusterSim, ClusterSpec, InfeasibleConfig, PoolSpec, SimResult
+from splitserve.sim.hardware import Hardware, Network
+from splitserve.sim.models import ModelSpec
+from splitserve.sim.perf import Efficiency, PerfModel
+from splitserve.sim.workload import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
+from splitserve.plan import estimate as est
+
+Mode = Literal["colocated", "disaggregated"]
+
+
+class PlanError(ValueError):
+    """Bad planner input or an SLO no configuration can meet; the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class WorkloadDef:
+    """The traffic to plan for: a trace (its first `num_requests`, stretched to each probed rate) or a
+    synthetic distribution (bench's definitions, shared)."""
+
+    trace: Trace | None = None
+    scaling: Scaling = Scaling()
+    synthetic: SyntheticSpec | None = None
+    num_requests: int = 400
+
+    def __post_init__(self) -> None:
+        if (self.trace is None) == (self.synthetic is None):
+            raise PlanError("give a trace or a synthetic workload, not both")
+        if self.num_requests < 10:
+            raise PlanError(f"simulate at least 10 requests per probe, got {self.num_requests}")
+
+    def at(self, rate: float, n: int | None = None) -> Workload:
+        n = n or self.num_requests
+        if self.synthetic is not None:
+            return synthetic(replace(self.synthetic, rate=rate, num_requests=n, duration_s=None))
+        return at_rate(self.trace, replace(self.scaling, max_requests=n, max_duration_s=None), rate)
+
+    def describe(self) -> str:
+        if self.synthetic is not None:
+            s = self.synthetic
+            text = f"synthetic: prompts {s.input.kind} {s.input.mean:g}, outputs {s.output.kind} {s.output.mean:g}"
+            if s.shared_prefix_ratio:
+                text += f", {s.shared_prefix_ratio:.0%} shared prefix ({s.num_prefixes} prefixes)"
+            return text + f", {s.arrival} arrivals"
+        extra = f", lengths x{self.scaling.length_scale:g}" if self.scaling.length_scale != 1 else ""
+        return f"{self.trace.format} trace {os.path.basename(self.trace.path)} (first {self.num_requests} requests{extra})"
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    model: ModelSpec
+    hardware: Hardware
+    network: Network
+    workload: WorkloadDef
+    slo: SLO
+    gpus: int | None = None  # cluster size; with `rate`, an upper bound
+    rate: float | None = None  # target req/s: find the fewest GPUs
+    attainment: float = 0.9
+    gpu_hour_cost: float | None = None  # None: the hardware preset's
+    efficiency: Efficiency = Efficiency()
+    pipelined: bool = True
+    tp_options: tuple[int, ...] = (1, 2, 4, 8)
+    chunk_options: tuple[int, ...] = (512, 2048)
+    max_num_seqs: int = 256
+    max_instances: int = 4
+    top_k: int = 4
+    resolution: float = 0.05  # relative width of the final rate bracket
+    jobs: int = 0  # processes for simulations; 0 = one per CPU core
+    block_size: int = 16
+    # A probe lasts `window_lifetimes` request lifetimes at the SLO (TTFT + output x TPOT), so that the
+    # cluster fills up: its request count is rate x that, within [workload.num_requests, max_requests].
+    # Attainment is judged on the requests arriving between `warmup` and `cooldown` of the probe.
+    window_lifetimes: float = 2.0
+    max_requests: int = 4000
+    max_growth: float = 1.3  # a probe whose latency still grows this much from its first to last third is overloaded
+    warmup: float = 0.25
+    cooldown: float = 0.9
+    mean_output: float = 0.0  # filled in by `plan` from the workload
+
+    def __post_init__(self) -> None:
+        if self.slo.ttft_s is None or self.slo.tpot_s is None:
+            raise PlanError("the planner needs both --slo-ttft and --slo-tpot")
+        if not (self.slo.ttft_s > 0 and self.slo.tpot_s > 0):
+            raise PlanError("SLO targets must be positive seconds")
+        if self.gpus is None and self.rate is None:
+            raise PlanError("give --gpus N (cluster size) or --rate R (requests per second to serve)")
+        if self.gpus is not None and self.gpus < 1:
+            raise PlanError(f"--gpus must be >= 1, got {self.gpus}")
+        if self.rate is not None and not self.rate > 0:
+            raise PlanError(f"--rate must be positive, got {self.rate}")
+        if not 0 < self.attainment <= 1:
+            raise PlanError(f"attainment must be in (0, 1], got {self.attainment}")
+
+    @property
+    def cost_per_gpu_hour(self) -> float:
+        return self.gpu_hour_cost if self.gpu_hour_cost is not None else self.hardware.gpu_hour_cost
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: Mode
+    unit: ClusterSpec
+    copies: int
+    estimate: float  # req/s per unit, closed form
+    binding: str  # the estimate's limiting constraint
+
+    @property
+    def gpus(self) -> int:
+        return self.copies * self.unit.gpus
+
+
+def _fitting_tps(plan: PlanSpec, longest: int) -> list[int]:
+    out = []
+    for tp in plan.tp_options:
+        if tp > plan.hardware.gpus_per_node or (plan.gpus is not None and tp > plan.gpus):
+            continue
+        if PerfModel(plan.model, plan.hardware, tp, plan.efficiency).kv_capacity_tokens() >= longest:
+            out.append(tp)
+    return out
+
+
+def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> list[Candidate]:
+    tps = _fitting_tps(plan, longest)
+    if not tps:
+        raise PlanError(
+            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {plan.hardware.name} "
+            "(tensor parallelism stays within a node)"
+        )
+    perf = {tp: PerfModel(plan.model, plan.hardware, tp, plan.efficiency) for tp in tps}
+    base = dict(model=plan.model, hardware=plan.hardware, efficiency=plan.efficiency, block_size=plan.block_size)
+    cands: list[Candidate] = []
+    for tp in tps:
+        copies = (plan.gpus // tp) if plan.rate is None else 1
+        if copies < 1:
+            continue
+        m = 1
+        for chunk in (None, *plan.chunk_options):
+            e = est.colocated(perf[tp], traffic, plan.slo, plan.max_num_seqs, chunk)
+            pool = PoolSpec("colocated", m, tp, plan.max_num_seqs, chunk or 8192, chunk is not None)
+            cands.append(Candidate("colocated", ClusterSpec(pools=(pool,), **base), copies, m * e.rate, e.binding))
+    pre = {tp: est.prefill_worker(perf[tp], traffic, plan.slo, plan.network.instance_bandwidth(tp, plan.hardware.gpus_per_node)) for tp in tps}
+    for tp_p in tps:
+        for tp_d in tps:
+            bw = min(plan.network.instance_bandwidth(tp_p, plan.hardware.gpus_per_node),
+                     plan.network.instance_bandwidth(tp_d, plan.hardware.gpus_per_node))
+            exposed = est.exposed_transfer(perf[tp_p], traffic, bw, plan.network.latency_s, plan.pipelined)
+            dec = est.decode_worker(perf[tp_d], traffic, plan.slo, plan.max_num_seqs, exposed)
+            for x in range(1, plan.max_instances):
+                for y in range(1, plan.max_instances - x + 1):
+                    unit_gpus = x * tp_p + y * tp_d
+                    if plan.gpus is not None and unit_gpus > plan.gpus:
+                        continue
+                    if plan.rate is None:
+                        copies = plan.gpus // unit_gpus
+                    else:
+                        copies = 1
+                    rp, rd = x * pre[tp_p].rate, y * dec.rate
+                    binding = f"prefill pool: {pre[tp_p].binding}" if rp <= rd else f"decode pool: {dec.binding}"
+                    unit = ClusterSpec(
+                        pools=(PoolSpec("prefill", x, tp_p, plan.max_num_seqs), PoolSpec("decode", y, tp_d, plan.max_num_seqs)),
+                        network=plan.network, pipelined=plan.pipelined, **base,
+                    )
+                    cands.append(Candidate("disaggregated", unit, copies, min(rp, rd), binding))
+    return cands
+
+
+def _score(plan: PlanSpec, c: Candidate, unit_rate: float) -> float:
+    """Higher is better: goodput per GPU (fixed cluster) or -GPUs needed (target rate)."""
+    if unit_rate <= 0:
+        return -math.inf
+    if plan.rate is None:
+        return unit_rate / c.unit.gpus
+    return -math.ceil(plan.rate / unit_rate) * c.unit.gpus + unit_rate / c.unit.gpus * 1e-9
+
+
+def _shape(c: Candidate) -> tuple[int, ...]:
+    return tuple(p.tp for p in c.unit.pools)
+
+
+def shortlist(plan: PlanSpec, cands: Sequence[Candidate], mode: Mode) -> list[Candidate]:
+    """The `top_k` most promising units of a mode: the best of each tensor-parallel shape first (the closed
+    form ranks shapes less reliably than units of one shape), then the next best overall."""
+    mine = [c for c in cands if c.mode == mode and c.estimate > 0] or [c for c in cands if c.mode == mode]
+    mine.sort(key=lambda c: (_score(plan, c, c.estimate), -c.unit.gpus), reverse=True)
+    out: list[Candidate] = []
+    shapes: set[tuple[int, ...]] = set()
+    for c in mine:
+        if _shape(c) not in shapes and len(out) < plan.top_k:
+            shapes.add(_shape(c))
+            out.append(c)
+    for c in mine:
+        if len(out) >= plan.top_k:
+            break
+        if c not in out and all(c.unit.describe() != o.unit.describe() for o in out):
+            out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class Probe:
+    rate: float  # req/s offered to one unit
+    attainment: float
+    ttft_miss: float  # fraction of requests over the TTFT target (or failed)
+    tpot_miss: float
+    stopped_early: bool
+    growth: float = 1.0  # mean end-to-end latency, last third of the judged requests over the first third
+    metrics: dict | None = None  # filled for the probe reported (see `probe_metrics`)
+    passed: bool = False  # attainment reached and latency not growing (a stable queue)
+
+
+def probe_size(plan: PlanSpec, rate: float) -> int:
+    lifetime = plan.slo.ttft_s + max(1.0, plan.mean_output) * plan.slo.tpot_s
+    n = math.ceil(rate * lifetime * plan.window_lifetimes)
+    return max(plan.workload.num_requests, min(plan.max_requests, n))
+
+
+def judged(plan: PlanSpec, records: Sequence) -> list:
+    """The records attainment is judged on: past the warm-up, before the drain."""
+    n = len(records)
+    return list(records[int(n * plan.warmup) : max(int(n * plan.warmup) + 1, int(n * plan.cooldown))])
+
+
+def probe_metrics(plan: PlanSpec, res: SimResult, wl: Workload, rate: float) -> dict:
+    s = summarize(judged(plan, res.records))
+    mean_in = float(np.mean([r.input_len for r in wl.requests]))
+    mean_out = float(np.mean([r.output_len for r in wl.requests]))
+    transferred = sum(1 for r in res.records if r.ok) if res.cluster.disaggregated else 0
+    return {
+        "rate": rate,
+        "requests": len(wl.requests),
+        "ttft": {"p50": s.ttft.p50, "p90": s.ttft.p90, "p99": s.ttft.p99},
+        "tpot": {"p50": s.tpot.p50, "p90": s.tpot.p90, "p99": s.tpot.p99},
+        "e2e_p50": s.e2e.p50,
+        "tokens_per_s": rate * (mean_in + mean_out),
+        "output_tokens_per_s": rate * mean_out,
+        "mean_input": mean_in,
+        "mean_output": mean_out,
+        "pools": [asdict(p) for p in res.pools],
+        "phases": res.phases.as_dict(),
+        "prefix_hit_rate": res.prefix_hit_rate,
+        "transfer_bytes_per_request": res.transfer_bytes / transferred if transferred else 0.0,
+        "transfer_exposed_s": res.transfer_exposed_s,
+        "sim_wall_s": res.sim_wall_s,
+    }
+
+
+def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False) -> Probe:
+    wl = plan.workload.at(rate, probe_size(plan, rate))
+    res = ClusterSim(unit).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)
+    recs = judged(plan, res.records)
+    n = len(recs)
+    slo = plan.slo
+    ttft_miss = sum(1 for r in recs if (v := ttft(r)) is None or v > slo.ttft_s) / n
+    tpot_miss = sum(1 for r in recs if r.ok and (v := tpot(r)) is not None and v > slo.tpot_s) / n
+    att = attainment(recs, slo)
+    g = growth(recs)
+    metrics = probe_metrics(plan, res, wl, rate) if full or not res.stopped_early else None
+    passed = att >= plan.attainment and g <= plan.max_growth
+    return Probe(rate, att, ttft_miss, tpot_miss, res.stopped_early, g, metrics, passed)
+
+
+def growth(recs: Sequence) -> float:
+    """How much end-to-end latency grew over the probe: a stable system shows none, an overloaded one keeps
+    queueing (a short probe can hide overload inside the TPOT budget; this cannot)."""
+    k = len(recs) // 3
+    if k < 5:
+        return 1.0
+    first, last = [e2e(r) for r in recs[:k]], [e2e(r) for r in recs[-k:]]
+    if any(v is None for v in last) or any(v is None for v in first):
+        return math.inf
+    return float(np.mean(last) / max(np.mean(first), 1e-12))
+
+
+@dataclass
+class Evaluated:
+    candidate: Candidate
+    goodput: float  # req/s per unit (0: not even the lowest probe passed)
+    probes: list[Probe]
+    best: Probe | None  # the highest passing probe, with metrics
+    first_fail: Probe | None  # the lowest failing probe above it
+    target: float = 0.9
+
+    @property
+    def binding(self) -> str:
+        f = self.first_fail
+        if f is None:
+            return "not reached within the probed rates"
+        if f.attainment >= self.target:
+            return f"overload: latency keeps growing (x{f.growth:.2f} over the probe at {f.rate:.3g} req/s per unit) though the SLO still holds"
+        which = "TTFT" if f.ttft_miss >= f.tpot_miss else "TPOT"
+        return f"{which} ({f.ttft_miss:.0%} of requests miss TTFT, {f.tpot_miss:.0%} miss TPOT at {f.rate:.3g} req/s per unit)"
+
+
+def find_goodput(measure: Callable[[float], Probe], guess: float, resolution: float, max_steps: int = 6) -> tuple[float, list[Probe]]:
+    """Highest rate whose probe passes (attainment at target, stable): bracket geometrically around `guess`,
+    then bisect."""
+    probes: list[Probe] = []
+
+    def ok(rate: float) -> bool:
+        p = measure(rate)
+        probes.append(p)
+        return p.passed
+
+    guess = guess if guess > 0 and math.isfinite(guess) else 1.0
+    lo, hi = guess * 0.7, guess * 1.3
+    if ok(lo):
+        for _ in range(max_steps):
+            if not ok(hi):
+                break
+            lo, hi = hi, hi * 2
+        else:
+            return lo, probes
+    else:
+        for _ in range(max_steps):
+            hi, lo = lo, lo / 3
+            if ok(lo):
+                break
+        else:
+            return 0.0, probes
+    while (hi - lo) / hi > resolution:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, probes
+
+
+def evaluate(plan: PlanSpec, c: Candidate) -> Evaluated:
+    guess = c.estimate if c.estimate > 0 else 0.05
+    goodput, probes = find_goodput(lambda r: run_probe(plan, c.unit, r), guess, plan.resolution)
+    passed = [p for p in probes if p.passed]
+    best = max(passed, key=lambda p: p.rate) if passed else None
+    fails = [p for p in probes if not p.passed and p.rate > (best.rate if best else 0)]
+    first_fail = min(fails, key=lambda p: p.rate) if fails else None
+    if best is not None and best.metrics is None:
+        best = run_probe(plan, c.unit, best.rate, full=True)
+    return Evaluated(c, goodput, probes, best, first_fail, plan.attainment)
+
+
+def _evaluate_args(args: tuple[PlanSpec, Candidate]) -> Evaluated:
+    return evaluate(*args)
+
+
+def _parallel(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
+    jobs = plan.jobs or os.cpu_count() or 1
+    jobs = min(jobs, len(cands))
+    if jobs <= 1:
+        return [evaluate(plan, c) for c in cands]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(_evaluate_args, [(plan, c) for c in cands]))
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ModeResult:
+    mode: Mode
+    config: str
+    pools: list[dict]  # role, workers, tp per pool of one unit
+    copies: int
+    gpus: int  # GPUs used
+    goodput_rps: float  # the whole cluster
+    rps_per_gpu: float
+    tokens_per_s_per_gpu: float  # prompt + output
+    output_tokens_per_s_per_gpu: float
+    cost_per_m_tokens: float | None
+    cost_per_m_output_tokens: float | None
+    binding: str  # which SLO fails first above the goodput
+    estimate_binding: str  # the closed form's limiting constraint
+    metrics: dict  # at the goodput (per unit): percentiles, pools, phases, transfer
+    probes: list[tuple[float, float]]  # (rate per unit, attainment)
+
+
+@dataclass
+class PlanResult:
+    inputs: dict
+    colocated: ModeResult | None
+    disaggregated: ModeResult | None
+    verdict: Literal["disaggregate", "colocate"]
+    advantage: float | None  # disaggregated / colocated, goodput per GPU (fixed cluster) or GPUs saved (rate)
+    reasons: list[str]
+    candidates: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
+    if ev.best is None or ev.goodput <= 0:
+        return None
+    c = ev.candidate
+    m = ev.best.metrics
+    copies = c.copies if plan.rate is None else math.ceil(plan.rate / ev.goodput)
+    if plan.rate is not None:
+        # Report what the cluster does at the asked rate: each copy takes rate / copies.
+        m = run_probe(plan, c.unit, plan.rate / copies, full=True).metrics
+    gpus = copies * c.unit.gpus
+    rate = m["rate"] * copies
+    per_gpu_tokens = m["tokens_per_s"] * copies / gpus
+    per_gpu_out = m["output_tokens_per_s"] * copies / gpus
+    cost = plan.cost_per_gpu_hour
+    return ModeResult(
+        mode=c.mode,
+        config=c.unit.describe() + (f", x{copies} copies" if copies > 1 else ""),
+        pools=[{"role": p.role, "workers": p.count, "tp": p.tp, "chunk": p.max_num_batched_tokens if p.chunked_prefill else None} for p in c.unit.pools],
+        copies=copies,
+        gpus=gpus,
+        goodput_rps=ev.goodput * copies if plan.rate is None else rate,
+        rps_per_gpu=(ev.goodput * copies if plan.rate is None else rate) / gpus,
+        tokens_per_s_per_gpu=per_gpu_tokens,
+        output_tokens_per_s_per_gpu=per_gpu_out,
+        cost_per_m_tokens=cost / 3600 / per_gpu_tokens * 1e6 if cost and per_gpu_tokens else None,
+        cost_per_m_output_tokens=cost / 3600 / per_gpu_out * 1e6 if cost and per_gpu_out else None,
+        binding=ev.binding,
+        estimate_binding=c.binding,
+        metrics=m,
+        probes=[(p.rate, p.attainment) for p in ev.probes],
+    )
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _pool_line(m: dict) -> str:
+    parts = []
+    for p in m["pools"]:
+        parts.append(f"{p['role']} {_pct(p['compute_util'])} of peak FLOP/s, {_pct(p['bandwidth_util'])} of peak bandwidth, busy {_pct(p['busy'])}")
+    return "; ".join(parts)
+
+
+def _phase_line(m: dict) -> str:
+    ph = m["phases"]
+    total = sum(ph.values()) or 1.0
+    return ", ".join(f"{k.removesuffix('_s')} {v * 1e3:.0f} ms ({v / total:.0%})" for k, v in ph.items() if v > 0)
+
+
+def verdict(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, colo_ev: Evaluated | None, dis_ev: Evaluated | None) -> tuple[str, float | None, list[str]]:
+    reasons: list[str] = []
+    if colo is None and dis is None:
+        why = []
+        for name, ev in (("colocated", colo_ev), ("disaggregated", dis_ev)):
+            if ev is not None:
+                why.append(f"{name} {ev.candidate.unit.describe()}: {ev.candidate.binding}")
+        raise PlanError(
+            f"no configuration meets TTFT {plan.slo.ttft_s:g} s and TPOT {plan.slo.tpot_s:g} s for {plan.attainment:.0%} of requests"
+            + (" (" + "; ".join(why) + ")" if why else "")
+        )
+    if dis is None:
+        reasons.append("no disaggregated configuration meets the SLO" + (f": {dis_ev.candidate.binding}" if dis_ev else " (none fits the cluster)"))
+        adv, v = None, "colocate"
+    elif colo is None:
+        reasons.append("no colocated configuration meets the SLO" + (f": {colo_ev.candidate.binding}" if colo_ev else ""))
+        adv, v = None, "disaggregate"
+    elif plan.rate is None:
+        adv = dis.rps_per_gpu / colo.rps_per_gpu
+        v = "disaggregate" if adv >= 1.05 else "colocate"
+        more = f"{adv:.2f}x the goodput per GPU" if adv >= 1 else f"{1 - adv:.0%} less goodput per GPU"
+        reasons.append(f"disaggregated serves {more} ({dis.rps_per_gpu:.3g} vs {colo.rps_per_gpu:.3g} req/s per GPU)"
+                       + ("" if v == "disaggregate" or adv < 1 else ": within 5 %, not worth a second pool"))
+    else:
+        adv = colo.gpus / dis.gpus
+        v = "disaggregate" if dis.gpus < colo.gpus else "colocate"
+        reasons.append(f"at {plan.rate:g} req/s disaggregated needs {dis.gpus} GPUs, colocated {colo.gpus}")
+    for name, r in (("colocated", colo), ("disaggregated", dis)):
+        if r is None:
+            continue
+        m = r.metrics
+        reasons.append(f"{name} ({r.config}) is limited by {r.binding}; screen: {r.estimate_binding}")
+        reasons.append(f"{name} time per request: {_phase_line(m)}")
+        reasons.append(f"{name} utilisation: {_pool_line(m)}")
+    if dis is not None:
+        m = dis.metrics
+        mb = m["transfer_bytes_per_request"] / 1e6
+        e2e = m["e2e_p50"] or 0.0
+        reasons.append(
+            f"KV transfer: {mb:,.1f} MB per request over {plan.network.name} "
+            f"({'pipelined' if plan.pipelined else 'not pipelined'}), {m['transfer_exposed_s'] * 1e3:.1f} ms exposed"
+            + (f" ({m['transfer_exposed_s'] / e2e:.1%} of median end-to-end)" if e2e else "")
+        )
+    hit = (colo or dis).metrics["prefix_hit_rate"]
+    if hit > 0.05:
+        reasons.append(f"prefix cache serves {hit:.0%} of prompt tokens: less prefill work to separate")
+    if colo is not None and dis is not None and colo.cost_per_m_output_tokens and dis.cost_per_m_output_tokens:
+        reasons.append(f"cost per million output tokens: colocated ${colo.cost_per_m_output_tokens:.3g}, disaggregated ${dis.cost_per_m_output_tokens:.3g}")
+    return v, adv, reasons
+
+
+def check_slo(plan: PlanSpec, traffic: est.Traffic, longest: int) -> None:
+    """Refuse targets that no configuration can meet even serving one request at a time."""
+    tps = _fitting_tps(plan, longest)
+    if not tps:
+        raise PlanError(
+            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {plan.hardware.name} "
+            "(tensor parallelism stays within a node)"
+        )
+    perf = [PerfModel(plan.model, plan.hardware, tp, plan.efficiency) for tp in tps]
+    iu = int(traffic.uncached_input)
+    prefill = min(p.prefill_time(iu, int(traffic.mean_input) - iu) for p in perf)
+    if prefill > plan.slo.ttft_s:
+        raise PlanError(
+            f"TTFT {plan.slo.ttft_s:g} s is impossible: a lone {iu:,}-token prefill of {plan.model.name} takes "
+            f"{prefill:.3g} s even on TP{max(tps)} x {plan.hardware.name}"
+        )
+    if traffic.mean_output > 1:
+        step = min(p.decode_step_time(1, traffic.mean_input + traffic.mean_output / 2) for p in perf)
+        if step > plan.slo.tpot_s:
+            raise PlanError(
+                f"TPOT {plan.slo.tpot_s * 1e3:g} ms is impossible: a lone decode step of {plan.model.name} takes "
+                f"{step * 1e3:.3g} ms even on TP{max(tps)} x {plan.hardware.name}"
+            )
+
+
+def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanResult:
+    t0 = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    sample = spec.workload.at(1.0).requests
+    if not sample:
+        raise PlanError("the workload has no requests")
+    traffic = est.Traffic.of(sample)
+    spec = replace(spec, mean_output=traffic.mean_output)
+    longest = max(r.input_len + r.output_len for r in spec.workload.at(1.0, spec.max_requests).requests) + 1
+    check_slo(spec, traffic, longest)
+    cands = enumerate_candidates(spec, traffic, longest)
+    short = {mode: shortlist(spec, cands, mode) for mode in ("colocated", "disaggregated")}
+    todo = short["colocated"] + short["disaggregated"]
+    say(f"screened {len(cands)} configurations; simulating {len(todo)}")
+    evals = _parallel(spec, todo)
+    best: dict[str, Evaluated | None] = {}
+    for mode in ("colocated", "disaggregated"):
+        mine = [e for e in evals if e.candidate.mode == mode]
+        mine.sort(key=lambda e: _score(spec, e.candidate, e.goodput), reverse=True)
+        best[mode] = mine[0] if mine else None
+    colo = _mode_result(spec, best["colocated"]) if best["colocated"] else None
+    dis = _mode_result(spec, best["disaggregated"]) if best["disaggregated"] else None
+    v, adv, reasons = verdict(spec, colo, dis, best["colocated"], best["disaggregated"])
+    table = [
+        {
+            "mode": e.candidate.mode,
+            "config": e.candidate.unit.describe(),
+            "copies": e.candidate.copies,
+            "unit_gpus": e.candidate.unit.gpus,
+            "estimate_rps": e.candidate.estimate,
+            "goodput_rps": e.goodput,
+            "rps_per_gpu": e.goodput / e.candidate.unit.gpus,
+            "binding": e.binding,
+            "probes": len(e.probes),
+        }
+        for e in evals
+    ]
+    inputs = {
+        "model": spec.model.name,
+        "gpu": spec.hardware.name,
+        "network": spec.network.name,
+        "gpus": spec.gpus,
+        "rate": spec.rate,
+        "workload": spec.workload.describe(),
+        "mean_input": traffic.mean_input,
+        "mean_output": traffic.mean_output,
+        "prefix_hit_rate_possible": traffic.hit_rate,
+        "slo_ttft_s": spec.slo.ttft_s,
+        "slo_tpot_s": spec.slo.tpot_s,
+        "attainment": spec.attainment,
+        "gpu_hour_cost": spec.cost_per_gpu_hour,
+        "pipelined": spec.pipelined,
+        "requests_per_probe": spec.workload.num_requests,
+        "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
+    }
+    return PlanResult(inputs, colo, dis, v, adv, reasons, table, time.perf_counter() - t0)
+
