@@ -1,7 +1,9 @@
 """PrefixIndex: which worker caches which prefix block, kept from the workers' KV event logs.
 
-Each worker's BlockPool numbers its stored/removed events 1, 2, 3, ... per generation (one generation
-per process lifetime). The index holds, per worker, the set of cached hashes as of the last event it
+Each worker's BlockPool numbers its stored/removed events 1, 2, 3, ... per generation. A generation
+identifies one process lifetime and must grow across restarts (e.g. the process's start time in ns): a
+message from an older generation is a dead process's leftover and is ignored, a newer one means the
+worker restarted with an empty cache. (Unordered ids cannot tell a late leftover from a restart.) The index holds, per worker, the set of cached hashes as of the last event it
 applied. It only ever advances one event at a time from an exact state (an empty pool at the start of a
 generation, or a snapshot), so whenever it has applied event n its set *is* the worker's set after event
 n. Whatever breaks that chain — a lost batch, a restart the index has not seen, a router that restarted —
@@ -19,7 +21,7 @@ from typing import Hashable, Iterable, Sequence
 from splitserve.core.blocks import KVEvent
 
 WorkerId = Hashable
-Generation = Hashable  # opaque: the runtime uses a random id per process, so generations have no order
+Generation = int  # grows with every restart of a worker
 _NOBODY: frozenset = frozenset()
 
 
@@ -34,24 +36,18 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._workers: dict[WorkerId, _Worker] = {}
         self._owners: dict[int, set[WorkerId]] = {}  # block hash -> workers caching it
-        # Generations a worker has left behind: their late batches must not undo the new generation.
-        # Kept across `remove`, so a deregistered worker's leftovers stay recognisable.
-        self._retired: dict[WorkerId, set[Generation]] = {}
 
     def __len__(self) -> int:
         """Indexed (worker, block) pairs."""
         return sum(len(w.hashes) for w in self._workers.values())
 
     def track(self, worker_id: WorkerId, generation: Generation) -> bool:
-        """Make `generation` the worker's current one. A new generation drops the old one's entries (a
-        restarted worker's cache is empty) and retires it. False if `generation` is already retired."""
-        if generation in self._retired.get(worker_id, ()):
-            return False
+        """Make `generation` the worker's current one if it is not older. A newer generation drops the old
+        one's entries: a restarted worker's cache is empty. False for an older generation."""
         w = self._workers.get(worker_id)
-        if w is not None and w.generation == generation:
-            return True
+        if w is not None and generation <= w.generation:
+            return generation == w.generation
         if w is not None:
-            self._retired.setdefault(worker_id, set()).add(w.generation)
             self._drop(worker_id, w)
         self._workers[worker_id] = _Worker(generation)
         return True
@@ -63,7 +59,7 @@ class PrefixIndex:
         duplicated or overlapping deliveries are harmless. `last_seq`, where the sender knows it, is the
         worker's newest sequence number: it reveals a lost batch even when no later event follows (send it
         with every load report). Returns False when the caller must `resync` from a snapshot: a gap, or an
-        index still behind `last_seq`. A retired generation's events are ignored (True: nothing to do)."""
+        index still behind `last_seq`. An older generation's events are ignored (True: nothing to do)."""
         if not self.track(worker_id, generation):
             return True
         w = self._workers[worker_id]

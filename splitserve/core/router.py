@@ -13,7 +13,9 @@ Policies, comparable on one load (`conditional` disaggregation works with any of
 Ties rotate, so idle workers share the load.
 
 Loads are the workers' last reports plus what the router itself routed since (a burst between two reports
-must not all land on the one worker that looked idle); a report replaces them.
+must not all land on the one worker that looked idle); a report replaces them. Queued prompt tokens drain
+at the worker's measured prefill speed between reports, or a burst would look like a queue that never
+empties and push every later prompt to local prefill.
 
 Cached counts mirror what a worker's scheduler will reuse: leading whole blocks, at least one prompt token
 left to compute (`KVCacheManager.prefix_hit`). Blocks the decode worker already holds are neither reserved
@@ -49,7 +51,8 @@ class WorkerState:
     total_blocks: int
     free_blocks: int
     running: int = 0  # requests decoding (or holding blocks) there
-    queued_prefill_tokens: int = 0  # prompt tokens waiting to be computed there
+    queued_prefill_tokens: float = 0.0  # prompt tokens waiting to be computed there, as of `queue_as_of`
+    queue_as_of: float = 0.0
     draining: bool = False  # finishes its requests, takes no new ones
 
 
@@ -84,15 +87,12 @@ class Router:
     def register(self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int) -> None:
         """A worker joins, or re-registers (after a restart: a new generation drops its index entries and
         measurements). Its cache is unknown until its first events or a `resync`: a router that restarted
-        registers every worker and resyncs each from its snapshot. A late registration of a generation the
-        worker has already left behind is ignored."""
+        registers every worker and resyncs each from its snapshot. A late registration of an older
+        generation than the router has seen is ignored."""
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
-        known = self.index.position(worker_id)
-        if not self.index.track(worker_id, generation):
+        if not self._follow(worker_id, generation):
             return
-        if known is None or known[0] != generation:
-            self.costs.forget(worker_id)
         self.workers[worker_id] = WorkerState(role, total_blocks, total_blocks)
 
     def deregister(self, worker_id: WorkerId) -> None:
@@ -106,22 +106,35 @@ class Router:
 
     # ------------------------------------------------------------------------------ what workers report
 
-    def update_load(self, worker_id: WorkerId, *, free_blocks: int, running: int, queued_prefill_tokens: int) -> None:
+    def update_load(
+        self, worker_id: WorkerId, *, free_blocks: int, running: int, queued_prefill_tokens: int, now: float
+    ) -> None:
         w = self.workers.get(worker_id)
         if w is not None:
-            w.free_blocks, w.running, w.queued_prefill_tokens = free_blocks, running, queued_prefill_tokens
+            w.free_blocks, w.running = free_blocks, running
+            w.queued_prefill_tokens, w.queue_as_of = queued_prefill_tokens, now
 
     def on_events(
         self, worker_id: WorkerId, generation: Generation, events: Iterable[KVEvent], last_seq: int | None = None
     ) -> bool:
-        """False: fetch the worker's snapshot and `resync`. Events of unregistered workers are dropped."""
-        if worker_id not in self.workers:
-            return True
+        """False: fetch the worker's snapshot and `resync`. Events of unregistered workers are dropped; a
+        newer generation (a restart the router learns of from the worker's own messages) is followed."""
+        self._follow(worker_id, generation)
         return self.index.apply(worker_id, generation, events, last_seq)
 
     def resync(self, worker_id: WorkerId, generation: Generation, seq: int, hashes: Iterable[int]) -> None:
         if worker_id in self.workers:
+            self._follow(worker_id, generation)
             self.index.resync(worker_id, generation, seq, hashes)
+
+    def _follow(self, worker_id: WorkerId, generation: Generation) -> bool:
+        """Track the worker's generation; a new one's measurements start afresh. False if it is older."""
+        known = self.index.position(worker_id)
+        if not self.index.track(worker_id, generation):
+            return False
+        if known is None or known[0] != generation:
+            self.costs.forget(worker_id)
+        return True
 
     def observe_prefill(self, worker_id: WorkerId, tokens: int, seconds: float) -> None:
         self.costs.observe_prefill(worker_id, tokens, seconds)
@@ -134,11 +147,12 @@ class Router:
 
     # ------------------------------------------------------------------------------ routing
 
-    def route_tokens(self, token_ids: Sequence[int]) -> RouteDecision:
-        return self.route(len(token_ids), hash_blocks(token_ids, self.block_size))
+    def route_tokens(self, token_ids: Sequence[int], now: float) -> RouteDecision:
+        return self.route(len(token_ids), hash_blocks(token_ids, self.block_size), now)
 
-    def route(self, num_tokens: int, block_hashes: Sequence[int]) -> RouteDecision:
-        """Place a prompt of `num_tokens` tokens whose full blocks hash to `block_hashes`."""
+    def route(self, num_tokens: int, block_hashes: Sequence[int], now: float) -> RouteDecision:
+        """Place a prompt of `num_tokens` tokens whose full blocks hash to `block_hashes`. With no prefill
+        worker, conditional disaggregation prefills on the decode worker; without it, that is `NoWorker`."""
         decoders = self._pool("decode")
         if not decoders:
             raise NoWorker("no decode worker registered (or all are draining)")
@@ -150,17 +164,16 @@ class Router:
         # A worker reuses whole blocks and always computes at least the last prompt token.
         reusable = block_hashes[: max(0, num_tokens - 1) // bs]
         cached = self.index.match(reusable, decoders + prefillers)
+        queued = {i: self._queued(i, now) for i in decoders + prefillers}
 
         d = self._pick_decode(decoders, cached, num_blocks)
-        p = self._pick_prefill(prefillers, cached, num_tokens) if prefillers else None
+        p = self._pick_prefill(prefillers, cached, queued, num_tokens) if prefillers else None
         decision = None
         if self.conditional:
-            dw = self.workers[d]
             decision = self.costs.decide(
                 prompt_tokens=num_tokens, decode_worker=d, decode_cached_tokens=cached[d] * bs,
-                decode_queued_tokens=dw.queued_prefill_tokens, decode_running=dw.running, prefill_worker=p,
-                prefill_cached_tokens=cached[p] * bs if p is not None else 0,
-                prefill_queued_tokens=self.workers[p].queued_prefill_tokens if p is not None else 0,
+                decode_queued_tokens=queued[d], decode_running=self.workers[d].running,
+                prefill_worker=p, prefill_cached_tokens=cached.get(p, 0) * bs, prefill_queued_tokens=queued.get(p, 0),
             )
             if not decision.remote:
                 p = None
@@ -168,9 +181,16 @@ class Router:
         dw = self.workers[d]
         dw.running += 1
         dw.free_blocks -= num_blocks - cached[d]
-        computer, computer_cached = (p, cached[p]) if p is not None else (d, cached[d])
-        self.workers[computer].queued_prefill_tokens += num_tokens - computer_cached * bs
-        return RouteDecision(d, p, num_blocks, cached[d], cached[p] if p is not None else 0, decision)
+        computer = d if p is None else p
+        cw = self.workers[computer]
+        cw.queued_prefill_tokens = queued[computer] + num_tokens - cached[computer] * bs
+        cw.queue_as_of = now
+        return RouteDecision(d, p, num_blocks, cached[d], cached.get(p, 0), decision)
+
+    def _queued(self, worker_id: WorkerId, now: float) -> float:
+        w = self.workers[worker_id]
+        drained = max(0.0, now - w.queue_as_of) / self.costs.per_token_s(worker_id)
+        return max(0.0, w.queued_prefill_tokens - drained)
 
     def _pool(self, role: Role) -> list[WorkerId]:
         return [i for i, w in self.workers.items() if w.role == role and not w.draining]
@@ -187,15 +207,16 @@ class Router:
             self.overlap_weight * (num_blocks - cached[i]) + ws[i].total_blocks - ws[i].free_blocks, ws[i].running,
         ))
 
-    def _pick_prefill(self, ids: list[WorkerId], cached: dict[WorkerId, int], num_tokens: int) -> WorkerId:
-        ws = self.workers
+    def _pick_prefill(
+        self, ids: list[WorkerId], cached: dict[WorkerId, int], queued: dict[WorkerId, float], num_tokens: int
+    ) -> WorkerId:
         if self.policy == "round_robin":
             return ids[next(self._turn["prefill"]) % len(ids)]
         if self.policy == "least_loaded":
-            return self._min("prefill", ids, lambda i: ws[i].queued_prefill_tokens)
+            return self._min("prefill", ids, lambda i: queued[i])
         bs = self.block_size
         return self._min("prefill", ids, lambda i: self.costs.per_token_s(i) * (
-            self.overlap_weight * (num_tokens - cached[i] * bs) + ws[i].queued_prefill_tokens
+            self.overlap_weight * (num_tokens - cached[i] * bs) + queued[i]
         ))
 
     def _min(self, role: Role, ids: list[WorkerId], key: Callable[[WorkerId], T]) -> WorkerId:

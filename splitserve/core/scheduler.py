@@ -18,6 +18,7 @@ worker runs requests with `hold_kv`: when they finish their blocks stay referenc
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +92,11 @@ class Scheduler:
     @property
     def num_reserved(self) -> int:
         return sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
+
+    def queued_prefill_tokens(self) -> int:
+        """Tokens still to compute before the queued and partly-prefilled requests sample (routing load)."""
+        pending = itertools.chain(self.waiting, (r for r in self.running if r.num_tokens - r.num_computed_tokens > 1))
+        return sum(r.num_tokens - r.num_computed_tokens for r in pending)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.ready)

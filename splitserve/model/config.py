@@ -10,7 +10,12 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+# RoPE scaling type -> the keys its formula reads.
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ def _rope(d: dict) -> tuple[float, dict | None]:
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope scaling type {rope_type!r}: supported are {', '.join(ROPE_TYPES)}")
+    missing = [k for k in ROPE_TYPES[rope_type] if k not in params]
+    if missing:
+        raise ValueError(f"{rope_type} rope scaling lacks {', '.join(missing)}")
     if rope_type == "default":
         return theta, None
     return theta, {"rope_type": rope_type, **params}

@@ -158,5 +158,5 @@ class Engine:
         s = self.scheduler
         return EngineStats(
             s.num_running, s.num_waiting, self.pool.num_free_blocks, self.pool.num_blocks,
-            s.prefix_queried_tokens, s.prefix_hit_tokens,
+            s.prefix_queried_tokens, s.prefix_hit_tokens, s.queued_prefill_tokens(),
         )

@@ -36,6 +36,7 @@ class EngineStats:
     num_total_blocks: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of which found cached
+    queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting but not yet computed
 
     @property
     def kv_usage(self) -> float:

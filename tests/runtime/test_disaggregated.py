@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from tests.greedy import assert_greedy_match, hf_greedy
+from tests.greedy import assert_greedy_match, ref_greedy
 from tests.runtime.deployment import Deployment
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -36,7 +36,7 @@ def references(checkpoint):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
-    return [hf_greedy(hf, p, MAX_NEW) for p in prompts()]
+    return [ref_greedy(hf, p, MAX_NEW) for p in prompts()]
 
 
 async def _complete_all(url: str, ps: list[list[int]]) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from splitserve.core.request import SamplingParams
 from splitserve.model.loader import load_model
 from splitserve.runtime.engine import Engine, EngineConfig
-from tests.greedy import assert_greedy_match, hf_greedy
+from tests.greedy import assert_greedy_match, ref_greedy
 from tests.tiny_models import make_tiny_checkpoint
 
 MAX_NEW = 10
@@ -46,7 +46,7 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def references(hf, loaded):
-    return {tuple(p): hf_greedy(hf, p, MAX_NEW) for p in _prompts(loaded.config.vocab_size)}
+    return {tuple(p): ref_greedy(hf, p, MAX_NEW) for p in _prompts(loaded.config.vocab_size)}
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], stagger: bool = False) -> list[list[int]]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from tests.greedy import assert_greedy_match, hf_greedy
+from tests.greedy import assert_greedy_match, ref_greedy
 from tests.runtime.deployment import Deployment
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -73,7 +73,7 @@ def test_client_abort_frees_blocks_everywhere(checkpoint):
 
 
 def test_killed_prefill_worker_is_recomputed_on_decode(checkpoint, hf):
-    ref_tokens, ref_logits = hf_greedy(hf, PROMPT, 12)
+    ref_tokens, ref_logits = ref_greedy(hf, PROMPT, 12)
     with Deployment(checkpoint, "--prefill", "1", "--decode", "1", *COMMON) as dep:
         before = dep.free_blocks()
         (p,) = dep.workers("prefill")
@@ -99,7 +99,7 @@ def test_killed_prefill_worker_is_recomputed_on_decode(checkpoint, hf):
 
 def test_killed_decode_worker_mid_stream_continues_elsewhere(checkpoint, hf):
     n = 600
-    ref_tokens, ref_logits = hf_greedy(hf, PROMPT, n)
+    ref_tokens, ref_logits = ref_greedy(hf, PROMPT, n)
     with Deployment(checkpoint, "--prefill", "1", "--decode", "2", *COMMON) as dep:
         before = dep.free_blocks()
         text, killed_at, gap_after_kill, victim = [], None, None, None
@@ -127,7 +127,7 @@ def test_killed_decode_worker_mid_stream_continues_elsewhere(checkpoint, hf):
 
 
 def test_stalled_prefill_worker_times_out_and_recomputes(checkpoint, hf):
-    ref_tokens, ref_logits = hf_greedy(hf, PROMPT, 8)
+    ref_tokens, ref_logits = ref_greedy(hf, PROMPT, 8)
     args = ["--prefill", "1", "--decode", "1", "--transfer-deadline", "2", "--transfer-deadline-per-token", "0"]
     with Deployment(checkpoint, *args, *COMMON) as dep:
         assert complete_ids(dep.url, PROMPT[:20], 4).status_code == 200  # the KV connection exists and beats

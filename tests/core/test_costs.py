@@ -1,0 +1,111 @@
+"""CostModel: each term, the measurements it learns from, and the direction of the remote/local decision."""
+
+import pytest
+
+from splitserve.core.costs import CostModel
+from splitserve.sim.hardware import gpu, network
+from splitserve.sim.models import model
+from splitserve.sim.perf import PerfModel
+
+PER_TOK = 1e-4  # s per prompt token
+KV = 100_000  # bytes per token
+LAYERS = 10
+
+
+def make(**kw) -> CostModel:
+    args = dict(kv_bytes_per_token=KV, num_layers=LAYERS, link_bytes_per_s=10e9, prefill_s_per_token=PER_TOK,
+                decode_step_s=0.02)
+    args.update(kw)
+    return CostModel(**args)
+
+
+def decide(cm, prompt=2048, d_cached=0, p_cached=0, d_running=8, p_queued=0, d_queued=0):
+    return cm.decide(prompt_tokens=prompt, decode_worker="d", decode_cached_tokens=d_cached,
+                     decode_queued_tokens=d_queued, decode_running=d_running, prefill_worker="p",
+                     prefill_cached_tokens=p_cached, prefill_queued_tokens=p_queued)
+
+
+def test_terms_are_what_the_docstring_says():
+    cm = make(remote_overhead_s=0.003, link_latency_s=1e-5)
+    r = cm.remote("p", new_tokens=1000, queued_tokens=500, transfer_tokens=1000)
+    x = 1e-5 + 1000 * KV / LAYERS / 10e9  # one layer's transfer
+    assert r.terms == pytest.approx({"queue_s": 0.05, "prefill_s": 0.1, "overhead_s": 0.003, "transfer_s": x})
+    assert r.ttft_s == pytest.approx(0.153) and r.ready_s == r.cost_s == pytest.approx(0.153 + x)
+    loc = cm.local("d", new_tokens=1000, queued_tokens=500, running=4)
+    assert loc.terms == pytest.approx({"queue_s": 0.01 + 0.05, "prefill_s": 0.1, "interference_s": 0.4})
+    assert loc.ttft_s == loc.ready_s == pytest.approx(0.16) and loc.cost_s == pytest.approx(0.56)
+    assert cm.local("d", 1000, 0, running=0).terms["queue_s"] == 0  # an idle worker starts at once
+
+
+def test_pipelining_exposes_one_layer_when_the_link_keeps_up_and_the_whole_transfer_otherwise():
+    whole = 2000 * KV / 10e9
+    assert make(pipelined=False).transfer_s(2000, prefill_s=0.2) == pytest.approx(whole)
+    assert make().transfer_s(2000, prefill_s=0.2) == pytest.approx(whole / LAYERS)
+    # A link slower than the compute: the backlog grows layer by layer and most of it is exposed.
+    slow = make(link_bytes_per_s=0.1e9)
+    assert slow.transfer_s(2000, prefill_s=0.2) == pytest.approx(2.0 - 9 * 0.02)
+    assert make().transfer_s(0, prefill_s=0.2) == 0
+
+
+def test_measurements_replace_priors_per_worker_and_big_prefills_weigh_more():
+    cm = make(alpha=0.5)
+    assert cm.per_token_s("p") == PER_TOK
+    cm.observe_prefill("p", 2000, 0.4)
+    assert cm.per_token_s("p") == pytest.approx(2e-4)
+    # A 5-token prefill, mostly fixed overhead (10 ms/token), moves the estimate to 2.5e-4 s/token, where
+    # an average of per-observation ratios would jump to 5e-3.
+    cm.observe_prefill("p", 5, 0.05)
+    assert cm.per_token_s("p") == pytest.approx((0.25 * 0.4 + 0.5 * 0.05) / (0.25 * 2000 + 0.5 * 5))
+    assert cm.per_token_s("q") == PER_TOK
+    cm.observe_decode_step("d", 0.05)
+    assert cm.step_s("d") == pytest.approx(0.05)
+    cm.forget("p")
+    assert cm.per_token_s("p") == PER_TOK
+    cm.observe_transfer(1e9, 1.0)  # the link turned out 10x slower than configured
+    assert make(pipelined=False).transfer_s(1000, 0) * 10 == pytest.approx(cm.transfer_s(1000, 1e9) * LAYERS)
+
+
+def test_short_uncached_suffix_prefills_locally():
+    d = decide(make(), d_cached=2000)  # the decode worker holds all but 48 tokens
+    assert not d.remote
+    assert d.terms["remote.prefill_s"] > d.local.cost_s  # P would recompute the whole prompt
+
+
+def test_saturated_prefill_pool_prefills_locally():
+    d = decide(make(), p_queued=1_000_000)
+    assert not d.remote and d.terms["remote.queue_s"] == pytest.approx(100.0)
+    assert d.remote_path.cost_s > d.local.cost_s
+
+
+def test_slow_link_prefills_locally():
+    d = decide(make(link_bytes_per_s=1e7, pipelined=False))
+    assert not d.remote and d.terms["remote.transfer_s"] > d.terms["local.interference_s"]
+
+
+def test_long_uncached_prompt_on_fast_link_goes_remote_because_local_would_stall_the_batch():
+    cm = make()
+    d = decide(cm)
+    assert d.remote and d.chosen is d.remote_path
+    assert d.terms["local.interference_s"] == pytest.approx(8 * 2048 * PER_TOK)
+    assert d.terms["remote.transfer_s"] < 0.01 * d.terms["local.interference_s"]
+    # With half the prompt cached on D, the interference weight is what tips it: a deployment that ignores
+    # others' stalls prefills the other half locally rather than recompute all of it on P.
+    assert decide(make(), d_cached=1024).remote
+    assert not decide(make(interference_weight=0.0), d_cached=1024).remote
+
+
+def test_without_a_prefill_worker_the_decision_is_local():
+    d = make().decide(prompt_tokens=100, decode_worker="d", decode_cached_tokens=0, decode_queued_tokens=0,
+                      decode_running=3)
+    assert not d.remote and d.remote_path is None and d.chosen is d.local
+
+
+def test_from_perf_uses_the_roofline_model_and_decides_sensibly_for_llama_8b():
+    perf = PerfModel(model("llama-3.1-8b"), gpu("h100"))
+    cm = CostModel.from_perf(perf, network("rdma-400").instance_bandwidth(1))
+    assert cm.prefill_s_per_token == pytest.approx(perf.prefill_time(2048) / 2048)
+    assert cm.kv_bytes_per_token == 131072 and cm.num_layers == 32
+    assert decide(cm, prompt=4096, d_running=32).remote
+    assert not decide(cm, prompt=4096, d_cached=4064, d_running=32).remote
+    assert not decide(CostModel.from_perf(perf, network("eth-25").instance_bandwidth(1), pipelined=False),
+                      prompt=4096, d_running=1).remote

@@ -1,0 +1,68 @@
+"""Calibration: the fit recovers a known model, and profiling drives the real engine over the grid."""
+
+import json
+
+import pytest
+
+from splitserve.sim.calibrate import Calibration, Grid, Point, cpu_hardware, fit, profile_engine
+from splitserve.sim.hardware import PresetError
+from splitserve.sim.models import model
+from splitserve.sim.perf import Efficiency, PerfModel
+
+SMOL = model("smollm2-135m").with_dtype(4)
+CPU = cpu_hardware(100e9, 20e9, 16e9, 1)
+
+
+def synthetic_points(eff: Efficiency) -> list[Point]:
+    pm = PerfModel(SMOL, CPU, 1, eff)
+    batches = [[(n, c, True)] for n, c in [(16, 0), (64, 0), (256, 0), (512, 0), (128, 384)]]
+    batches += [[(64, 0, True)] * 4, [(32, 0, True)] * 8]
+    batches += [[(1, c, True)] * b for b in (1, 4, 16, 48) for c in (64, 512)]
+    return [Point("x", b, pm.step(b).seconds) for b in batches]
+
+
+def test_fit_recovers_the_step_times_of_a_known_model():
+    truth = Efficiency(compute=0.45, attention=0.2, memory=0.7, step_overhead_s=0.02, seq_overhead_s=0.001, token_overhead_s=2e-5)
+    points = synthetic_points(truth)
+    eff, median, p90 = fit(SMOL, CPU, points)
+    assert p90 < 0.05, (eff, median, p90)
+    assert eff.step_overhead_s == pytest.approx(0.02, rel=0.3)
+
+
+def test_calibration_round_trips_through_json(tmp_path):
+    points = synthetic_points(Efficiency())
+    eff, med, p90 = fit(SMOL, CPU, points)
+    cal = Calibration(CPU, SMOL, eff, points, med, p90, {"cpus": 2})
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    again = Calibration.load(path)
+    assert again.perf().decode_step_time(8, 100) == pytest.approx(cal.perf().decode_step_time(8, 100))
+    (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(PresetError, match="not a calibration file"):
+        Calibration.load(tmp_path / "bad.json")
+    with pytest.raises(PresetError, match="not found"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+def test_profiling_runs_the_real_engine_over_the_grid(tmp_path):
+    pytest.importorskip("transformers")
+    from splitserve.model.loader import load_model
+    from splitserve.runtime.engine import Engine, EngineConfig
+    from splitserve.sim.calibrate import model_spec_of
+    from tests.tiny_models import make_tiny_checkpoint
+
+    loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=16, num_blocks=256))
+    grid = Grid(prefill=((1, 32, 0), (2, 16, 0), (1, 16, 32)), decode=((1, 20), (4, 40)), decode_steps=2, repeats=1)
+    points = profile_engine(engine, grid, loaded.config.vocab_size)
+    assert [p.kind for p in points] == ["prefill"] * 3 + ["decode"] * 2
+    assert points[0].batch == [(32, 0, True)]
+    assert points[1].batch == [(16, 0, True), (16, 0, True)]
+    assert points[2].batch == [(16, 32, True)]  # the cached prefix is not recomputed
+    assert len(points[4].batch) == 4 and all(n == 1 for n, _, _ in points[4].batch)
+    assert all(p.seconds > 0 for p in points)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks  # the engine is left idle
+    spec = model_spec_of(loaded)
+    assert spec.num_layers == loaded.config.num_layers and spec.dtype_bytes == 4
+    eff, median, _ = fit(spec, cpu_hardware(50e9, 10e9, 8e9, 1), points)
+    assert median < 1.0

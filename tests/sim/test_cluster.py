@@ -1,0 +1,188 @@
+"""The simulator drives the real Scheduler: every request finishes with its tokens, every block comes back,
+prefix sharing hits the cache, and the disaggregated protocol (reserve, hold, transfer, release) is kept."""
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from splitserve.bench.metrics import SLO, attainment
+from splitserve.bench.prompts import PromptBuilder
+from splitserve.bench.vocab import Vocab
+from splitserve.core.blocks import hash_blocks
+from splitserve.sim import hardware, models
+from splitserve.sim.cluster import (
+    ClusterSim, ClusterSpec, InfeasibleConfig, LeastLoaded, LocalBelow, PoolSpec, check_conservation, prompt_block_hashes,
+)
+from splitserve.sim.workload import LengthDist, RequestSpec, SyntheticSpec, synthetic
+
+M8 = models.model("llama-3.1-8b")
+H100 = hardware.gpu("h100")
+RDMA = hardware.network("rdma-400")
+
+
+def load(n=300, rate=20.0, isl=1024, osl=32, prefix=0.0, dist="uniform", seed=0):
+    return synthetic(SyntheticSpec(rate=rate, input=LengthDist(dist, isl, 0.5), output=LengthDist(dist, osl, 0.5),
+                                   num_requests=n, shared_prefix_ratio=prefix, seed=seed)).requests
+
+
+def colocated(count=2, tp=1, chunk=None, **kw):
+    pool = PoolSpec("colocated", count, tp, 64, chunk or 8192, chunk is not None)
+    return ClusterSpec(M8, H100, (pool,), **kw)
+
+
+def split(p=1, d=1, tp=1, net=RDMA, pipelined=True, **kw):
+    return ClusterSpec(M8, H100, (PoolSpec("prefill", p, tp, 64), PoolSpec("decode", d, tp, 64)), network=net, pipelined=pipelined, **kw)
+
+
+def run(spec, reqs, **kw):
+    sim = ClusterSim(spec, kw.pop("policy", None))
+    res = sim.run(reqs, **kw)
+    return sim, res
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [colocated(), colocated(chunk=256), split(), split(p=2, d=1, pipelined=False), split(net=hardware.network("eth-25")),
+     colocated(kv_blocks=300), split(kv_blocks=300)],
+    ids=["colocated", "chunked", "1P1D", "2P1D-unpipelined", "1P1D-25GbE", "colocated-tight-kv", "1P1D-tight-kv"],
+)
+def test_every_request_finishes_with_its_tokens_and_every_block_comes_back(spec):
+    reqs = load(prefix=0.5)
+    sim, res = run(spec, reqs)
+    assert not res.stopped_early
+    assert [r.completion_tokens for r in res.records] == [r.output_len for r in reqs]
+    assert all(r.ok and r.first_token_s >= r.sent_s and r.end_s >= r.first_token_s for r in res.records)
+    check_conservation(sim)
+    if spec.kv_blocks:  # memory pressure really happened: preemption (colocated) or waiting for blocks (decode)
+        assert sum(p.preemptions for p in res.pools) > 0 or res.phases.queue > 0.01
+
+
+def test_disaggregated_requests_take_the_split_path():
+    reqs = load(n=100)
+    sim, res = run(split(), reqs)
+    pre, dec = res.pools
+    assert pre.role == "prefill" and dec.role == "decode"
+    assert pre.mean_tokens > 100 and dec.mean_tokens < dec.mean_batch + 1  # prompts there, single tokens here
+    assert res.transfer_bytes == pytest.approx(sum(r.input_len for r in reqs) * M8.kv_bytes_per_token())
+    assert res.phases.transfer > 0
+
+
+def test_prefix_sharing_hits_the_cache_in_simulation():
+    reqs = load(n=200, isl=2048, prefix=0.75, dist="fixed")
+    _, shared = run(colocated(count=1), reqs)
+    _, alone = run(colocated(count=1), load(n=200, isl=2048, prefix=0.0, dist="fixed"))
+    assert shared.prefix_hit_rate == pytest.approx(0.75, abs=0.05)
+    assert alone.prefix_hit_rate == 0.0
+    assert shared.summary().ttft.p50 < alone.summary().ttft.p50
+    # Disaggregated: the decode worker already holds the shared prefix, so less crosses the link.
+    _, dis = run(split(), reqs)
+    assert dis.transfer_bytes < 0.4 * sum(r.input_len for r in reqs) * M8.kv_bytes_per_token()
+
+
+def test_block_hashes_share_exactly_what_bench_prompts_share():
+    """The simulator's hashes agree with hashing PromptBuilder's real token prompts on which leading blocks match."""
+    specs = [RequestSpec(0.0, n, 4, ids, 40) for n, ids in
+             [(200, (1, 2, 3, 4, 5)), (130, (1, 2, 3, 4)), (200, (1, 2, 9, 4, 5)), (95, (7, 8, 9)), (200, (1, 2, 3, 4, 5))]]
+    builder = PromptBuilder(Vocab(1000, frozenset(), "test"), salt=3)
+    real = [hash_blocks(builder.build(i, s), 16) for i, s in enumerate(specs)]
+    sim = [prompt_block_hashes(s, i, 16) for i, s in enumerate(specs)]
+
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    for i in range(len(specs)):
+        assert len(sim[i]) == len(real[i])
+        for j in range(len(specs)):
+            assert common(sim[i], sim[j]) == common(real[i], real[j]), (i, j)
+
+
+def test_pipelining_hides_the_transfer_and_a_slow_link_shows():
+    reqs = load(n=100, isl=2048, rate=4)
+    _, piped = run(split(), reqs)
+    _, whole = run(split(pipelined=False), reqs)
+    _, slow = run(split(net=hardware.network("eth-25"), pipelined=False), reqs)
+    assert piped.transfer_exposed_s < 0.3 * whole.transfer_exposed_s
+    assert slow.transfer_exposed_s > 10 * whole.transfer_exposed_s
+    assert slow.summary().tpot.p50 > piped.summary().tpot.p50
+
+
+def test_chunked_prefill_protects_tpot_from_long_prompts():
+    reqs = load(n=200, isl=8192, osl=64, rate=3, dist="fixed")
+    _, whole = run(colocated(count=1), reqs)
+    _, chunked = run(colocated(count=1, chunk=512), reqs)
+    assert chunked.summary().tpot.p90 < whole.summary().tpot.p90
+
+
+def test_placement_policy_can_prefill_on_the_decode_worker():
+    reqs = load(n=60, isl=512)
+    sim, res = run(split(), reqs, policy=LocalBelow(512))
+    short = sum(r.input_len < 512 for r in reqs)
+    assert 0 < short < len(reqs)
+    assert res.transfer_bytes == pytest.approx(sum(r.input_len for r in reqs if r.input_len >= 512) * M8.kv_bytes_per_token())
+    assert all(r.ok for r in res.records)
+    check_conservation(sim)
+
+
+def test_least_loaded_spreads_requests():
+    sim, res = run(colocated(count=4), load(n=200))
+    steps = [w.seq_steps for w in sim.workers]
+    assert min(steps) > 0.6 * max(steps)
+    assert isinstance(sim.policy, LeastLoaded)
+
+
+def test_stops_early_once_the_slo_is_lost():
+    reqs = load(n=400, rate=400)
+    slo = SLO(0.2, 0.02)
+    _, full = run(colocated(count=1), reqs, slo=slo)
+    _, early = run(colocated(count=1), reqs, slo=slo, stop_below=0.9)
+    assert attainment(full.records, slo) < 0.9 and attainment(early.records, slo) < 0.9
+    assert early.stopped_early and early.sim_wall_s < full.sim_wall_s
+
+
+def test_infeasible_configurations_are_refused():
+    with pytest.raises(InfeasibleConfig, match="does not fit"):
+        ClusterSim(ClusterSpec(models.model("llama-3.1-70b"), H100, (PoolSpec("colocated", 1, 1),))).run(load(n=10))
+    with pytest.raises(InfeasibleConfig, match="needs a network"):
+        ClusterSpec(M8, H100, (PoolSpec("prefill", 1), PoolSpec("decode", 1)))
+
+
+def test_thousands_of_requests_per_second_of_wall_time():
+    reqs = load(n=2000, rate=200, isl=1024, osl=16)
+    t = time.perf_counter()
+    sim, res = run(colocated(count=8), reqs)
+    wall = time.perf_counter() - t
+    assert all(r.ok for r in res.records)
+    assert wall < 4.0, f"{len(reqs)} requests took {wall:.1f} s"
+
+
+def test_a_4k_llama_70b_prompt_crosses_400g_rdma_with_under_30_ms_exposed():
+    l70 = models.model("llama-3.1-70b")
+    reqs = [RequestSpec(i * 2.0, 4096, 8) for i in range(5)]
+
+    def exposed(pipelined):
+        spec = ClusterSpec(l70, H100, (PoolSpec("prefill", 1, 4), PoolSpec("decode", 1, 4)), network=RDMA, pipelined=pipelined)
+        sim, res = run(spec, reqs)
+        check_conservation(sim)
+        assert res.transfer_bytes / len(reqs) == pytest.approx(1.34e9, rel=0.01)
+        return res.transfer_exposed_s
+
+    piped, whole = exposed(True), exposed(False)
+    assert piped < 0.030
+    # Unpipelined, all of it shows: 1.34 GB over 4 ranks' 400 Gbit/s NICs.
+    assert whole == pytest.approx(1.34e9 / RDMA.instance_bandwidth(4), rel=0.02)
+    assert whole > 10 * piped
+
+
+@pytest.mark.slow
+def test_ten_thousand_requests_in_under_ten_seconds():
+    reqs = load(n=10_000, rate=500, isl=1024, osl=64)
+    t = time.perf_counter()
+    sim, res = run(colocated(count=16), reqs)
+    wall = time.perf_counter() - t
+    assert all(r.ok for r in res.records)
+    assert wall < 10.0, f"10,000 requests took {wall:.1f} s"
