@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--attach", nargs="+", metavar="URL", default=None,
                        help="serve over workers already running (`splitserve worker`) at these URLs; start none")
     pools.add_argument("--pin", action="store_true", help="pin each worker to its own core")
+    routing = serve.add_argument_group("routing")
+    routing.add_argument("--router-policy", choices=["round_robin", "least_loaded", "kv_aware"], default="kv_aware")
+    routing.add_argument("--no-conditional", action="store_true",
+                         help="always prefill on a prefill worker (default: the cost model may choose the decode worker)")
+    routing.add_argument("--overlap-weight", type=float, default=1.0, help="kv_aware: weight of uncached prompt blocks")
+    routing.add_argument("--link-gbps", type=float, default=10.0, help="KV link speed prior, until transfers measure it")
     pools.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute",
                        help="a failed KV transfer: prefill again on the decode worker, or fail the request")
     pools.add_argument("--transfer-deadline", type=float, default=10.0,

@@ -61,17 +61,17 @@ class PathCost:
 @dataclass(frozen=True)
 class Decision:
     remote: bool
-    local: PathCost
+    local_path: PathCost
     remote_path: PathCost | None  # None: no prefill worker to compare with
 
     @property
     def chosen(self) -> PathCost:
-        return self.remote_path if self.remote and self.remote_path is not None else self.local
+        return self.remote_path if self.remote and self.remote_path is not None else self.local_path
 
     @property
     def terms(self) -> dict[str, float]:
         """Every term of both paths, prefixed `remote.` / `local.`: the reasons, for logs and tests."""
-        out = {f"local.{k}": v for k, v in self.local.terms.items()}
+        out = {f"local.{k}": v for k, v in self.local_path.terms.items()}
         if self.remote_path is not None:
             out.update({f"remote.{k}": v for k, v in self.remote_path.terms.items()})
         return out
@@ -118,7 +118,7 @@ class CostModel:
     @classmethod
     def from_perf(
         cls, perf: StepTimes, link_bytes_per_s: float, *, ref_tokens: int = 2048, ref_batch: int = 32,
-        ref_ctx: int = 1024, **kwargs,
+        ref_ctx: int = 1024, **kwargs: float | bool,
     ) -> CostModel:
         """Priors from the roofline model: per-token prefill cost at a `ref_tokens` prompt, a decode step
         of `ref_batch` sequences of `ref_ctx` context. `link_bytes_per_s`: e.g.
@@ -137,7 +137,9 @@ class CostModel:
             self._prefill.setdefault(worker, _Ewma(self.alpha)).add(seconds, tokens)
 
     def observe_decode_step(self, worker: WorkerId, seconds: float) -> None:
-        self._decode.setdefault(worker, _Ewma(self.alpha)).add(seconds, 1.0)
+        """One decode step (or the mean of several) took `seconds` on `worker`."""
+        if seconds > 0:
+            self._decode.setdefault(worker, _Ewma(self.alpha)).add(seconds, 1.0)
 
     def observe_transfer(self, nbytes: float, seconds: float) -> None:
         """`nbytes` took `seconds` on the wire (the sender's busy time, not the span of a pipelined prefill)."""
@@ -173,7 +175,7 @@ class CostModel:
         x = self.link_latency_s + wire / L
         return max(x, L * x - (L - 1) * prefill_s / L)
 
-    def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: int, transfer_tokens: int) -> PathCost:
+    def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: float, transfer_tokens: int) -> PathCost:
         """Prefill `new_tokens` on `prefill_worker` behind `queued_tokens`, then send `transfer_tokens`."""
         per_tok = self.per_token_s(prefill_worker)
         queue = queued_tokens * per_tok
@@ -183,7 +185,7 @@ class CostModel:
         terms = {"queue_s": queue, "prefill_s": prefill, "overhead_s": self.remote_overhead_s, "transfer_s": transfer}
         return PathCost(ttft, ttft + transfer, ttft + transfer, terms)
 
-    def local(self, decode_worker: WorkerId, new_tokens: int, queued_tokens: int, running: int) -> PathCost:
+    def local(self, decode_worker: WorkerId, new_tokens: int, queued_tokens: float, running: int) -> PathCost:
         """Prefill `new_tokens` on `decode_worker`, behind `queued_tokens`, while it decodes `running`."""
         per_tok = self.per_token_s(decode_worker)
         queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * per_tok
@@ -194,9 +196,9 @@ class CostModel:
         return PathCost(ready, ready, ready + interference, terms)
 
     def decide(
-        self, *, prompt_tokens: int, decode_worker: WorkerId, decode_cached_tokens: int, decode_queued_tokens: int,
-        decode_running: int, prefill_worker: WorkerId | None = None, prefill_cached_tokens: int = 0,
-        prefill_queued_tokens: int = 0,
+        self, *, prompt_tokens: int, decode_worker: WorkerId, decode_cached_tokens: int,
+        decode_queued_tokens: float, decode_running: int, prefill_worker: WorkerId | None = None,
+        prefill_cached_tokens: int = 0, prefill_queued_tokens: float = 0.0,
     ) -> Decision:
         """Remote prefill on `prefill_worker` or local prefill on `decode_worker` for one prompt.
         Cached token counts are what each worker will really reuse (whole blocks, at least one token left)."""

@@ -1,13 +1,15 @@
 """PrefixIndex: which worker caches which prefix block, kept from the workers' KV event logs.
 
-Each worker's BlockPool numbers its stored/removed events 1, 2, 3, ... per generation. A generation
-identifies one process lifetime and must grow across restarts (e.g. the process's start time in ns): a
-message from an older generation is a dead process's leftover and is ignored, a newer one means the
-worker restarted with an empty cache. (Unordered ids cannot tell a late leftover from a restart.) The index holds, per worker, the set of cached hashes as of the last event it
-applied. It only ever advances one event at a time from an exact state (an empty pool at the start of a
-generation, or a snapshot), so whenever it has applied event n its set *is* the worker's set after event
-n. Whatever breaks that chain — a lost batch, a restart the index has not seen, a router that restarted —
-shows up as a gap, and the caller answers it with a snapshot (`BlockPool.snapshot()`) passed to `resync`.
+Each worker's BlockPool numbers its stored/removed events 1, 2, 3, ... per generation. A generation is
+one process lifetime and must grow across restarts (e.g. the process's start time in ns): a message from
+an older generation is a dead process's leftover and is ignored, a newer one means the worker restarted
+with an empty cache. (Unordered ids could not tell a late leftover from a restart.)
+
+The index holds, per worker, the set of cached hashes as of the last event it applied. It only ever
+advances one event at a time from an exact state (an empty pool at the start of a generation, or a
+snapshot), so whenever it has applied event n its set *is* the worker's set after event n. Whatever breaks
+that chain — a lost batch, a restart the index has not seen, a router that restarted — shows up as a gap,
+and the caller answers it with a snapshot (`BlockPool.snapshot()`) passed to `resync`.
 
 Hashes are chained (a block's hash covers its whole prefix), so "this worker can reuse the first k blocks
 of a prompt" is "it holds the prompt's first k hashes": `match` walks the prompt's chain, not the index.

@@ -20,7 +20,9 @@ empties and push every later prompt to local prefill.
 Cached counts mirror what a worker's scheduler will reuse: leading whole blocks, at least one prompt token
 left to compute (`KVCacheManager.prefix_hit`). Blocks the decode worker already holds are neither reserved
 nor sent again; the decision's `decode_cached_blocks` sizes the transfer (the reservation's ticket is the
-authority: the index can lag the worker by one report).
+authority: the index lags the worker by the events in flight).
+
+`AdmissionQueue` is the router's bounded waiting room in front of all this (429 + Retry-After when full).
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ class Router:
 
     def drain(self, worker_id: WorkerId) -> None:
         """Route nothing new to the worker; its index entries and load stay until `deregister`."""
-        self.workers[worker_id].draining = True
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.draining = True
 
     # ------------------------------------------------------------------------------ what workers report
 
@@ -119,6 +123,8 @@ class Router:
     ) -> bool:
         """False: fetch the worker's snapshot and `resync`. Events of unregistered workers are dropped; a
         newer generation (a restart the router learns of from the worker's own messages) is followed."""
+        if worker_id not in self.workers:
+            return True
         self._follow(worker_id, generation)
         return self.index.apply(worker_id, generation, events, last_seq)
 

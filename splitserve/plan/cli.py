@@ -65,6 +65,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pipelining", dest="pipelined", action="store_false", help="send KV after the prefill, not layer by layer")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights and KV cache (default %(default)s)")
     g.add_argument("--gpu-hour-cost", type=float, help="USD per GPU-hour (default: the preset's rough cloud price)")
+    g.add_argument("--router", choices=("least_loaded", "kv_aware", "round_robin"),
+                   help="place disaggregated requests with the core Router and this policy (default: the "
+                   "simulator's least-loaded placement)")
+    g.add_argument("--no-conditional", dest="conditional", action="store_false",
+                   help="with --router: always prefill on the prefill pool (no local prefill on the decode worker)")
 
     g = p.add_argument_group("traffic (a trace, or a synthetic load as in `splitserve bench`)")
     g.add_argument("--trace", help="Mooncake JSONL or Azure CSV; its first --requests requests, stretched to each probed rate")
@@ -152,6 +157,7 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
         gpus=args.gpus, rate=args.rate, attainment=args.attainment, gpu_hour_cost=args.gpu_hour_cost, efficiency=eff,
         pipelined=args.pipelined, tp_options=_ints(args.tp, "tp"), chunk_options=_ints(args.chunks, "chunks"),
         max_num_seqs=args.max_num_seqs, max_instances=args.max_instances, top_k=args.top_k, jobs=args.jobs,
+        router=args.router, conditional=args.conditional,
     )
 
 
@@ -197,7 +203,7 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
     cal.save(args.out)
     e = cal.efficiency
     out.print(f"{cal.hardware.describe()}")
-    out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}, memory {e.memory:.2f} of peak; overheads "
+    out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}, memory {e.memory:.2f}, KV reads {e.kv_memory:.2f} of peak; overheads "
               f"{e.step_overhead_s * 1e3:.2f} ms/step, {e.seq_overhead_s * 1e3:.3f} ms/seq, {e.token_overhead_s * 1e3:.4f} ms/token")
     out.print(f"step-time error over {len(cal.points)} points: median {cal.median_rel_err:.1%}, p90 {cal.p90_rel_err:.1%}")
     out.print(f"wrote {args.out}")

@@ -111,6 +111,10 @@ class PlanSpec:
     warmup: float = 0.25
     cooldown: float = 0.9
     mean_output: float = 0.0  # filled in by `plan` from the workload
+    # Disaggregated placement: None = the simulator's least-loaded policy; else the core Router with this
+    # policy, and its conditional disaggregation (prefill on the decode worker when the cost model says so).
+    router: str | None = None
+    conditional: bool = True
 
     def __post_init__(self) -> None:
         if self.slo.ttft_s is None or self.slo.tpot_s is None:
@@ -287,7 +291,12 @@ def probe_metrics(plan: PlanSpec, res: SimResult, wl: Workload, rate: float) -> 
 
 def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False) -> Probe:
     wl = plan.workload.at(rate, probe_size(plan, rate))
-    res = ClusterSim(unit).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)
+    policy = None
+    if plan.router is not None and unit.disaggregated:
+        from splitserve.sim.routing import RouterPolicy
+
+        policy = RouterPolicy(plan.router, plan.conditional)
+    res = ClusterSim(unit, policy).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)
     recs = judged(plan, res.records)
     n = len(recs)
     slo = plan.slo
@@ -320,10 +329,13 @@ class Evaluated:
     best: Probe | None  # the highest passing probe, with metrics
     first_fail: Probe | None  # the lowest failing probe above it
     target: float = 0.9
+    below: float | None = None  # not searched: it failed at this rate, which it needed to beat the best
 
     @property
     def binding(self) -> str:
         f = self.first_fail
+        if self.below is not None:
+            return "cannot beat the best of its mode" + (f" (fails at {self.below:.3g} req/s per unit)" if self.below else "")
         if f is None:
             return "not reached within the probed rates"
         if f.attainment >= self.target:
@@ -332,10 +344,12 @@ class Evaluated:
         return f"{which} ({f.ttft_miss:.0%} of requests miss TTFT, {f.tpot_miss:.0%} miss TPOT at {f.rate:.3g} req/s per unit)"
 
 
-def find_goodput(measure: Callable[[float], Probe], guess: float, resolution: float, max_steps: int = 6) -> tuple[float, list[Probe]]:
-    """Highest rate whose probe passes (attainment at target, stable): bracket geometrically around `guess`,
-    then bisect."""
-    probes: list[Probe] = []
+def find_goodput(
+    measure: Callable[[float], Probe], guess: float, resolution: float, max_steps: int = 6, passed: Probe | None = None
+) -> tuple[float, list[Probe]]:
+    """Highest rate whose probe passes (attainment at target, stable): bracket geometrically around `guess`
+    (or upwards from an already `passed` probe), then bisect."""
+    probes: list[Probe] = [passed] if passed is not None else []
 
     def ok(rate: float) -> bool:
         p = measure(rate)
@@ -344,7 +358,9 @@ def find_goodput(measure: Callable[[float], Probe], guess: float, resolution: fl
 
     guess = guess if guess > 0 and math.isfinite(guess) else 1.0
     lo, hi = guess * 0.7, guess * 1.3
-    if ok(lo):
+    if passed is not None:
+        lo, hi = passed.rate, max(guess, passed.rate * 1.3)
+    if passed is not None or ok(lo):
         for _ in range(max_steps):
             if not ok(hi):
                 break
@@ -367,9 +383,9 @@ def find_goodput(measure: Callable[[float], Probe], guess: float, resolution: fl
     return lo, probes
 
 
-def evaluate(plan: PlanSpec, c: Candidate) -> Evaluated:
+def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None) -> Evaluated:
     guess = c.estimate if c.estimate > 0 else 0.05
-    goodput, probes = find_goodput(lambda r: run_probe(plan, c.unit, r), guess, plan.resolution)
+    goodput, probes = find_goodput(lambda r: run_probe(plan, c.unit, r), guess, plan.resolution, passed=passed)
     passed = [p for p in probes if p.passed]
     best = max(passed, key=lambda p: p.rate) if passed else None
     fails = [p for p in probes if not p.passed and p.rate > (best.rate if best else 0)]
@@ -379,19 +395,50 @@ def evaluate(plan: PlanSpec, c: Candidate) -> Evaluated:
     return Evaluated(c, goodput, probes, best, first_fail, plan.attainment)
 
 
-def _evaluate_args(args: tuple[PlanSpec, Candidate]) -> Evaluated:
-    return evaluate(*args)
+def _bar(plan: PlanSpec, c: Candidate, best: Evaluated) -> float:
+    """The unit rate `c` must sustain to beat `best` (inf: it cannot, whatever its goodput)."""
+    if plan.rate is None:
+        return best.goodput / best.candidate.unit.gpus * c.unit.gpus * (1 + plan.resolution)
+    best_gpus = math.ceil(plan.rate / best.goodput) * best.candidate.unit.gpus
+    copies = (best_gpus - 1) // c.unit.gpus  # the most copies that still use fewer GPUs
+    return plan.rate / copies if copies >= 1 else math.inf
+
+
+def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
+    """Branch and bound: search the first candidate's goodput; each later one is first probed at the rate
+    it would need to beat the best so far, and searched only if it sustains it."""
+    out: list[Evaluated] = []
+    best: Evaluated | None = None
+    for c in cands:
+        if best is None or best.goodput <= 0:
+            ev = evaluate(plan, c)
+        else:
+            bar = _bar(plan, c, best)
+            if math.isinf(bar):
+                out.append(Evaluated(c, 0.0, [], None, None, plan.attainment, below=0.0))
+                continue
+            p = run_probe(plan, c.unit, bar)
+            if not p.passed:
+                out.append(Evaluated(c, 0.0, [p], None, p, plan.attainment, below=bar))
+                continue
+            ev = evaluate(plan, c, passed=p)
+        out.append(ev)
+        if best is None or _score(plan, c, ev.goodput) > _score(plan, best.candidate, best.goodput):
+            best = ev
+    return out
 
 
 def _parallel(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
-    jobs = plan.jobs or os.cpu_count() or 1
-    jobs = min(jobs, len(cands))
+    """Each mode's branch and bound in its own process (with `jobs` >= 2)."""
+    groups = [[c for c in cands if c.mode == m] for m in ("colocated", "disaggregated")]
+    groups = [g for g in groups if g]
+    jobs = min(plan.jobs or os.cpu_count() or 1, len(groups))
     if jobs <= 1:
-        return [evaluate(plan, c) for c in cands]
+        return [e for g in groups for e in evaluate_mode(plan, g)]
     import multiprocessing as mp
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-        return list(pool.map(_evaluate_args, [(plan, c) for c in cands]))
+        return [e for res in pool.map(evaluate_mode, [plan] * len(groups), groups) for e in res]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -587,8 +634,9 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
             "copies": e.candidate.copies,
             "unit_gpus": e.candidate.unit.gpus,
             "estimate_rps": e.candidate.estimate,
-            "goodput_rps": e.goodput,
-            "rps_per_gpu": e.goodput / e.candidate.unit.gpus,
+            "goodput_rps": e.goodput if e.below is None else None,
+            "rps_per_gpu": e.goodput / e.candidate.unit.gpus if e.below is None else None,
+            "below_rps": e.below,
             "binding": e.binding,
             "probes": len(e.probes),
         }
@@ -611,6 +659,8 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "pipelined": spec.pipelined,
         "requests_per_probe": spec.workload.num_requests,
         "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
+        "placement": "simulator least-loaded" if spec.router is None else
+                     f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
     }
     return PlanResult(inputs, colo, dis, v, adv, reasons, table, time.perf_counter() - t0)
 

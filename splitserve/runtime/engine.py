@@ -1,12 +1,14 @@
 """The synchronous engine: one step = schedule, run the model over the paged cache, sample, update.
 
-It owns the model, the KV cache tensor, the core Scheduler and the Sampler. It never reads a clock:
-the caller passes `now`, exactly as the simulator does with virtual time.
+It owns the model, the KV cache tensor, the core Scheduler and the Sampler. Scheduling never reads a
+clock: the caller passes `now`, exactly as the simulator does with virtual time. The engine only times
+its own steps, as measurements for the router's cost model.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +29,17 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 HooksFactory = Callable[[SchedulerOutput], LayerHooks | None]
+
+
+@dataclass
+class StepCounters:
+    """Cumulative work and busy time, by phase: the router turns their deltas into per-token prefill cost
+    and decode step time. A step with any prompt tokens counts as prefill."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class Engine:
             self.pool,
         )
         self.sampler = Sampler()
+        self.counters = StepCounters()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks, config.block_size, num_blocks * block_bytes / (1 << 20), self.max_model_len,
@@ -121,14 +135,26 @@ class Engine:
         out = self.scheduler.schedule(now)
         if out.empty:
             return []
+        started = time.perf_counter()
         try:
             tokens = self._run(out, hooks_for(out) if hooks_for else None)
         except Exception as exc:  # a failed step must not take the worker down: fail its requests only
             log.exception("model step failed")
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
+        self._count(out, time.perf_counter() - started)
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]
+
+    def _count(self, out: SchedulerOutput, seconds: float) -> None:
+        prompt_tokens = sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1 or s.start_pos < s.request.num_prompt_tokens)
+        c = self.counters
+        if prompt_tokens:
+            c.prefill_tokens += prompt_tokens
+            c.prefill_s += seconds
+        else:
+            c.decode_steps += 1
+            c.decode_s += seconds
 
     def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> list[int]:
         seqs = [

@@ -26,10 +26,13 @@ from typing import AsyncIterator
 import httpx
 import torch
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from splitserve.runtime.async_engine import AsyncEngine
 from splitserve.runtime.engine import Engine
 from splitserve.runtime.pool_engine import PoolEngine
+from splitserve.runtime.worker_client import WorkerError
 
 log = logging.getLogger("splitserve")
 
@@ -130,6 +133,10 @@ def _serve_pools(args: argparse.Namespace, worker_urls: list[str], procs: list[s
     engine = PoolEngine(
         tokenizer, args.served_model_name or name,
         PoolConfig(
+            policy=args.router_policy,
+            conditional=not args.no_conditional,
+            overlap_weight=args.overlap_weight,
+            link_gbps=args.link_gbps,
             on_transfer_failure=args.on_transfer_failure,
             deadline_base_s=args.transfer_deadline,
             deadline_per_token_s=args.transfer_deadline_per_token,
@@ -141,6 +148,10 @@ def _serve_pools(args: argparse.Namespace, worker_urls: list[str], procs: list[s
     return 0
 
 
+class WorkerUrl(BaseModel):
+    url: str
+
+
 def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> None:
     """Register the workers and poll their stats while the app runs (on the server's own event loop)."""
     inner = app.router.lifespan_context
@@ -149,7 +160,7 @@ def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> Non
     async def lifespan(a: FastAPI) -> AsyncIterator[object]:
         for url in worker_urls:
             await engine.add_worker(url)
-        poller = asyncio.get_running_loop().create_task(engine.poll_stats())
+        poller = asyncio.get_running_loop().create_task(engine.run_background())
         try:
             async with inner(a) as state:
                 yield state
@@ -158,6 +169,21 @@ def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> Non
             await engine.close()
 
     app.router.lifespan_context = lifespan
+
+    @app.post("/admin/workers")
+    async def register(body: WorkerUrl) -> JSONResponse:
+        """A worker joins the running deployment (after the same checks as at startup)."""
+        try:
+            w = await engine.add_worker(body.url)
+        except WorkerError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({"status": "registered", "role": w.info.role})
+
+    @app.post("/admin/workers/drain")
+    async def drain(body: WorkerUrl) -> JSONResponse:
+        """Stop routing to a worker, wait for its requests to finish, then remove it."""
+        clean = await engine.drain_worker(body.url)
+        return JSONResponse({"status": "drained" if clean else "removed with requests in flight"})
 
     @app.get("/debug/workers")
     async def workers() -> list[dict]:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 class PhaseRecord:
     request_id: str
     arrival: float  # frontend monotonic clock
-    path: str = "split"  # split | local | colocated | recompute
+    path: str = "split"  # split | local (prefilled on the decode worker) | colocated | recompute
     prefill_worker: str | None = None
     decode_worker: str | None = None
     prompt_tokens: int = 0
@@ -29,6 +29,7 @@ class PhaseRecord:
     finish_reason: str | None = None
     error: str | None = None
     events: list[str] = field(default_factory=list)  # failures and fallbacks, in order
+    route: dict[str, float] = field(default_factory=dict)  # the cost model's terms behind the placement
 
     def as_dict(self) -> dict:
         return asdict(self)

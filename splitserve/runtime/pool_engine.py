@@ -19,11 +19,14 @@ from typing import AsyncIterator
 
 import httpx
 
+from splitserve.core.costs import CostModel
 from splitserve.core.request import SamplingParams, stop_reason
+from splitserve.core.router import AdmissionQueue, NoWorker, Router
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 from splitserve.runtime.phases import PhaseLog, PhaseRecord
 from splitserve.runtime.protocol import DecodeRequest, GenerateRequest, Params, PrefillRequest, StreamEvent
+from splitserve.runtime.router_feed import RouterFeed
 from splitserve.runtime.worker_client import WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PoolConfig:
+    policy: str = "kv_aware"  # round_robin | least_loaded | kv_aware
+    conditional: bool = True  # prefill on the decode worker when the cost model says it is cheaper
+    overlap_weight: float = 1.0
+    link_gbps: float = 10.0  # prior for the KV link until transfers measure it
+    prefill_tokens_per_s: float = 300.0  # prior for per-token prefill cost until workers measure it
+    decode_step_s: float = 0.05  # prior for a decode step until workers measure it
+    poll_interval_s: float = 0.1  # how often the router reads each worker's load and KV events
     on_transfer_failure: str = "recompute"  # or "fail"
     reserve_timeout_s: float = 10.0  # how long a request may wait for decode-side blocks before a 429
     deadline_base_s: float = 10.0  # a ticket's deadline: base + per prompt token
@@ -50,7 +60,9 @@ class PoolEngine:
         self.pools: dict[str, list[WorkerClient]] = {"prefill": [], "decode": [], "colocated": []}
         self.phases = PhaseLog()
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
-        self._waiting = 0
+        self.admission = AdmissionQueue(config.max_waiting)
+        self.router: Router | None = None  # made when the first worker tells the KV geometry
+        self.feed: RouterFeed | None = None
         self._rr = itertools.count()
         self._stats: dict[str, EngineStats] = {}
         self.health_errors: list[str] = []  # workers refused at registration, and why
@@ -68,10 +80,42 @@ class PoolEngine:
             self.health_errors.append(str(exc))
             log.error("%s", exc)
             raise
+        if w.info.role != "colocated":
+            await self._router_for(w).join(w)
         self.pools[w.info.role].append(w)
         lens = [p.info.max_model_len for pool in self.pools.values() for p in pool]
         self.max_model_len = min(lens)
         return w
+
+    def _router_for(self, w: WorkerClient) -> RouterFeed:
+        if self.feed is None:
+            c = self.config
+            costs = CostModel(
+                kv_bytes_per_token=w.info.kv_bytes_per_token, num_layers=w.info.num_layers,
+                link_bytes_per_s=c.link_gbps * 1e9 / 8, prefill_s_per_token=1.0 / c.prefill_tokens_per_s,
+                decode_step_s=c.decode_step_s,
+            )
+            self.router = Router(c.policy, w.info.block_size, costs, c.overlap_weight, c.conditional)
+            self.feed = RouterFeed(self.router, self.http)
+        return self.feed
+
+    async def drain_worker(self, url: str, timeout_s: float = 600.0) -> bool:
+        """Route nothing new to the worker, wait until its requests are done, then remove it. True if it
+        left with nothing in flight."""
+        w = self._find(url)
+        if w is None:
+            return True
+        if self.router is not None and w.info.role != "colocated":
+            self.router.drain(w.url)
+        w.draining = True
+        end = time.monotonic() + timeout_s
+        while w.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        self.remove_worker(url)
+        return w.in_flight == 0
+
+    def _find(self, url: str) -> WorkerClient | None:
+        return next((w for pool in self.pools.values() for w in pool if w.url == url.rstrip("/")), None)
 
     async def _check_compatible(self, w: WorkerClient) -> None:
         peers = [p for pool in self.pools.values() for p in pool]
@@ -96,9 +140,13 @@ class PoolEngine:
             await p.connect_to(d.info.transfer_endpoint)
 
     def remove_worker(self, url: str) -> None:
-        for pool in self.pools.values():
-            pool[:] = [w for w in pool if w.url != url.rstrip("/")]
-        self._stats.pop(url.rstrip("/"), None)
+        w = self._find(url)
+        if w is None:
+            return
+        self.pools[w.info.role].remove(w)
+        if self.feed is not None and w.info.role != "colocated":
+            self.feed.leave(w)
+        self._stats.pop(w.url, None)
 
     def healthy(self) -> bool:
         return bool(self.pools["colocated"]) or bool(self.pools["prefill"] and self.pools["decode"])
@@ -125,12 +173,19 @@ class PoolEngine:
         s = list(self._stats.values())
         return EngineStats(
             num_running=sum(x.num_running for x in s),
-            num_waiting=sum(x.num_waiting for x in s) + self._waiting,
+            num_waiting=sum(x.num_waiting for x in s) + len(self.admission),
             num_free_blocks=sum(x.num_free_blocks for x in s),
             num_total_blocks=sum(x.num_total_blocks for x in s),
             prefix_cache_queries=sum(x.prefix_cache_queries for x in s),
             prefix_cache_hits=sum(x.prefix_cache_hits for x in s),
         )
+
+    async def run_background(self) -> None:
+        """The polls that keep routing and metrics current; runs for the app's lifetime."""
+        loops = [self.poll_stats()]
+        if self.feed is not None:
+            loops.append(self.feed.run(self.pools, self.config.poll_interval_s))
+        await asyncio.gather(*loops)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -140,8 +195,8 @@ class PoolEngine:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
         if not self.healthy():
             raise EngineUnavailable("no workers: the deployment needs a colocated worker, or a prefill and a decode worker")
-        if self._waiting >= self.config.max_waiting:
-            raise EngineOverloaded(retry_after=1.0)
+        if not self.admission.offer():
+            raise EngineOverloaded(retry_after=self.admission.retry_after(time.monotonic()))
         return self._generate(request_id, list(prompt_token_ids), params)
 
     async def abort(self, request_id: str) -> None:
@@ -149,6 +204,7 @@ class PoolEngine:
 
     async def _generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
         rec = PhaseRecord(rid, time.monotonic(), prompt_tokens=len(prompt))
+        admitted = False
         try:
             if self.pools["colocated"]:
                 rec.path = "colocated"
@@ -156,8 +212,11 @@ class PoolEngine:
                 rec.decode_worker = w.url
                 stream = self._local(w, rid, prompt, params, [], rec)
             else:
-                stream = self._split(rid, prompt, params, rec)
+                stream = self._routed(rid, prompt, params, rec)
             async for out in stream:
+                if not admitted:  # the request has a place (a reservation, or a worker's queue)
+                    admitted = True
+                    self.admission.leave(time.monotonic())
                 if out.new_token_ids and rec.ttft_s is None:
                     rec.ttft_s = time.monotonic() - rec.arrival
                 rec.output_tokens += len(out.new_token_ids)
@@ -166,13 +225,15 @@ class PoolEngine:
                 yield out
         finally:
             now = time.monotonic()
+            if not admitted:
+                self.admission.leave(now)
             rec.e2e_s = now - rec.arrival
             if rec.ttft_s is not None:
                 rec.decode_s = rec.e2e_s - rec.ttft_s
             self.phases.add(rec)
 
     def _pick(self, role: str) -> WorkerClient:
-        pool = self.pools[role]
+        pool = [w for w in self.pools[role] if not w.draining]
         if not pool:
             raise EngineUnavailable(f"no {role} worker")
         # Fewest requests in flight; ties broken round-robin so idle workers share the load.
@@ -183,40 +244,62 @@ class PoolEngine:
     def _deadline(self, prompt: list[int]) -> float:
         return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
 
-    async def _reserve(
-        self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord
-    ) -> tuple[WorkerClient, StreamEvent, AsyncIterator[StreamEvent]]:
-        """Blocks on some decode worker, waiting for room up to reserve_timeout_s (then 429)."""
+    async def _routed(self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
+        """Route; then prefill remotely and stream from the decode worker, or prefill on the decode worker.
+        A decode worker without room makes the request wait and route again, up to reserve_timeout_s."""
+        assert self.router is not None
         give_up = time.monotonic() + self.config.reserve_timeout_s
-        body = DecodeRequest(rid, prompt, Params.of(params), self._deadline(prompt))
-        self._waiting += 1
-        try:
-            delay = 0.01
-            while True:
-                d = self._pick("decode")
-                events = d.stream("/internal/decode", body, self.config.stream_read_timeout_s)
-                try:
-                    ev = await anext(events)
-                except (WorkerError, StopAsyncIteration) as exc:
-                    rec.events.append(f"decode worker {d.url} failed to reserve: {exc}")
-                    await self._evict_if_dead(d)
-                    ev = StreamEvent(no_room=True)
-                if ev.ticket is not None:
-                    rec.reserve_s = time.monotonic() - rec.arrival
-                    return d, ev, events
-                await events.aclose()
-                if ev.error:
-                    raise ValueError(ev.error)
-                if time.monotonic() + delay > give_up:
-                    raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.2)
-        finally:
-            self._waiting -= 1
+        delay = 0.01
+        while True:
+            try:
+                decision = self.router.route_tokens(prompt, time.monotonic())
+            except NoWorker as exc:
+                raise EngineUnavailable(str(exc)) from exc
+            d = self._find(decision.decode)
+            p = self._find(decision.prefill) if decision.prefill is not None else None
+            rec.route = decision.decision.terms if decision.decision is not None else {}
+            if d is None:
+                raise EngineUnavailable(f"decode worker {decision.decode} left")
+            if p is None:
+                rec.path = "local"
+                rec.decode_worker = d.url
+                async for out in self._local(d, rid, prompt, params, [], rec):
+                    yield out
+                return
+            reserved = await self._reserve(d, rid, prompt, params, rec)
+            if reserved is not None:
+                break
+            if time.monotonic() + delay > give_up:
+                raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        async for out in self._split(rid, prompt, params, rec, d, p, *reserved):
+            yield out
 
-    async def _split(self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
-        d, reserved, d_events = await self._reserve(rid, prompt, params, rec)
-        p = self._pick("prefill")
+    async def _reserve(
+        self, d: WorkerClient, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord
+    ) -> tuple[StreamEvent, AsyncIterator[StreamEvent]] | None:
+        """Blocks for the prompt on `d`: its ticket and token stream, or None if it has no room now."""
+        body = DecodeRequest(rid, prompt, Params.of(params), self._deadline(prompt))
+        events = d.stream("/internal/decode", body, self.config.stream_read_timeout_s)
+        try:
+            ev = await anext(events)
+        except (WorkerError, StopAsyncIteration) as exc:
+            rec.events.append(f"decode worker {d.url} failed to reserve: {exc}")
+            await self._evict_if_dead(d)
+            return None
+        if ev.ticket is not None:
+            rec.reserve_s = time.monotonic() - rec.arrival
+            return ev, events
+        await events.aclose()
+        if ev.error:
+            raise ValueError(ev.error)
+        return None
+
+    async def _split(
+        self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord, d: WorkerClient,
+        p: WorkerClient, reserved: StreamEvent, d_events: AsyncIterator[StreamEvent],
+    ) -> AsyncIterator[TokenOutput]:
         rec.prefill_worker, rec.decode_worker = p.url, d.url
         rec.decode_cached_tokens = reserved.num_cached_tokens
         ticket = reserved.ticket

@@ -68,6 +68,10 @@ class PrefillRole:
         self.transfer_timeout = 30.0
         # Read by the engine thread (hooks_for), written by the event loop: single dict operations only.
         self._outgoing: dict[str, Outgoing] = {}
+        # The link's speed, measured on the last layer of each transfer (its wire time alone: it starts
+        # when both the layer is computed and the previous layer is sent), for the router's cost model.
+        self.link_bytes = 0.0
+        self.link_s = 0.0
 
     def hooks_for(self, out: SchedulerOutput) -> SendHooks | None:
         sends = []
@@ -123,12 +127,21 @@ class PrefillRole:
                 m.transfer_duration.observe(last - og.started)
                 if og.compute_done is not None:
                     m.exposed_transfer.observe(max(0.0, last - og.compute_done))
+                    self._measure_link(og)
             else:
                 m.transfer_failures.labels(cause=_cause(og.send.error)).inc()
                 log.warning("transfer for %s failed: %s", rid, og.send.error)
         finally:
             self._outgoing.pop(rid, None)
             self.engine.submit(lambda: self.engine.engine.release_held(rid))
+
+
+    def _measure_link(self, og: Outgoing) -> None:
+        times = og.send.layer_sent_times
+        start = max(og.compute_done or 0.0, times[-2] if len(times) > 1 else 0.0)
+        if times[-1] > start:
+            self.link_bytes += og.send.bytes_sent / len(times)
+            self.link_s += times[-1] - start
 
 
 def _cause(error: str | None) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.core.blocks import KVEvent
 from splitserve.core.request import SamplingParams
+from splitserve.runtime.engine import StepCounters
 from splitserve.runtime.engine_client import TokenOutput
 
 
@@ -103,9 +105,27 @@ class WorkerInfo(msgspec.Struct):
     block_size: int
     num_blocks: int
     transfer_endpoint: str | None
-    generation: str  # changes when the worker restarts
+    generation: int  # grows with each restart (nanosecond start time): the router's index orders them
     pid: int
     kv_layout: str  # dtype, block size and per-block shape: what KV peers must agree on
+    kv_bytes_per_token: int
+    num_layers: int
+
+
+class WorkerState(msgspec.Struct):
+    """What the router polls from a worker: load, KV events since a sequence number, measurements."""
+
+    generation: int
+    last_seq: int  # the worker's latest KV event
+    events: list[KVEvent] | None  # None: some were dropped, ask again with snapshot=1
+    snapshot: list[int] | None  # cached block hashes as of last_seq, when asked for
+    free_blocks: int
+    total_blocks: int
+    running: int  # requests holding blocks there: running, admitted after transfer, or reserved
+    queued_prefill_tokens: int
+    counters: StepCounters
+    link_bytes: float  # prefill role: bytes and wire seconds of measured layer sends
+    link_s: float
 
 
 encoder = msgspec.json.Encoder()

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import time
-import uuid
 from typing import AsyncIterator
 
 import msgspec
@@ -25,7 +24,10 @@ from splitserve.runtime.engine import Engine
 from splitserve.runtime.engine_client import EngineOverloaded, EngineUnavailable
 from splitserve.runtime.metrics import EngineStatsCollector
 from splitserve.runtime.prefill_role import PrefillFailed, PrefillRole
-from splitserve.runtime.protocol import DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, encoder
+from splitserve.runtime.kv_event_log import KVEventLog
+from splitserve.runtime.protocol import (
+    DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, WorkerState, encoder,
+)
 from splitserve.runtime.worker_metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
 
@@ -49,7 +51,8 @@ class Worker:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
         self.engine = engine
-        self.generation = uuid.uuid4().hex[:12]
+        self.generation = time.time_ns()
+        self.kv_log = KVEventLog(engine.pool)
         self.metrics = WorkerMetrics(role)
         self.metrics.registry.register(EngineStatsCollector(engine.stats))
         layout = KVLayout.from_cache(engine.kv_cache, engine.loaded.fingerprint)
@@ -102,6 +105,28 @@ class Worker:
             generation=self.generation,
             pid=os.getpid(),
             kv_layout=self.kv_layout,
+            kv_bytes_per_token=e.loaded.config.kv_bytes_per_token(e.loaded.dtype.itemsize),
+            num_layers=e.loaded.config.num_layers,
+        )
+
+    async def state(self, after: int, snapshot: bool) -> WorkerState:
+        def read(e: Engine) -> tuple:
+            # On the engine thread, between steps: the log, the snapshot and the load agree.
+            self.kv_log.collect()
+            s = e.scheduler
+            holding = s.num_running + len(s.ready) + s.num_reserved
+            return (
+                self.kv_log.last_seq, sorted(e.pool.cached_hashes()) if snapshot else None, e.pool.num_free_blocks,
+                holding, s.queued_prefill_tokens(), dataclasses.replace(e.counters),
+            )
+
+        last_seq, hashes, free, running, queued, counters = await self.async_engine.call(read)
+        link = self.prefill_role
+        return WorkerState(
+            generation=self.generation, last_seq=last_seq,
+            events=None if snapshot else self.kv_log.since(after), snapshot=hashes,
+            free_blocks=free, total_blocks=self.engine.pool.num_blocks, running=running, queued_prefill_tokens=queued,
+            counters=counters, link_bytes=link.link_bytes if link else 0.0, link_s=link.link_s if link else 0.0,
         )
 
     def health(self) -> tuple[bool, dict]:
@@ -123,6 +148,10 @@ def create_worker_app(worker: Worker) -> FastAPI:
     @app.get("/internal/info")
     async def info() -> Response:
         return Response(encoder.encode(worker.info()), media_type="application/json")
+
+    @app.get("/internal/state")
+    async def state(after: int = 0, snapshot: bool = False) -> Response:
+        return Response(encoder.encode(await worker.state(after, snapshot)), media_type="application/json")
 
     @app.get("/internal/stats")
     async def stats() -> JSONResponse:

@@ -20,6 +20,7 @@ class WorkerClient:
         self.http = http
         self.info = info
         self.in_flight = 0  # requests this frontend has on the worker now
+        self.draining = False  # takes no new requests
 
     @classmethod
     async def connect(cls, url: str, http: httpx.AsyncClient) -> "WorkerClient":

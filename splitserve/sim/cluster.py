@@ -218,6 +218,29 @@ class PlacementPolicy:
     def prefill_locally(self, req: SimRequest, decode: Worker, prefill_workers: Sequence[Worker]) -> bool:
         return False
 
+    def place(self, req: SimRequest, decode_workers: Sequence[Worker], prefill_workers: Sequence[Worker], now: float) -> tuple[Worker, Worker | None]:
+        """Disaggregated placement in one call: (decode worker, prefill worker or None to prefill locally).
+        The prefill worker is only used once the decode worker has reserved the blocks; a policy whose
+        decision covers both at once (the core Router) overrides this."""
+        d = self.choose_decode(decode_workers, req)
+        if self.prefill_locally(req, d, prefill_workers):
+            return d, None
+        return d, self.choose_prefill(prefill_workers, req)
+
+    # What the simulator reports, as workers report to the runtime's router (no-ops here).
+
+    def attach(self, sim: ClusterSim) -> None:
+        """The workers are built; called once per run before the first arrival."""
+
+    def kv_events(self, worker: Worker, events: list) -> None:
+        """The worker's BlockPool stored or removed these prefix blocks."""
+
+    def observe_step(self, worker: Worker, out: SchedulerOutput, seconds: float, now: float) -> None:
+        """The worker finished a step of `seconds`."""
+
+    def observe_transfer(self, nbytes: float, seconds: float) -> None:
+        """`nbytes` of KV spent `seconds` on the wire."""
+
 
 class LeastLoaded(PlacementPolicy):
     """Fewest outstanding requests (colocated, decode; ties: most free blocks); fewest queued prompt tokens
@@ -360,6 +383,7 @@ class ClusterSim:
 
         wall0 = _time.perf_counter()
         self._build(requests)
+        self.policy.attach(self)
         self.token_times = token_times
         self.heap: list = []
         self._seq = 0
@@ -416,13 +440,12 @@ class ClusterSim:
         if not self.spec.disaggregated:
             self._run_local(self.policy.choose_colocated(self.by_role["colocated"], sr), sr, now)
             return
-        d = self.policy.choose_decode(self.by_role["decode"], sr)
-        sr.decode = d
-        d.outstanding += 1
-        if self.policy.prefill_locally(sr, d, self.by_role["prefill"]):
-            d.outstanding -= 1
+        d, p = self.policy.place(sr, self.by_role["decode"], self.by_role["prefill"], now)
+        if p is None:
             self._run_local(d, sr, now)
             return
+        sr.decode, sr.prefill = d, p
+        d.outstanding += 1
         sr.req = sr.make(spec.output_len, now)
         if d.pending or not self._try_reserve(d, sr, now):
             d.pending.append(sr)  # FIFO: never overtake a request already waiting for blocks
@@ -446,8 +469,7 @@ class ClusterSim:
             return False
         sr.cached_remote = cached
         sr.reserved_at = now
-        p = self.policy.choose_prefill(self.by_role["prefill"], sr)
-        sr.prefill = p
+        p = sr.prefill
         sr.p_req = sr.make(1, now, hold_kv=True)
         try:
             p.sched.add_request(sr.p_req)
@@ -467,7 +489,9 @@ class ClusterSim:
     def _kick(self, w: Worker, now: float) -> None:
         if w.busy:
             return
-        w.sched.pool.drain_events()  # nobody indexes them here (the router will); keep memory flat
+        events = w.sched.pool.drain_events()  # drained every step: memory stays flat
+        if events:
+            self.policy.kv_events(w, events)
         out = w.sched.schedule(now)
         w.preemptions += len(out.preempted)
         if not out.seqs:
@@ -484,6 +508,7 @@ class ClusterSim:
     def _step_done(self, w: Worker, now: float) -> None:
         out = w.out
         w.busy, w.out = False, None
+        self.policy.observe_step(w, out, w.step_seconds, now)
         sampled = {}
         for s in out.seqs:
             if s.sample:
@@ -539,6 +564,7 @@ class ClusterSim:
                 start = max(now, p.nic_free, d.nic_free)
                 end = start + lat + nbytes / bw
             p.nic_free = d.nic_free = end
+            self.policy.observe_transfer(nbytes, nbytes / bw)
         self.xfer_exposed.append(end - now)
         self._push(end, _XFER, sr)
 

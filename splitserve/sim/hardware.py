@@ -46,10 +46,9 @@ class Hardware:
     source: str = ""
 
     def describe(self) -> str:
-        return (
-            f"{self.name}: {self.flops / TERA:,.0f} TFLOPS, {self.mem_bw / GB:,.0f} GB/s, "
-            f"{self.mem_bytes / GB:,.0f} GB, link {self.link_bw / GB:,.0f} GB/s"
-        )
+        flops = f"{self.flops / TERA:,.0f} TFLOPS" if self.flops >= 10 * TERA else f"{self.flops / 1e9:,.0f} GFLOPS"
+        link = f", link {self.link_bw / GB:,.0f} GB/s" if self.link_bw < 1e15 else ""
+        return f"{self.name}: {flops}, {self.mem_bw / GB:,.0f} GB/s, {self.mem_bytes / GB:,.0f} GB{link}"
 
 
 GPUS: dict[str, Hardware] = {

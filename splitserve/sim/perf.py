@@ -5,7 +5,8 @@ and of attention, and two all-reduces per layer join the shards over the intra-n
 
     projections + MLP   FLOPs 2 * tokens * linear_params / tp     bytes: weights / tp + activations
     attention           FLOPs 4 * q_heads * head_dim * sum over sequences of (new * context + new^2 / 2) / tp
-                        bytes: the K and V of every sequence's context and new tokens (/ tp)
+                        bytes: the K and V of every sequence's context and new tokens (/ tp), read from
+                        the paged cache at its own efficiency
     all-reduce (tp > 1) 2 x (latency x log2(tp) + 2 (tp-1)/tp * tokens * hidden * bytes / link)
 and once per step the LM head for the sequences that sample. Each operation takes
 max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (peak bandwidth x memory efficiency)); a step is
@@ -32,17 +33,18 @@ GPU_RESERVE_BYTES = 1e9  # per GPU, beyond the weights: activations, CUDA contex
 class Efficiency:
     compute: float = 0.6  # matrix products: fraction of peak FLOP/s
     attention: float = 0.5  # attention kernels: fraction of peak FLOP/s
-    memory: float = 0.8  # fraction of peak memory bandwidth
+    memory: float = 0.8  # fraction of peak memory bandwidth (weights, activations)
+    kv_memory: float = 0.7  # fraction of peak bandwidth when attention reads the paged KV cache
     comm: float = 0.7  # all-reduce: fraction of the intra-node link bandwidth
     step_overhead_s: float = 2e-3  # per step: scheduling, kernel launches
     seq_overhead_s: float = 5e-6  # per sequence in the batch
     token_overhead_s: float = 0.0  # per token in the batch
 
     def __post_init__(self) -> None:
-        for name in ("compute", "attention", "memory", "comm"):
+        for name in ("compute", "attention", "memory", "kv_memory", "comm"):
             v = getattr(self, name)
-            if not 0 < v <= 1.5:
-                raise ValueError(f"efficiency {name} must be in (0, 1.5], got {v}")
+            if not 0 < v <= 4:
+                raise ValueError(f"efficiency {name} must be in (0, 4], got {v}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class PerfModel:
         self.compute_rate = hardware.flops * eff.compute
         self.att_rate = hardware.flops * eff.attention
         self.mem_rate = hardware.mem_bw * eff.memory
+        self.kv_rate = hardware.mem_bw * eff.kv_memory
         self.link_rate = hardware.link_bw * eff.comm
         self.ar_latency = hardware.link_latency_s * max(1, (tp - 1).bit_length())  # tree-like for small messages
 
@@ -93,7 +96,7 @@ class PerfModel:
         lin_b = self.lin_weight_bytes + tokens * self.act_bytes_tok
         att_f = att_pairs * self.att_flops_coef
         att_b = kv_tokens * self.kv_bytes_tok_layer
-        layer = max(lin_f / self.compute_rate, lin_b / self.mem_rate) + max(att_f / self.att_rate, att_b / self.mem_rate)
+        layer = max(lin_f / self.compute_rate, lin_b / self.mem_rate) + max(att_f / self.att_rate, att_b / self.kv_rate)
         if self.tp > 1:
             layer += 2 * (self.ar_latency + tokens * self.ar_bytes_tok / self.link_rate)
         head_f = samples * self.head_flops_sample

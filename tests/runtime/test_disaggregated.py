@@ -53,7 +53,8 @@ async def _complete_all(url: str, ps: list[list[int]]) -> list[dict]:
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "after-last-layer"])
 def test_split_is_token_identical(checkpoint, references, transport, pipelining):
-    args = ["--prefill", "1", "--decode", "1", "--transfer", transport, "--block-size", "16", "--num-blocks", "256"]
+    args = ["--prefill", "1", "--decode", "1", "--transfer", transport, "--block-size", "16", "--num-blocks", "256",
+            "--no-conditional"]
     if not pipelining:
         args.append("--no-layer-pipelining")
     ps = prompts()

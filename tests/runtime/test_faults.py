@@ -19,7 +19,7 @@ from tests.tiny_models import make_tiny_checkpoint
 
 BOUND_S = 5.0
 PROMPT = list(range(10, 70))
-COMMON = ["--block-size", "16", "--num-blocks", "256", "--max-model-len", "1024"]
+COMMON = ["--block-size", "16", "--num-blocks", "256", "--max-model-len", "1024", "--no-conditional"]
 
 
 @pytest.fixture(scope="module")
