@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=8100)
     worker.add_argument("--log-level", default="info")
     worker.add_argument("--cpu", type=int, default=None, help="pin to this core")
+    worker.add_argument("--router", default=None, metavar="URL",
+                        help="join the deployment whose frontend/router is at URL (and drain through it on SIGTERM)")
+    worker.add_argument("--advertise", default=None, metavar="URL",
+                        help="the URL the router reaches this worker at (default: http://HOST:PORT)")
     _add_transfer_args(worker)
     add_engine_args(worker)
     worker.set_defaults(handler=_worker)

@@ -277,8 +277,10 @@ def _secret_file(path: str | None) -> str:
 
 def run_worker(args: argparse.Namespace) -> int:
     """`splitserve worker`: one engine in one role, behind its internal HTTP API."""
-    from splitserve.runtime.frontend import run_server
+    import uvicorn
+
     from splitserve.runtime.worker import Worker, create_worker_app
+    from splitserve.runtime.worker_server import WorkerServer
 
     setup_logging(args.log_level)
     if args.cpu is not None:
@@ -296,8 +298,11 @@ def run_worker(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return 2
     worker.start()
+    url = args.advertise or f"http://{args.host}:{args.port}"
+    config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level)
+    server = WorkerServer(config, url, args.router, idle=worker.idle)
     try:
-        run_server(create_worker_app(worker), args.host, args.port, args.log_level)
+        server.run()
     finally:
         worker.close()
-    return 0
+    return 2 if server.registration_error else 0

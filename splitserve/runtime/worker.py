@@ -129,6 +129,11 @@ class Worker:
             counters=counters, link_bytes=link.link_bytes if link else 0.0, link_s=link.link_s if link else 0.0,
         )
 
+    def idle(self) -> bool:
+        """No request, reservation or block in transit: the worker may exit without losing anything."""
+        s = self.engine.scheduler
+        return not (s.has_work() or s.requests or s.held)
+
     def health(self) -> tuple[bool, dict]:
         errors = list(self.receiver.last_handshake_errors) if self.receiver else []
         errors += self.handshake_errors
