@@ -26,20 +26,26 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
 
     blake2b rather than Python's hash() so that every process (workers, router, simulator) agrees.
     """
-    digest = hashlib.blake2b(
-        parent_hash.to_bytes(8, "little") + np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") or 1  # 0 is reserved for "no parent"
+    return _chain(parent_hash, np.asarray(token_ids, dtype=np.int64).tobytes())
 
 
 def hash_blocks(token_ids: Sequence[int], block_size: int, start: Sequence[int] = ()) -> list[int]:
     """Hashes of every full block of `token_ids`, continuing the chain `start` (hashes already known)."""
     hashes = list(start)
     parent = hashes[-1] if hashes else NO_PARENT
-    for begin in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[begin : begin + block_size])
+    first = len(hashes) * block_size
+    # One conversion for the whole prompt, then slices: the router hashes every prompt it routes.
+    data = np.asarray(token_ids[first:], dtype=np.int64).tobytes()
+    step = block_size * 8
+    for offset in range(0, len(data) - step + 1, step):
+        parent = _chain(parent, data[offset : offset + step])
         hashes.append(parent)
     return hashes
+
+
+def _chain(parent_hash: int, block_bytes: bytes) -> int:
+    digest = hashlib.blake2b(parent_hash.to_bytes(8, "little") + block_bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1  # 0 is reserved for "no parent"
 
 
 @dataclass(frozen=True)
