@@ -406,7 +406,9 @@ def _decode_side_failed(d_next: asyncio.Future) -> bool:
     if d_next.exception() is not None:
         return True
     ev: StreamEvent = d_next.result()
-    return ev.finish_reason in ("transfer_failed", "error") or (ev.finished and not ev.tokens)
+    # "stop"/"length" with no token: the prefill worker's first token already ended the request, not a failure.
+    ended_early = ev.finished and not ev.tokens and ev.finish_reason not in ("stop", "length")
+    return ev.finish_reason in ("transfer_failed", "error") or ended_early
 
 
 def _decode_side_cause(d_next: asyncio.Future) -> tuple[str, bool]:

@@ -27,6 +27,7 @@ class Outgoing:
     send: TicketSend
     first_block: int
     num_blocks: int
+    deadline_s: float  # the decode side gives the reservation up after this: no point waiting longer
     started: float = field(default_factory=time.monotonic)
     compute_done: float | None = None  # when the last layer's KV was in the cache
 
@@ -65,7 +66,6 @@ class PrefillRole:
         self.sender = sender
         self.metrics = metrics
         self.pipelined = pipelined
-        self.transfer_timeout = 30.0
         # Read by the engine thread (hooks_for), written by the event loop: single dict operations only.
         self._outgoing: dict[str, Outgoing] = {}
         # The link's speed, measured on the last layer of each transfer (its wire time alone: it starts
@@ -91,7 +91,7 @@ class PrefillRole:
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         rid, ticket = req.request_id, req.ticket
         send = await asyncio.to_thread(self.sender.start_ticket, ticket.endpoint, ticket.ticket_id, len(ticket.block_ids))
-        og = Outgoing(send, ticket.first_block, len(ticket.block_ids))
+        og = Outgoing(send, ticket.first_block, len(ticket.block_ids), ticket.deadline_s)
         self._outgoing[rid] = og
         params = replace(req.params.sampling(), max_tokens=1)
         stream = self.engine.generate(
@@ -117,13 +117,18 @@ class PrefillRole:
         return PrefillResult(first, out.num_cached_tokens, queue_s, max(0.0, elapsed - queue_s))
 
     async def _complete(self, rid: str, og: Outgoing) -> None:
-        """Once the transfer is over either way, the blocks may go (never earlier: the sender reads them)."""
+        """Once the transfer is over either way, the blocks may go — never earlier: the sender reads them
+        until its writer thread settles the ticket (acknowledged, failed or aborted)."""
         try:
-            ok = await asyncio.to_thread(og.send.wait, self.transfer_timeout)
+            ok = await asyncio.to_thread(og.send.wait, og.deadline_s + 5.0)
+            while not og.send.done:  # the receiver never answered: stop sending, wait for the writer to let go
+                og.send.abort("no answer from the decode worker")
+                await asyncio.to_thread(og.send.wait, 1.0)
             m = self.metrics
             if ok:
+                # Until the receiver's ack: bytes the kernel still buffered count as exposed, too.
+                last = og.send.settled_at or time.monotonic()
                 m.transfer_bytes.inc(og.send.bytes_sent)
-                last = og.send.layer_sent_times[-1] if og.send.layer_sent_times else time.monotonic()
                 m.transfer_duration.observe(last - og.started)
                 if og.compute_done is not None:
                     m.exposed_transfer.observe(max(0.0, last - og.compute_done))
@@ -137,11 +142,13 @@ class PrefillRole:
 
 
     def _measure_link(self, og: Outgoing) -> None:
+        # The last layer leaves once it is computed and the one before it is out; it has landed at the ack.
         times = og.send.layer_sent_times
         start = max(og.compute_done or 0.0, times[-2] if len(times) > 1 else 0.0)
-        if times[-1] > start:
+        end = og.send.settled_at or times[-1]
+        if end > start:
             self.link_bytes += og.send.bytes_sent / len(times)
-            self.link_s += times[-1] - start
+            self.link_s += end - start
 
 
 def _cause(error: str | None) -> str:

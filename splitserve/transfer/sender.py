@@ -46,6 +46,7 @@ class TicketSend:
         self._stop = False  # failed or aborted: the writer skips what is left of it
         self._closed = False  # finish() or abort() called
         self._done_at: float | None = None  # when "done" went out: the ack is due within the timeout
+        self.settled_at: float | None = None  # when the receiver's ack (or the failure) ended it
 
     def send_layer(self, layer: int, kv_cache: PagedKVCache, src_block_ids: list[int]) -> None:
         if self._closed:
@@ -86,6 +87,7 @@ class TicketSend:
         if not self._event.is_set():
             self.error = error
             self._stop = True
+            self.settled_at = time.monotonic()
             self._event.set()
 
 

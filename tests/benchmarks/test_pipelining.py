@@ -66,14 +66,22 @@ def test_summary_adds_wire_times():
     assert s["wire_s"] == pytest.approx(3.0)
     assert s["one_layer_wire_s"] == pytest.approx(0.1)
     assert s["exposed_s"]["median"] == 0.01
+    assert s["exposed_fraction"] == pytest.approx(0.01)
 
 
 def test_headline_from_medians():
-    def case(exposed, fraction):
-        return {"exposed_s": {"median": exposed}, "exposed_fraction": {"median": fraction}}
+    def case(exposed, prefill, decode_view):
+        return {"exposed_s": {"median": exposed}, "prefill_s": {"median": prefill},
+                "kv_done_after_ttft_s": {"median": decode_view}}
 
-    cases = {"1gbit/pipelined/2048": case(0.02, 0.004), "1gbit/unpipelined/2048": case(0.6, 0.1)}
+    cases = {"1gbit/pipelined/2048": case(0.02, 5.0, 0.05), "1gbit/unpipelined/2048": case(0.6, 5.0, 0.8)}
     fraction, gain = headline(cases, "1gbit", 2048)
-    assert fraction == 0.004
+    assert fraction == pytest.approx(0.004)
     assert gain == pytest.approx(30.0)
+    assert headline(cases, "1gbit", 2048, key="kv_done_after_ttft_s") == (pytest.approx(0.01), pytest.approx(16.0))
     assert headline(cases, "100mbit", 2048) == (None, None)
+
+
+def test_no_gain_when_pipelined_hid_everything():
+    cases = {"1gbit/pipelined/2048": {"exposed_s": {"median": 0.0}, "prefill_s": {"median": 5.0}}}
+    assert headline(cases, "1gbit", 2048) == (0.0, None)
