@@ -46,6 +46,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the bundled SmolLM2-135M)")
     cal.add_argument("--threads", type=int, default=1, help="torch threads, as each worker will run (default %(default)s)")
     cal.add_argument("--quick", action="store_true", help="a small grid (seconds, rough)")
+    cal.add_argument("--cpu-time", action="store_true", help="time steps by the thread's CPU time (one thread only): "
+                     "the engine's own cost on a machine shared with other work")
     cal.add_argument("--out", type=Path, default=Path("calibration.json"), help="where to write it (default %(default)s)")
     cal.set_defaults(plan_action=_calibrate)
     rep = sub.add_parser("report", help="plots and an HTML page from saved plan or sweep JSON")
@@ -99,6 +101,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=4, help="configurations per mode to simulate (default %(default)s)")
     g.add_argument("--requests", type=int, default=400, help="requests per simulated probe (default %(default)s)")
     g.add_argument("--jobs", type=int, default=0, help="simulation processes (default: one per core)")
+    g.add_argument("--block-size", type=int, help="KV block tokens (default: 16, larger for long prompts)")
     g.add_argument("--sweep", choices=AXES, help="plan along one axis and plot the verdict")
     g.add_argument("--sweep-values", help="comma-separated values for --sweep (default: a standard range)")
 
@@ -135,6 +138,8 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
         m = m.with_dtype(DTYPES[args.dtype])
     if args.slo_ttft is None or args.slo_tpot is None:
         raise PlanError("give both --slo-ttft and --slo-tpot (seconds)")
+    if args.block_size is not None and args.block_size < 1:
+        raise PlanError(f"--block-size must be >= 1, got {args.block_size}")
     if args.requests < 10:
         raise PlanError(f"--requests must be at least 10, got {args.requests}")
     if args.trace is not None:
@@ -157,7 +162,7 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
         gpus=args.gpus, rate=args.rate, attainment=args.attainment, gpu_hour_cost=args.gpu_hour_cost, efficiency=eff,
         pipelined=args.pipelined, tp_options=_ints(args.tp, "tp"), chunk_options=_ints(args.chunks, "chunks"),
         max_num_seqs=args.max_num_seqs, max_instances=args.max_instances, top_k=args.top_k, jobs=args.jobs,
-        router=args.router, conditional=args.conditional,
+        router=args.router, conditional=args.conditional, block_size=args.block_size,
     )
 
 
@@ -197,7 +202,8 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
     err.print(f"[dim]profiling the engine ({'quick' if args.quick else 'full'} grid, {args.threads} thread(s))...[/]")
     try:
         cal = calibrate(args.model, args.threads, args.quick, on_point=lambda pt: err.print(
-            f"[dim]  {pt.kind}: {len(pt.batch)} seq, {sum(n for n, _, _ in pt.batch)} tokens, {pt.seconds * 1e3:.1f} ms[/]"))
+            f"[dim]  {pt.kind}: {len(pt.batch)} seq, {sum(n for n, _, _ in pt.batch)} tokens, {pt.seconds * 1e3:.1f} ms[/]"),
+            cpu_time=args.cpu_time)
     except (FileNotFoundError, ValueError) as e:
         raise PlanError(f"cannot calibrate: {e}") from None
     cal.save(args.out)

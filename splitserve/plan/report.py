@@ -176,18 +176,18 @@ def plan_figure(result: PlanResult) -> bytes:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     def value(c: dict) -> float:
-        return c["rps_per_gpu"] if c["rps_per_gpu"] is not None else (c.get("below_rps") or 0.0) / c["unit_gpus"]
+        return c["rps_per_gpu"] if c["rps_per_gpu"] is not None else 0.0
 
     cands = sorted(result.candidates, key=value)
     colors = ["tab:blue" if c["mode"] == "colocated" else "tab:orange" for c in cands]
     bars = ax1.barh([c["config"].replace("disaggregated ", "").replace("colocated ", "colo ") for c in cands],
                     [value(c) for c in cands], color=colors)
     for bar, c in zip(bars, cands):
-        if c["rps_per_gpu"] is None:  # only bounded: it failed the rate it needed to beat the best
-            bar.set_alpha(0.35)
-            bar.set_hatch("//")
+        if c["rps_per_gpu"] is None:  # only bounded: it failed the rate it needed to beat the best of its mode
+            ax1.annotate("lost to the best of its mode", (0, bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                         textcoords="offset points", va="center", fontsize=7, color="gray")
     ax1.set_xlabel("goodput per GPU (req/s) at the SLO")
-    ax1.set_title("simulated configurations (blue: colocated, orange: disaggregated; hatched: less than shown)", fontsize=9)
+    ax1.set_title("simulated configurations (blue: colocated, orange: disaggregated)", fontsize=9)
     ax1.tick_params(axis="y", labelsize=7)
     for r, color in ((result.colocated, "tab:blue"), (result.disaggregated, "tab:orange")):
         if r is None:

@@ -9,8 +9,9 @@ Search (fixed cluster of N GPUs):
    judged past its warm-up.
 2. Screen every unit with the closed-form estimate (`estimate.py`); keep the `top_k` best of each mode.
 3. Simulate each kept unit on the real Scheduler and search its goodput: the highest request rate at which
-   at least `attainment` of the requests meet both TTFT and TPOT (bench's `attainment`), bracketed around
-   the estimate and bisected to `resolution`.
+   at least `attainment` of the requests meet both TTFT and TPOT (bench's `attainment`) and waiting does not
+   keep growing (overload), bracketed around the estimate and bisected to `resolution`. Within a mode,
+   later candidates are first probed at the rate they need to beat the best so far (branch and bound).
 4. Compare goodput per GPU used; the verdict says which mode wins and why (which SLO fails first above the
    goodput, where the time goes, utilisation of each pool, the transfer's share).
 With a target rate instead (`rate`), each unit needs ceil(rate / its goodput) copies: the fewest GPUs wins.
@@ -31,7 +32,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from splitserve.bench.metrics import SLO, attainment, e2e, summarize, tpot, ttft
-from splitserve.sim.cluster import ClusterSim, ClusterSpec, InfeasibleConfig, PoolSpec, SimResult
+from splitserve.sim.cluster import ClusterSim, ClusterSpec, PoolSpec, SimResult
 from splitserve.sim.hardware import Hardware, Network
 from splitserve.sim.models import ModelSpec
 from splitserve.sim.perf import Efficiency, PerfModel
@@ -101,13 +102,13 @@ class PlanSpec:
     top_k: int = 4
     resolution: float = 0.05  # relative width of the final rate bracket
     jobs: int = 0  # processes for simulations; 0 = one per CPU core
-    block_size: int = 16
+    block_size: int | None = None  # KV block tokens; None: 16, larger for long prompts (fewer block operations)
     # A probe lasts `window_lifetimes` request lifetimes at the SLO (TTFT + output x TPOT), so that the
     # cluster fills up: its request count is rate x that, within [workload.num_requests, max_requests].
     # Attainment is judged on the requests arriving between `warmup` and `cooldown` of the probe.
     window_lifetimes: float = 2.0
     max_requests: int = 4000
-    max_growth: float = 1.3  # a probe whose latency still grows this much from its first to last third is overloaded
+    max_wait_growth: float = 0.25  # x TTFT target: a probe whose median wait grows more, first to last third, is overloaded
     warmup: float = 0.25
     cooldown: float = 0.9
     mean_output: float = 0.0  # filled in by `plan` from the workload
@@ -169,7 +170,7 @@ def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> 
             "(tensor parallelism stays within a node)"
         )
     perf = {tp: PerfModel(plan.model, plan.hardware, tp, plan.efficiency) for tp in tps}
-    base = dict(model=plan.model, hardware=plan.hardware, efficiency=plan.efficiency, block_size=plan.block_size)
+    base = dict(model=plan.model, hardware=plan.hardware, efficiency=plan.efficiency, block_size=plan.block_size or 16)
     cands: list[Candidate] = []
     for tp in tps:
         copies = (plan.gpus // tp) if plan.rate is None else 1
@@ -248,7 +249,7 @@ class Probe:
     ttft_miss: float  # fraction of requests over the TTFT target (or failed)
     tpot_miss: float
     stopped_early: bool
-    growth: float = 1.0  # mean end-to-end latency, last third of the judged requests over the first third
+    growth: float = 0.0  # seconds the median wait grew from the first to the last third of the judged requests
     metrics: dict | None = None  # filled for the probe reported (see `probe_metrics`)
     passed: bool = False  # attainment reached and latency not growing (a stable queue)
 
@@ -303,22 +304,24 @@ def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False
     ttft_miss = sum(1 for r in recs if (v := ttft(r)) is None or v > slo.ttft_s) / n
     tpot_miss = sum(1 for r in recs if r.ok and (v := tpot(r)) is not None and v > slo.tpot_s) / n
     att = attainment(recs, slo)
-    g = growth(recs)
+    g = growth(judged(plan, res.waits))
     metrics = probe_metrics(plan, res, wl, rate) if full or not res.stopped_early else None
-    passed = att >= plan.attainment and g <= plan.max_growth
+    passed = att >= plan.attainment and g <= plan.max_wait_growth * slo.ttft_s
     return Probe(rate, att, ttft_miss, tpot_miss, res.stopped_early, g, metrics, passed)
 
 
-def growth(recs: Sequence) -> float:
-    """How much end-to-end latency grew over the probe: a stable system shows none, an overloaded one keeps
-    queueing (a short probe can hide overload inside the TPOT budget; this cannot)."""
-    k = len(recs) // 3
+def growth(waits: Sequence[float | None]) -> float:
+    """How much waiting grew over the probe (seconds): the median wait (queueing before the prefill, and for
+    a decode slot after the KV) of the last third of the judged requests minus that of the first third. A
+    stable system shows none; an overloaded one keeps queueing, which a short probe can otherwise hide
+    inside the TPOT budget. Waits, not latencies, so that a trace's changing lengths are not a trend."""
+    k = len(waits) // 3
     if k < 5:
-        return 1.0
-    first, last = [e2e(r) for r in recs[:k]], [e2e(r) for r in recs[-k:]]
+        return 0.0
+    first, last = waits[:k], waits[-k:]
     if any(v is None for v in last) or any(v is None for v in first):
         return math.inf
-    return float(np.mean(last) / max(np.mean(first), 1e-12))
+    return float(np.median(last) - np.median(first))
 
 
 @dataclass
@@ -339,7 +342,7 @@ class Evaluated:
         if f is None:
             return "not reached within the probed rates"
         if f.attainment >= self.target:
-            return f"overload: latency keeps growing (x{f.growth:.2f} over the probe at {f.rate:.3g} req/s per unit) though the SLO still holds"
+            return f"overload: waiting keeps growing (+{f.growth:.2f} s over the probe at {f.rate:.3g} req/s per unit) though the SLO still holds"
         which = "TTFT" if f.ttft_miss >= f.tpot_miss else "TPOT"
         return f"{which} ({f.ttft_miss:.0%} of requests miss TTFT, {f.tpot_miss:.0%} miss TPOT at {f.rate:.3g} req/s per unit)"
 
@@ -579,6 +582,16 @@ def verdict(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, col
     return v, adv, reasons
 
 
+def auto_block_size(mean_input: float) -> int:
+    """16 tokens, doubled per doubling of the mean prompt beyond 2k (at most 128): a block's bookkeeping in
+    the pure-Python scheduler dominates simulation time for long prompts, and a block of internal
+    fragmentation per request is noise at those lengths."""
+    bs = 16
+    while bs < 128 and mean_input > bs * 128:
+        bs *= 2
+    return bs
+
+
 def check_slo(plan: PlanSpec, traffic: est.Traffic, longest: int) -> None:
     """Refuse targets that no configuration can meet even serving one request at a time."""
     tps = _fitting_tps(plan, longest)
@@ -611,7 +624,7 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
     if not sample:
         raise PlanError("the workload has no requests")
     traffic = est.Traffic.of(sample)
-    spec = replace(spec, mean_output=traffic.mean_output)
+    spec = replace(spec, mean_output=traffic.mean_output, block_size=spec.block_size or auto_block_size(traffic.mean_input))
     longest = max(r.input_len + r.output_len for r in spec.workload.at(1.0, spec.max_requests).requests) + 1
     check_slo(spec, traffic, longest)
     cands = enumerate_candidates(spec, traffic, longest)
@@ -658,6 +671,7 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "gpu_hour_cost": spec.cost_per_gpu_hour,
         "pipelined": spec.pipelined,
         "requests_per_probe": spec.workload.num_requests,
+        "block_size": spec.block_size,
         "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
         "placement": "simulator least-loaded" if spec.router is None else
                      f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),

@@ -82,38 +82,38 @@ class Calibration:
 # ---------------------------------------------------------------------------------------------- peaks
 
 
-def step_clock(threads: int) -> Callable[[], float]:
-    """The clock profiling uses. With one torch thread every kernel runs on the calling thread, so its CPU
-    time is the step's cost even while other processes share the cores (a shared machine's wall time
-    says more about the neighbours than about the engine); with more threads, wall time."""
-    return time.thread_time if threads == 1 else time.perf_counter
+def step_clock(threads: int, cpu_time: bool = False) -> Callable[[], float]:
+    """The clock profiling uses: wall time (what a served request sees, neighbours on the cores included),
+    or with `cpu_time` and one torch thread (every kernel then runs on the calling thread) the thread's CPU
+    time: the engine's own cost, whatever else shares the cores."""
+    return time.thread_time if cpu_time and threads == 1 else time.perf_counter
 
 
-def measure_peaks(threads: int | None = None, seconds: float = 0.5) -> tuple[float, float]:
-    """(FLOP/s of float32 matrix products, bytes/s of a large copy) on this machine with torch."""
+def measure_peaks(threads: int | None = None, seconds: float = 0.5, min_runs: int = 5, cpu_time: bool = False) -> tuple[float, float]:
+    """(FLOP/s of float32 matrix products, bytes/s of a large copy) on this machine with torch: the best of
+    at least `min_runs` timed runs after an untimed one (the first touches fresh pages)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    clock = step_clock(torch.get_num_threads())
+    clock = step_clock(torch.get_num_threads(), cpu_time)
+
+    def best(op, work: float) -> float:
+        op()
+        top, runs, end = 0.0, 0, time.perf_counter() + seconds
+        while runs < min_runs or time.perf_counter() < end:
+            t = clock()
+            op()
+            top = max(top, work / max(clock() - t, 1e-9))
+            runs += 1
+        return top
+
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    best_f = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = clock()
-        torch.mm(a, b)
-        best_f = max(best_f, 2 * n**3 / max(clock() - t, 1e-9))
     src = torch.empty(32 << 20)  # 128 MiB
     src.fill_(1.0)
     dst = torch.empty_like(src)
-    best_b = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = clock()
-        dst.copy_(src)
-        best_b = max(best_b, 2 * src.numel() * 4 / max(clock() - t, 1e-9))
-    return best_f, best_b
+    return best(lambda: torch.mm(a, b), 2 * n**3), best(lambda: dst.copy_(src), 2 * src.numel() * 4)
 
 
 def cpu_hardware(flops: float, bandwidth: float, mem_bytes: float, threads: int) -> Hardware:
@@ -297,6 +297,7 @@ def calibrate(
     quick: bool = False,
     engine_kwargs: dict | None = None,
     on_point: Callable[[Point], None] | None = None,
+    cpu_time: bool = False,
 ) -> Calibration:
     """Load the model into a real Engine, measure this machine's peaks, profile the grid, fit."""
     import torch
@@ -309,7 +310,7 @@ def calibrate(
     threads = torch.get_num_threads()
     loaded = load_model(model_path)
     engine = Engine(loaded, EngineConfig(**(engine_kwargs or {})))
-    flops, bw = measure_peaks(threads)
+    flops, bw = measure_peaks(threads, cpu_time=cpu_time)
     try:
         import psutil
 
@@ -318,7 +319,7 @@ def calibrate(
         mem = 8e9
     hw = cpu_hardware(flops, bw, mem, threads)
     spec = model_spec_of(loaded)
-    clock = step_clock(threads)
+    clock = step_clock(threads, cpu_time)
     points = profile_engine(engine, Grid.default(quick), loaded.config.vocab_size, on_point, clock=clock)
     eff, med, p90 = fit(spec, hw, points)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,

@@ -17,9 +17,10 @@ Prompts carry deterministic token ids and precomputed chained block hashes: requ
 hashes are computed from the spec rather than by hashing materialised tokens: a Mooncake run would
 otherwise spend most of its time in blake2b and hold gigabytes of token lists.
 
-Cost: about 5-8 us of wall time per sequence per step (the scheduler is pure Python), i.e. roughly
-(prompt blocks + output tokens) x requests. 10,000 requests of 1k-token prompts and 100-token outputs take a
-few seconds; long outputs cost proportionally more.
+Cost: about 5-10 us of CPU time per sequence per step plus a few per prompt block (the scheduler and block
+pool are pure Python), i.e. roughly (output tokens + prompt blocks) x requests: 10,000 requests of 1k-token
+prompts and 64-token outputs take about 8 s of CPU time; long outputs and long prompts cost proportionally
+more (the planner raises the block size for long prompts).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
@@ -87,6 +88,7 @@ class ClusterSpec:
     prefix_caching: bool = True
     max_waiting: int = 1 << 30  # the simulated queue is unbounded unless asked
     kv_blocks: int | None = None  # blocks per worker; None: what the GPU memory holds after the weights
+    request_overhead_s: float = 0.0  # arrival -> the request reaches a scheduler (frontend, HTTP, routing)
 
     def __post_init__(self) -> None:
         roles = sorted(p.role for p in self.pools)
@@ -312,6 +314,9 @@ class SimResult:
     transfer_exposed_s: float  # mean per transferred request: prefill end -> KV complete
     stopped_early: bool = False  # the SLO had already failed for too many requests
     sim_wall_s: float = 0.0
+    # Per request (as `records`): seconds spent waiting, not computing: before its prefill starts, and
+    # between its KV being complete and its first decode step. None if it did not finish.
+    waits: list[float | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def summary(self, slo: SLO = SLO()) -> Summary:
@@ -324,9 +329,15 @@ _ARRIVE, _STEP, _XFER = 0, 1, 2
 
 
 class ClusterSim:
-    def __init__(self, spec: ClusterSpec, policy: PlacementPolicy | None = None) -> None:
+    def __init__(
+        self, spec: ClusterSpec, policy: PlacementPolicy | None = None,
+        step_scale: Callable[[Worker, float], float] | None = None,
+    ) -> None:
+        """`step_scale(worker, now)`, if given, multiplies each step's modelled time: what a machine shared
+        with other work does to a worker (measured, e.g., by benchmarks/sim_accuracy.py)."""
         self.spec = spec
         self.policy = policy or LeastLoaded()
+        self.step_scale = step_scale
 
     # ------------------------------------------------------------------ construction
 
@@ -398,11 +409,12 @@ class ClusterSim:
         n, ai, now = len(sims), 0, 0.0
         stopped = False
         heap = self.heap
+        delay = self.spec.request_overhead_s
         while ai < n or heap:
-            if ai < n and (not heap or sims[ai].spec.arrival_s <= heap[0][0]):
+            if ai < n and (not heap or sims[ai].spec.arrival_s + delay <= heap[0][0]):
                 sr = sims[ai]
                 ai += 1
-                now = sr.spec.arrival_s
+                now = sr.spec.arrival_s + delay
                 self._arrive(sr, now)
             else:
                 now, _, kind, obj = heapq.heappop(heap)
@@ -475,6 +487,7 @@ class ClusterSim:
             p.sched.add_request(sr.p_req)
         except QueueFull:
             d.sched.abort(sr.id)
+            d.outstanding -= 1
             self._reject(sr, 429, "prefill queue full")
             return True
         p.outstanding += 1
@@ -497,13 +510,14 @@ class ClusterSim:
         if not out.seqs:
             return
         cost = w.perf.scheduled(out)
-        w.busy, w.out, w.step_start, w.step_seconds = True, out, now, cost.seconds
-        w.busy_s += cost.seconds
+        seconds = cost.seconds if self.step_scale is None else cost.seconds * self.step_scale(w, now)
+        w.busy, w.out, w.step_start, w.step_seconds = True, out, now, seconds
+        w.busy_s += seconds
         w.flops += cost.flops
         w.bytes += cost.bytes
         w.steps += 1
         w.seq_steps += len(out.seqs)
-        self._push(now + cost.seconds, _STEP, w)
+        self._push(now + seconds, _STEP, w)
 
     def _step_done(self, w: Worker, now: float) -> None:
         out = w.out
@@ -607,6 +621,17 @@ class ClusterSim:
 
     # ------------------------------------------------------------------ summary
 
+    @staticmethod
+    def _wait(s: SimRequest) -> float | None:
+        rec = s.record
+        if rec.end_s is None or not rec.ok:
+            return None
+        queue = (s.prefill_start if s.prefill_start is not None else rec.sent_s) - rec.sent_s
+        if s.second is None or rec.completion_tokens < 3:
+            return max(0.0, queue)
+        step = (rec.end_s - s.second) / (rec.completion_tokens - 2)
+        return max(0.0, queue) + max(0.0, s.second - s.kv_ready - step)
+
     def _result(self, sims: list[SimRequest], elapsed: float, stopped: bool) -> SimResult:
         pools = []
         for pool in self.spec.pools:
@@ -644,6 +669,7 @@ class ClusterSim:
         return SimResult(
             cluster=self.spec,
             records=[s.record for s in sims],
+            waits=[self._wait(s) for s in sims],
             pools=pools,
             phases=phases,
             elapsed_s=elapsed,

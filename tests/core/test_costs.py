@@ -68,13 +68,13 @@ def test_measurements_replace_priors_per_worker_and_big_prefills_weigh_more():
 def test_short_uncached_suffix_prefills_locally():
     d = decide(make(), d_cached=2000)  # the decode worker holds all but 48 tokens
     assert not d.remote
-    assert d.terms["remote.prefill_s"] > d.local.cost_s  # P would recompute the whole prompt
+    assert d.terms["remote.prefill_s"] > d.local_path.cost_s  # P would recompute the whole prompt
 
 
 def test_saturated_prefill_pool_prefills_locally():
     d = decide(make(), p_queued=1_000_000)
     assert not d.remote and d.terms["remote.queue_s"] == pytest.approx(100.0)
-    assert d.remote_path.cost_s > d.local.cost_s
+    assert d.remote_path.cost_s > d.local_path.cost_s
 
 
 def test_slow_link_prefills_locally():
@@ -97,7 +97,7 @@ def test_long_uncached_prompt_on_fast_link_goes_remote_because_local_would_stall
 def test_without_a_prefill_worker_the_decision_is_local():
     d = make().decide(prompt_tokens=100, decode_worker="d", decode_cached_tokens=0, decode_queued_tokens=0,
                       decode_running=3)
-    assert not d.remote and d.remote_path is None and d.chosen is d.local
+    assert not d.remote and d.remote_path is None and d.chosen is d.local_path
 
 
 def test_from_perf_uses_the_roofline_model_and_decides_sensibly_for_llama_8b():

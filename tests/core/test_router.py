@@ -111,7 +111,7 @@ def test_conditional_disaggregation_keeps_a_short_suffix_local_and_sends_a_long_
     assert short.prefill_cached_blocks == 0
     long = r.route_tokens(list(range(5000, 9000)), now=0.0)
     assert long.prefill is not None and long.decision.remote
-    assert long.decision.remote_path.cost_s < long.decision.local.cost_s
+    assert long.decision.remote_path.cost_s < long.decision.local_path.cost_s
 
 
 def test_a_burst_of_remote_prefills_does_not_pile_up_forever_in_the_routers_estimate():

@@ -51,6 +51,7 @@ class RouterMachine(RuleBasedStateMachine):
         for w in self.workers:
             self.router.register(w.id, w.role, w.generation, NUM_BLOCKS)
         self.channel: list[tuple] = []  # messages in flight to the router, in any order
+        self.index_generation: dict[str, int] = {}  # per worker, the newest the index has followed
         self.requests = 0
 
     def _generation(self) -> int:
@@ -60,7 +61,10 @@ class RouterMachine(RuleBasedStateMachine):
     def _deliver(self, msg: tuple) -> None:
         kind, wid, generation, *rest = msg
         current = self.router.index.position(wid)
-        event(f"deliver {kind}: {'unregistered' if current is None else 'older generation' if generation < current[0] else 'newer generation' if generation > current[0] else 'current generation'}")
+        if current is None:
+            event(f"deliver {kind}: worker not in the index")
+        else:  # which cases the run reached: see pytest --hypothesis-show-statistics
+            event(f"deliver {kind}: {'older' if generation < current[0] else 'newer' if generation > current[0] else 'current'} generation")
         if kind == "events":
             if not self.router.on_events(wid, generation, rest[0]):
                 event("events: gap, snapshot requested")
@@ -137,6 +141,7 @@ class RouterMachine(RuleBasedStateMachine):
     def deregister(self, w: Worker) -> None:
         w.registered = False
         self.router.deregister(w.id)
+        self.index_generation.pop(w.id, None)
 
     def register(self, w: Worker) -> None:
         w.registered, w.draining = True, False
@@ -151,6 +156,7 @@ class RouterMachine(RuleBasedStateMachine):
     def restart_router(self, _: Worker) -> None:
         """A new router knows nothing: it registers the workers and rebuilds the index from snapshots."""
         self.router = new_router()
+        self.index_generation.clear()
         for w in self.workers:
             w.draining = False
             if w.registered:
@@ -198,6 +204,10 @@ class RouterMachine(RuleBasedStateMachine):
                 assert self.router.index.cached(w.id) == w.pool.cached_hashes()
             elif pos is not None and pos[0] == w.generation:
                 assert pos[1] < w.pool.event_seq, "the index ran ahead of the worker"
+            if pos is not None:
+                # A dead process's late messages must never take the index back to it.
+                assert self.index_generation.get(w.id, 0) <= pos[0] <= w.generation
+                self.index_generation[w.id] = pos[0]
 
 
 TestRouterConsistency = RouterMachine.TestCase

@@ -1,7 +1,6 @@
 """Planner pieces: candidate enumeration, the closed-form screen, the goodput search, the target-rate mode."""
 
 import math
-from dataclasses import replace
 
 import pytest
 

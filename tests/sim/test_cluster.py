@@ -2,9 +2,7 @@
 prefix sharing hits the cache, and the disaggregated protocol (reserve, hold, transfer, release) is kept."""
 
 import time
-from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from splitserve.bench.metrics import SLO, attainment
@@ -151,13 +149,14 @@ def test_infeasible_configurations_are_refused():
         ClusterSpec(M8, H100, (PoolSpec("prefill", 1), PoolSpec("decode", 1)))
 
 
-def test_thousands_of_requests_per_second_of_wall_time():
+def test_thousands_of_requests_per_second():
+    # CPU time, not wall time: the test must not fail because other work shares the cores.
     reqs = load(n=2000, rate=200, isl=1024, osl=16)
-    t = time.perf_counter()
+    t = time.process_time()
     sim, res = run(colocated(count=8), reqs)
-    wall = time.perf_counter() - t
+    cpu = time.process_time() - t
     assert all(r.ok for r in res.records)
-    assert wall < 4.0, f"{len(reqs)} requests took {wall:.1f} s"
+    assert cpu < 4.0, f"{len(reqs)} requests took {cpu:.1f} s of CPU time"
 
 
 def test_a_4k_llama_70b_prompt_crosses_400g_rdma_with_under_30_ms_exposed():
@@ -181,8 +180,37 @@ def test_a_4k_llama_70b_prompt_crosses_400g_rdma_with_under_30_ms_exposed():
 @pytest.mark.slow
 def test_ten_thousand_requests_in_under_ten_seconds():
     reqs = load(n=10_000, rate=500, isl=1024, osl=64)
-    t = time.perf_counter()
+    t = time.process_time()
     sim, res = run(colocated(count=16), reqs)
-    wall = time.perf_counter() - t
+    cpu = time.process_time() - t
     assert all(r.ok for r in res.records)
-    assert wall < 10.0, f"10,000 requests took {wall:.1f} s"
+    assert cpu < 10.0, f"10,000 requests took {cpu:.1f} s of CPU time"
+
+
+@pytest.mark.parametrize("policy", ["least_loaded", "kv_aware", "round_robin"])
+def test_the_core_router_places_requests_in_simulation(policy):
+    from splitserve.sim.routing import RouterPolicy
+
+    reqs = load(n=200, isl=1024, prefix=0.5)
+    router = RouterPolicy(policy, conditional=False)
+    sim, res = run(split(p=2, d=2), reqs, policy=router)
+    assert all(r.ok for r in res.records) and router.remote == len(reqs) and router.local == 0
+    check_conservation(sim)
+    steps = [w.seq_steps for w in sim.workers]
+    assert min(steps) > 0  # every worker got work
+
+
+def test_conditional_disaggregation_prefills_short_uncached_suffixes_locally():
+    from splitserve.sim.routing import RouterPolicy
+
+    # Mostly cached prompts: the decode worker holds the shared prefix, so a short suffix is cheaper there.
+    reqs = load(n=150, isl=2048, osl=16, prefix=0.95, rate=5, dist="fixed")
+    router = RouterPolicy("kv_aware", conditional=True)
+    sim, res = run(split(), reqs, policy=router)
+    assert all(r.ok for r in res.records)
+    assert router.local > 0 and router.remote > 0
+    check_conservation(sim)
+    # Long uncached prompts on a fast link go to the prefill worker.
+    router = RouterPolicy("kv_aware", conditional=True)
+    run(split(), load(n=60, isl=4096, osl=16, rate=2, dist="fixed"), policy=router)
+    assert router.remote > router.local
