@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splitserve.cluster.cli import add_ray_args, add_scale_parser, serve_ray
 from splitserve.runtime.engine import GiB, EngineConfig
 
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for workers' health")
     _add_transfer_args(serve)
     add_engine_args(serve)
+    add_ray_args(serve)
     serve.set_defaults(handler=_serve)
 
     worker = sub.add_parser("worker", help="one worker process (normally started by `serve`)")
@@ -114,10 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench.cli import add_parser as add_bench
 
     add_bench(sub)
+    from splitserve.plan.cli import add_parser as add_plan
+
+    add_plan(sub)
+    add_scale_parser(sub)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return serve_ray(args)
     from splitserve.runtime.launch import serve
 
     return serve(args)

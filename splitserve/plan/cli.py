@@ -3,6 +3,8 @@
     splitserve plan --model llama-3.1-70b --gpu h100 --gpus 16 --network rdma-400 \\
         --isl 4096 --osl 256 --slo-ttft 2 --slo-tpot 0.05
     splitserve plan ... --sweep prompt-length --out results/plan
+    splitserve plan ... --prefill-gpu h100 --decode-gpu a100 --price A100=1.5   # hardware per pool, own prices
+    splitserve plan ... --search-gpus h100,h200,a100      # every type per pool: the cheapest per token wins
     splitserve plan calibrate --out calibration.json     # fit the model to the engine on this machine
     splitserve plan report results/plan/plan.json --out results/plan
 
@@ -23,7 +25,7 @@ from splitserve.plan import report
 from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
 from splitserve.plan.sweep import AXES, sweep
 from splitserve.sim.cluster import InfeasibleConfig
-from splitserve.sim.hardware import PresetError, gpu, network
+from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
 from splitserve.sim.models import model as model_preset
 from splitserve.sim.perf import Efficiency
 from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
@@ -66,7 +68,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network", default="rdma-400", help="KV link: rdma-400, rdma-200, eth-100, eth-25, nvlink (default %(default)s)")
     g.add_argument("--no-pipelining", dest="pipelined", action="store_false", help="send KV after the prefill, not layer by layer")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights and KV cache (default %(default)s)")
-    g.add_argument("--gpu-hour-cost", type=float, help="USD per GPU-hour (default: the preset's rough cloud price)")
+    g.add_argument("--gpu-hour-cost", type=float, help="USD per GPU-hour of --gpu (default: the preset's rough cloud price)")
+    g.add_argument("--prefill-gpu", help="GPU preset of the prefill pool (default: --gpu)")
+    g.add_argument("--decode-gpu", help="GPU preset of the decode pool (default: --gpu)")
+    g.add_argument("--search-gpus", help="comma-separated GPU presets (e.g. h100,a100,l40s): try every type for each pool "
+                   "and for colocated, rank by goodput per dollar")
+    g.add_argument("--price", action="append", default=[], metavar="GPU=USD",
+                   help="USD per GPU-hour, e.g. --price H100=2.5 (repeatable; defaults: " +
+                   ", ".join(f"{k}={v:g}" for k, v in DEFAULT_PRICES.items()) + ")")
+    g.add_argument("--prices-file", type=Path, help="prices as JSON {\"h100\": 2.5, ...} or name=price lines")
     g.add_argument("--router", choices=("least_loaded", "kv_aware", "round_robin"),
                    help="place disaggregated requests with the core Router and this policy (default: the "
                    "simulator's least-loaded placement)")
@@ -133,7 +143,12 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
         if not args.model:
             raise PlanError("give --model (a preset or a config.json)")
         if not args.gpu:
-            raise PlanError("give --gpu (h100, h200, a100, l40s, b200) or --calibration FILE")
+            if getattr(args, "search_gpus", None):
+                args.gpu = args.search_gpus.split(",")[0]
+            elif getattr(args, "prefill_gpu", None) and getattr(args, "decode_gpu", None):
+                args.gpu = args.prefill_gpu
+            else:
+                raise PlanError("give --gpu (h100, h200, a100, l40s, b200) or --calibration FILE")
         hw, m = gpu(args.gpu), model_preset(args.model)
         m = m.with_dtype(DTYPES[args.dtype])
     if args.slo_ttft is None or args.slo_tpot is None:
@@ -157,7 +172,13 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
         )
         wl = WorkloadDef(synthetic=syn, num_requests=args.requests)
         wl.at(1.0)  # validate the synthetic parameters now
+    prices = load_prices(args.prices_file) if getattr(args, "prices_file", None) else {}
+    prices.update(parse_prices(getattr(args, "price", None) or ()))
+    pick = lambda name: None if not name else hw if name.strip().lower() == str(args.gpu or "").strip().lower() else gpu(name)
+    search = tuple(gpu(n) for n in (getattr(args, "search_gpus", None) or "").split(",") if n.strip())
     return PlanSpec(
+        prefill_hardware=pick(getattr(args, "prefill_gpu", None)), decode_hardware=pick(getattr(args, "decode_gpu", None)),
+        search_hardware=search, prices=tuple(sorted(prices.items())),
         model=m, hardware=hw, network=network(args.network, hw), workload=wl, slo=SLO(args.slo_ttft, args.slo_tpot),
         gpus=args.gpus, rate=args.rate, attainment=args.attainment, gpu_hour_cost=args.gpu_hour_cost, efficiency=eff,
         pipelined=args.pipelined, tp_options=_ints(args.tp, "tp"), chunk_options=_ints(args.chunks, "chunks"),

@@ -8,6 +8,8 @@ import html
 import io
 import json
 import math
+
+import numpy as np
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,9 @@ def dumps(doc: dict) -> str:
 
 def _plan_from(d: dict) -> PlanResult:
     modes = {k: ModeResult(**{**d[k], "probes": [tuple(p) for p in d[k]["probes"]]}) if d.get(k) else None
-             for k in ("colocated", "disaggregated")}
+             for k in ("colocated", "disaggregated", "heterogeneous")}
     return PlanResult(d["inputs"], modes["colocated"], modes["disaggregated"], d["verdict"], d["advantage"],
-                      d["reasons"], d.get("candidates", []), d.get("wall_s", 0.0))
+                      d["reasons"], d.get("candidates", []), d.get("wall_s", 0.0), modes["heterogeneous"], d.get("costs", []))
 
 
 def load(path: str | Path) -> PlanResult | SweepResult:
@@ -88,9 +90,10 @@ def _money(v: float | None) -> str:
 
 def _rows(r: ModeResult | None) -> list[str]:
     if r is None:
-        return ["none meets the SLO"] + [""] * 11
+        return ["none meets the SLO"] + [""] * (len(LABELS) - 1)
     m = r.metrics
-    pools = "\n".join(f"{p['role']}: {p['compute_util']:.0%} / {p['bandwidth_util']:.0%}" for p in m["pools"])
+    hw = [u.get("hardware", "") for u in r.utilisation] or [""] * len(m["pools"])
+    pools = "\n".join(f"{p['role']}{' ' + h if h else ''}: {p['compute_util']:.0%} / {p['bandwidth_util']:.0%}" for p, h in zip(m["pools"], hw))
     return [
         r.config,
         str(r.gpus),
@@ -102,6 +105,7 @@ def _rows(r: ModeResult | None) -> list[str]:
         pools,
         ", ".join(f"{k.removesuffix('_s')} {_ms(v)}" for k, v in m["phases"].items()),
         _money(r.cost_per_m_tokens),
+        _money(r.cost_per_m_input_tokens),
         _money(r.cost_per_m_output_tokens),
         r.binding,
     ]
@@ -110,7 +114,7 @@ def _rows(r: ModeResult | None) -> list[str]:
 LABELS = [
     "configuration", "GPUs used", "goodput, req/s", "tokens/s per GPU (in+out)", "output tokens/s per GPU",
     "TTFT p50/p90/p99, ms", "TPOT p50/p90/p99, ms", "compute / bandwidth util", "mean phase times, ms",
-    "$ per M tokens (in+out)", "$ per M output tokens", "binds first above goodput",
+    "$ per M tokens (in+out)", "$ per M input tokens", "$ per M output tokens", "binds first above goodput",
 ]
 
 
@@ -125,8 +129,12 @@ def print_plan(result: PlanResult, console: Console | None = None) -> None:
     t.add_column("")
     t.add_column("colocated")
     t.add_column("disaggregated")
-    for label, a, b in zip(LABELS, _rows(result.colocated), _rows(result.disaggregated)):
-        t.add_row(label, a, b)
+    cols = [_rows(result.colocated), _rows(result.disaggregated)]
+    if result.heterogeneous is not None or result.inputs.get("search_gpus"):
+        t.add_column("heterogeneous")
+        cols.append(_rows(result.heterogeneous))
+    for label, *vals in zip(LABELS, *cols):
+        t.add_row(label, *vals)
     c.print(t)
     adv = f" ({result.advantage:.2f}x)" if result.advantage is not None else ""
     c.print(f"[bold]verdict: {result.verdict}[/]{adv}")
@@ -174,12 +182,12 @@ def plan_figure(result: PlanResult) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.2))
     def value(c: dict) -> float:
         return c["rps_per_gpu"] if c["rps_per_gpu"] is not None else 0.0
 
     cands = sorted(result.candidates, key=value)
-    colors = ["tab:blue" if c["mode"] == "colocated" else "tab:orange" for c in cands]
+    colors = [{"colocated": "tab:blue", "heterogeneous": "tab:green"}.get(c["mode"], "tab:orange") for c in cands]
     bars = ax1.barh([c["config"].replace("disaggregated ", "").replace("colocated ", "colo ") for c in cands],
                     [value(c) for c in cands], color=colors)
     for bar, c in zip(bars, cands):
@@ -187,9 +195,9 @@ def plan_figure(result: PlanResult) -> bytes:
             ax1.annotate("lost to the best of its mode", (0, bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
                          textcoords="offset points", va="center", fontsize=7, color="gray")
     ax1.set_xlabel("goodput per GPU (req/s) at the SLO")
-    ax1.set_title("simulated configurations (blue: colocated, orange: disaggregated)", fontsize=9)
+    ax1.set_title("simulated configurations (blue: colocated, orange: disaggregated, green: heterogeneous)", fontsize=9)
     ax1.tick_params(axis="y", labelsize=7)
-    for r, color in ((result.colocated, "tab:blue"), (result.disaggregated, "tab:orange")):
+    for r, color in ((result.colocated, "tab:blue"), (result.disaggregated, "tab:orange"), (result.heterogeneous, "tab:green")):
         if r is None:
             continue
         pts = sorted(r.probes)
@@ -199,6 +207,23 @@ def plan_figure(result: PlanResult) -> bytes:
     ax2.set_ylabel("SLO attainment")
     ax2.set_title("attainment probes of the best of each mode", fontsize=9)
     ax2.legend(fontsize=7)
+    # Utilisation of each pool of the best of each mode: achieved FLOP/s and bytes/s over peak.
+    labels, comp, band = [], [], []
+    for name, r in (("colo", result.colocated), ("disagg", result.disaggregated), ("hetero", result.heterogeneous)):
+        if r is None:
+            continue
+        hw = [u.get("hardware", "") for u in r.utilisation] or [""] * len(r.metrics["pools"])
+        for p, h in zip(r.metrics["pools"], hw):
+            labels.append(f"{name} {p['role']}\n{h}")
+            comp.append(p["compute_util"])
+            band.append(p["bandwidth_util"])
+    xs = np.arange(len(labels))
+    ax3.bar(xs - 0.2, comp, 0.4, label="compute (FLOP/s / peak)")
+    ax3.bar(xs + 0.2, band, 0.4, label="memory bandwidth (bytes/s / peak)")
+    ax3.set_xticks(xs, labels, fontsize=7)
+    ax3.set_ylabel("utilisation over the run")
+    ax3.set_title("phase utilisation of each pool at the goodput", fontsize=9)
+    ax3.legend(fontsize=7)
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
@@ -259,9 +284,10 @@ def _img(png: bytes) -> str:
 
 def plan_html(result: PlanResult, png: bytes | None = None) -> str:
     i = result.inputs
+    cols = [_rows(result.colocated), _rows(result.disaggregated)] + ([_rows(result.heterogeneous)] if result.heterogeneous else [])
     rows = "".join(
-        f"<tr><th>{html.escape(label)}</th><td>{html.escape(a).replace(chr(10), '<br>')}</td><td>{html.escape(b).replace(chr(10), '<br>')}</td></tr>"
-        for label, a, b in zip(LABELS, _rows(result.colocated), _rows(result.disaggregated))
+        f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{html.escape(v).replace(chr(10), '<br>')}</td>" for v in vals) + "</tr>"
+        for label, *vals in zip(LABELS, *cols)
     )
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in result.reasons)
     inputs = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in i.items())
@@ -269,7 +295,7 @@ def plan_html(result: PlanResult, png: bytes | None = None) -> str:
         f"<h1>splitserve plan: {html.escape(i['model'])}</h1>"
         f"<p class='v'>verdict: {html.escape(result.verdict)}"
         + (f" ({result.advantage:.2f}x)" if result.advantage is not None else "") + "</p>"
-        f"<ul>{reasons}</ul><table><tr><th></th><th>colocated</th><th>disaggregated</th></tr>{rows}</table>"
+        f"<ul>{reasons}</ul><table><tr><th></th><th>colocated</th><th>disaggregated</th>{'<th>heterogeneous</th>' if result.heterogeneous else ''}</tr>{rows}</table>"
         + (_img(png) if png else "")
         + f"<h2>inputs</h2><table>{inputs}</table>"
     )

@@ -33,13 +33,14 @@ import numpy as np
 
 from splitserve.bench.metrics import SLO, attainment, e2e, summarize, tpot, ttft
 from splitserve.sim.cluster import ClusterSim, ClusterSpec, PoolSpec, SimResult
-from splitserve.sim.hardware import Hardware, Network
+from splitserve.sim.hardware import Hardware, Network, hour_price
 from splitserve.sim.models import ModelSpec
 from splitserve.sim.perf import Efficiency, PerfModel
 from splitserve.sim.workload import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
 from splitserve.plan import estimate as est
 
-Mode = Literal["colocated", "disaggregated"]
+Mode = Literal["colocated", "disaggregated", "heterogeneous"]
+MODES: tuple[str, ...] = ("colocated", "disaggregated", "heterogeneous")
 
 
 class PlanError(ValueError):
@@ -116,6 +117,13 @@ class PlanSpec:
     # policy, and its conditional disaggregation (prefill on the decode worker when the cost model says so).
     router: str | None = None
     conditional: bool = True
+    # Issue #7: hardware per pool. `prefill_hardware`/`decode_hardware` (None: `hardware`) fix the
+    # disaggregated pools' GPUs; `search_hardware` instead tries every type for each pool (and for colocated).
+    # Units are then ranked by goodput per dollar (`prices`: USD per GPU-hour by preset key, over the presets').
+    prefill_hardware: Hardware | None = None
+    decode_hardware: Hardware | None = None
+    search_hardware: tuple[Hardware, ...] = ()
+    prices: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.slo.ttft_s is None or self.slo.tpot_s is None:
@@ -133,7 +141,46 @@ class PlanSpec:
 
     @property
     def cost_per_gpu_hour(self) -> float:
-        return self.gpu_hour_cost if self.gpu_hour_cost is not None else self.hardware.gpu_hour_cost
+        return self.gpu_hour_cost if self.gpu_hour_cost is not None else self.price(self.hardware)
+
+    def price(self, hw: Hardware) -> float:
+        """USD per GPU-hour of `hw` (0: unknown). `gpu_hour_cost` applies to the main `hardware` only."""
+        if hw.name == self.hardware.name and self.gpu_hour_cost is not None:
+            return self.gpu_hour_cost
+        return hour_price(hw, dict(self.prices))
+
+    @property
+    def colocated_hardware(self) -> tuple[Hardware, ...]:
+        return self.search_hardware or (self.hardware,)
+
+    @property
+    def pool_pairs(self) -> list[tuple[Hardware, Hardware]]:
+        """(prefill, decode) hardware pairs to try."""
+        if self.search_hardware:
+            return [(p, d) for p in self.search_hardware for d in self.search_hardware]
+        return [(self.prefill_hardware or self.hardware, self.decode_hardware or self.hardware)]
+
+    @property
+    def all_hardware(self) -> list[Hardware]:
+        out: dict[str, Hardware] = {}
+        for hw in (*self.colocated_hardware, *(h for pair in self.pool_pairs for h in pair)):
+            out.setdefault(hw.name, hw)
+        return list(out.values())
+
+    def network_for(self, hw_p: Hardware, hw_d: Hardware) -> Network | None:
+        """The KV link between the pools; NVLink only joins GPUs of one kind in one node (None otherwise)."""
+        if not self.network.intra_node:
+            return self.network
+        if hw_p.name != hw_d.name:
+            return None
+        return replace(self.network, name=f"NVLink ({hw_p.name})", bandwidth=hw_p.link_bw)
+
+    def unit_cost(self, unit: ClusterSpec) -> float:
+        """USD per hour of one unit; its GPU count where any price is unknown (ranking by GPUs, as before)."""
+        prices = [self.price(p.hardware or unit.hardware) for p in unit.pools]
+        if all(v > 0 for v in prices):
+            return sum(p.gpus * v for p, v in zip(unit.pools, prices))
+        return float(unit.gpus)
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -152,58 +199,70 @@ class Candidate:
         return self.copies * self.unit.gpus
 
 
-def _fitting_tps(plan: PlanSpec, longest: int) -> list[int]:
+def _fitting_tps(plan: PlanSpec, longest: int, hw: Hardware | None = None) -> list[int]:
+    """Tensor-parallel sizes at which the weights and the KV cache of the longest request fit on `hw`
+    (memory capacity: no configuration whose KV cache does not fit is proposed)."""
+    hw = hw or plan.hardware
     out = []
     for tp in plan.tp_options:
-        if tp > plan.hardware.gpus_per_node or (plan.gpus is not None and tp > plan.gpus):
+        if tp > hw.gpus_per_node or (plan.gpus is not None and tp > plan.gpus):
             continue
-        if PerfModel(plan.model, plan.hardware, tp, plan.efficiency).kv_capacity_tokens() >= longest:
+        if PerfModel(plan.model, hw, tp, plan.efficiency).kv_capacity_tokens() >= longest:
             out.append(tp)
     return out
 
 
 def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> list[Candidate]:
-    tps = _fitting_tps(plan, longest)
-    if not tps:
+    fits = {hw.name: _fitting_tps(plan, longest, hw) for hw in plan.all_hardware}
+    if not any(fits.values()):
+        names = ", ".join(hw.name for hw in plan.all_hardware)
         raise PlanError(
-            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {plan.hardware.name} "
+            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {names} "
             "(tensor parallelism stays within a node)"
         )
-    perf = {tp: PerfModel(plan.model, plan.hardware, tp, plan.efficiency) for tp in tps}
+    main = plan.hardware.name
+    perf = {(hw.name, tp): PerfModel(plan.model, hw, tp, plan.efficiency) for hw in plan.all_hardware for tp in fits[hw.name]}
     base = dict(model=plan.model, hardware=plan.hardware, efficiency=plan.efficiency, block_size=plan.block_size or 16)
+
+    def tag(hw: Hardware) -> Hardware | None:  # pools on the main hardware keep the old description
+        return None if hw.name == main and not plan.search_hardware else hw
+
     cands: list[Candidate] = []
-    for tp in tps:
-        copies = (plan.gpus // tp) if plan.rate is None else 1
-        if copies < 1:
+    for hw in plan.colocated_hardware:
+        for tp in fits[hw.name]:
+            copies = (plan.gpus // tp) if plan.rate is None else 1
+            if copies < 1:
+                continue
+            for chunk in (None, *plan.chunk_options):
+                e = est.colocated(perf[hw.name, tp], traffic, plan.slo, plan.max_num_seqs, chunk)
+                pool = PoolSpec("colocated", 1, tp, plan.max_num_seqs, chunk or 8192, chunk is not None, hardware=tag(hw))
+                cands.append(Candidate("colocated", ClusterSpec(pools=(pool,), **base), copies, e.rate, e.binding))
+    for hw_p, hw_d in plan.pool_pairs:
+        net = plan.network_for(hw_p, hw_d)
+        if net is None:
             continue
-        m = 1
-        for chunk in (None, *plan.chunk_options):
-            e = est.colocated(perf[tp], traffic, plan.slo, plan.max_num_seqs, chunk)
-            pool = PoolSpec("colocated", m, tp, plan.max_num_seqs, chunk or 8192, chunk is not None)
-            cands.append(Candidate("colocated", ClusterSpec(pools=(pool,), **base), copies, m * e.rate, e.binding))
-    pre = {tp: est.prefill_worker(perf[tp], traffic, plan.slo, plan.network.instance_bandwidth(tp, plan.hardware.gpus_per_node)) for tp in tps}
-    for tp_p in tps:
-        for tp_d in tps:
-            bw = min(plan.network.instance_bandwidth(tp_p, plan.hardware.gpus_per_node),
-                     plan.network.instance_bandwidth(tp_d, plan.hardware.gpus_per_node))
-            exposed = est.exposed_transfer(perf[tp_p], traffic, bw, plan.network.latency_s, plan.pipelined)
-            dec = est.decode_worker(perf[tp_d], traffic, plan.slo, plan.max_num_seqs, exposed)
-            for x in range(1, plan.max_instances):
-                for y in range(1, plan.max_instances - x + 1):
-                    unit_gpus = x * tp_p + y * tp_d
-                    if plan.gpus is not None and unit_gpus > plan.gpus:
-                        continue
-                    if plan.rate is None:
-                        copies = plan.gpus // unit_gpus
-                    else:
-                        copies = 1
-                    rp, rd = x * pre[tp_p].rate, y * dec.rate
-                    binding = f"prefill pool: {pre[tp_p].binding}" if rp <= rd else f"decode pool: {dec.binding}"
-                    unit = ClusterSpec(
-                        pools=(PoolSpec("prefill", x, tp_p, plan.max_num_seqs), PoolSpec("decode", y, tp_d, plan.max_num_seqs)),
-                        network=plan.network, pipelined=plan.pipelined, **base,
-                    )
-                    cands.append(Candidate("disaggregated", unit, copies, min(rp, rd), binding))
+        mode: Mode = "disaggregated" if hw_p.name == hw_d.name else "heterogeneous"
+        pre = {tp: est.prefill_worker(perf[hw_p.name, tp], traffic, plan.slo, net.instance_bandwidth(tp, hw_p.gpus_per_node))
+               for tp in fits[hw_p.name]}
+        for tp_p in fits[hw_p.name]:
+            for tp_d in fits[hw_d.name]:
+                bw = min(net.instance_bandwidth(tp_p, hw_p.gpus_per_node), net.instance_bandwidth(tp_d, hw_d.gpus_per_node))
+                exposed = est.exposed_transfer(perf[hw_p.name, tp_p], traffic, bw, net.latency_s, plan.pipelined)
+                dec = est.decode_worker(perf[hw_d.name, tp_d], traffic, plan.slo, plan.max_num_seqs, exposed)
+                for x in range(1, plan.max_instances):
+                    for y in range(1, plan.max_instances - x + 1):
+                        unit_gpus = x * tp_p + y * tp_d
+                        if plan.gpus is not None and unit_gpus > plan.gpus:
+                            continue
+                        copies = plan.gpus // unit_gpus if plan.rate is None else 1
+                        rp, rd = x * pre[tp_p].rate, y * dec.rate
+                        binding = f"prefill pool: {pre[tp_p].binding}" if rp <= rd else f"decode pool: {dec.binding}"
+                        unit = ClusterSpec(
+                            pools=(PoolSpec("prefill", x, tp_p, plan.max_num_seqs, hardware=hw_p if mode == "heterogeneous" else tag(hw_p)),
+                                   PoolSpec("decode", y, tp_d, plan.max_num_seqs, hardware=hw_d if mode == "heterogeneous" else tag(hw_d))),
+                            network=net, pipelined=plan.pipelined, **base,
+                        )
+                        cands.append(Candidate(mode, unit, copies, min(rp, rd), binding))
     return cands
 
 
@@ -211,13 +270,14 @@ def _score(plan: PlanSpec, c: Candidate, unit_rate: float) -> float:
     """Higher is better: goodput per GPU (fixed cluster) or -GPUs needed (target rate)."""
     if unit_rate <= 0:
         return -math.inf
+    cost = plan.unit_cost(c.unit)  # USD/h (the GPU count where prices are unknown): per GPU as before on one type
     if plan.rate is None:
-        return unit_rate / c.unit.gpus
-    return -math.ceil(plan.rate / unit_rate) * c.unit.gpus + unit_rate / c.unit.gpus * 1e-9
+        return unit_rate / cost
+    return -math.ceil(plan.rate / unit_rate) * cost + unit_rate / cost * 1e-9
 
 
-def _shape(c: Candidate) -> tuple[int, ...]:
-    return tuple(p.tp for p in c.unit.pools)
+def _shape(c: Candidate) -> tuple:
+    return tuple((p.tp, (p.hardware or c.unit.hardware).name) for p in c.unit.pools)
 
 
 def shortlist(plan: PlanSpec, cands: Sequence[Candidate], mode: Mode) -> list[Candidate]:
@@ -400,10 +460,11 @@ def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None) -> Evalu
 
 def _bar(plan: PlanSpec, c: Candidate, best: Evaluated) -> float:
     """The unit rate `c` must sustain to beat `best` (inf: it cannot, whatever its goodput)."""
+    mine, theirs = plan.unit_cost(c.unit), plan.unit_cost(best.candidate.unit)
     if plan.rate is None:
-        return best.goodput / best.candidate.unit.gpus * c.unit.gpus * (1 + plan.resolution)
-    best_gpus = math.ceil(plan.rate / best.goodput) * best.candidate.unit.gpus
-    copies = (best_gpus - 1) // c.unit.gpus  # the most copies that still use fewer GPUs
+        return best.goodput / theirs * mine * (1 + plan.resolution)
+    best_cost = math.ceil(plan.rate / best.goodput) * theirs
+    copies = math.ceil(best_cost / mine - 1e-9) - 1  # the most copies that still cost less
     return plan.rate / copies if copies >= 1 else math.inf
 
 
@@ -433,7 +494,7 @@ def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]
 
 def _parallel(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
     """Each mode's branch and bound in its own process (with `jobs` >= 2)."""
-    groups = [[c for c in cands if c.mode == m] for m in ("colocated", "disaggregated")]
+    groups = [[c for c in cands if c.mode == m] for m in MODES]
     groups = [g for g in groups if g]
     jobs = min(plan.jobs or os.cpu_count() or 1, len(groups))
     if jobs <= 1:
@@ -464,18 +525,23 @@ class ModeResult:
     estimate_binding: str  # the closed form's limiting constraint
     metrics: dict  # at the goodput (per unit): percentiles, pools, phases, transfer
     probes: list[tuple[float, float]]  # (rate per unit, attainment)
+    cost_per_hour: float | None = None  # USD, the GPUs used
+    cost_per_m_input_tokens: float | None = None
+    utilisation: list[dict] = field(default_factory=list)  # per pool: role, hardware, GPUs, compute and bandwidth util
 
 
 @dataclass
 class PlanResult:
     inputs: dict
     colocated: ModeResult | None
-    disaggregated: ModeResult | None
+    disaggregated: ModeResult | None  # homogeneous: both pools on one GPU type
     verdict: Literal["disaggregate", "colocate"]
     advantage: float | None  # disaggregated / colocated, goodput per GPU (fixed cluster) or GPUs saved (rate)
     reasons: list[str]
     candidates: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    heterogeneous: ModeResult | None = None  # prefill and decode pools on different GPU types
+    costs: list[dict] = field(default_factory=list)  # per mode: $/M tokens, saving against colocated, reason
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -494,11 +560,18 @@ def _mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
     rate = m["rate"] * copies
     per_gpu_tokens = m["tokens_per_s"] * copies / gpus
     per_gpu_out = m["output_tokens_per_s"] * copies / gpus
-    cost = plan.cost_per_gpu_hour
+    prices = [plan.price(p.hardware or c.unit.hardware) for p in c.unit.pools]
+    hourly = copies * sum(p.gpus * v for p, v in zip(c.unit.pools, prices)) if all(v > 0 for v in prices) else None
+    cost = hourly / gpus if hourly else None  # mean USD per GPU-hour
+    per_gpu_in = m["mean_input"] * m["rate"] * copies / gpus
+    util = [{"role": p.role, "hardware": (p.hardware or c.unit.hardware).name, "gpus": p.gpus * copies,
+             "compute_util": q["compute_util"], "bandwidth_util": q["bandwidth_util"], "busy": q["busy"]}
+            for p, q in zip(c.unit.pools, m["pools"])]
     return ModeResult(
         mode=c.mode,
         config=c.unit.describe() + (f", x{copies} copies" if copies > 1 else ""),
-        pools=[{"role": p.role, "workers": p.count, "tp": p.tp, "chunk": p.max_num_batched_tokens if p.chunked_prefill else None} for p in c.unit.pools],
+        pools=[{"role": p.role, "workers": p.count, "tp": p.tp, "chunk": p.max_num_batched_tokens if p.chunked_prefill else None,
+                "hardware": (p.hardware or c.unit.hardware).name} for p in c.unit.pools],
         copies=copies,
         gpus=gpus,
         goodput_rps=ev.goodput * copies if plan.rate is None else rate,
@@ -511,6 +584,9 @@ def _mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
         estimate_binding=c.binding,
         metrics=m,
         probes=[(p.rate, p.attainment) for p in ev.probes],
+        cost_per_hour=hourly,
+        cost_per_m_input_tokens=cost / 3600 / per_gpu_in * 1e6 if cost and per_gpu_in else None,
+        utilisation=util,
     )
 
 
@@ -548,6 +624,12 @@ def verdict(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, col
     elif colo is None:
         reasons.append("no colocated configuration meets the SLO" + (f": {colo_ev.candidate.binding}" if colo_ev else ""))
         adv, v = None, "disaggregate"
+    elif (plan.search_hardware or dis.mode == "heterogeneous") and colo.cost_per_m_tokens and dis.cost_per_m_tokens:
+        # GPU types differ: a GPU is not a unit of cost, a dollar is.
+        adv = colo.cost_per_m_tokens / dis.cost_per_m_tokens
+        v = "disaggregate" if adv >= 1.05 else "colocate"
+        reasons.append(f"{dis.mode} costs ${dis.cost_per_m_tokens:.3g} per M tokens, colocated ${colo.cost_per_m_tokens:.3g}"
+                       f" ({adv:.2f}x tokens per dollar)" + ("" if v == "disaggregate" or adv < 1 else ": within 5 %, not worth a second pool"))
     elif plan.rate is None:
         adv = dis.rps_per_gpu / colo.rps_per_gpu
         v = "disaggregate" if adv >= 1.05 else "colocate"
@@ -558,7 +640,7 @@ def verdict(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, col
         adv = colo.gpus / dis.gpus
         v = "disaggregate" if dis.gpus < colo.gpus else "colocate"
         reasons.append(f"at {plan.rate:g} req/s disaggregated needs {dis.gpus} GPUs, colocated {colo.gpus}")
-    for name, r in (("colocated", colo), ("disaggregated", dis)):
+    for name, r in (("colocated", colo), (dis.mode if dis is not None else "disaggregated", dis)):
         if r is None:
             continue
         m = r.metrics
@@ -593,28 +675,89 @@ def auto_block_size(mean_input: float) -> int:
 
 
 def check_slo(plan: PlanSpec, traffic: est.Traffic, longest: int) -> None:
-    """Refuse targets that no configuration can meet even serving one request at a time."""
-    tps = _fitting_tps(plan, longest)
+    """Refuse targets that no configuration can meet even serving one request at a time (on any GPU type)."""
+    errors = []
+    for hw in plan.all_hardware:
+        try:
+            _check_slo(plan, traffic, longest, hw)
+            return
+        except PlanError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _check_slo(plan: PlanSpec, traffic: est.Traffic, longest: int, hw: Hardware) -> None:
+    tps = _fitting_tps(plan, longest, hw)
     if not tps:
         raise PlanError(
-            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {plan.hardware.name} "
+            f"{plan.model.name} with a {longest:,}-token request does not fit on {max(plan.tp_options)} x {hw.name} "
             "(tensor parallelism stays within a node)"
         )
-    perf = [PerfModel(plan.model, plan.hardware, tp, plan.efficiency) for tp in tps]
+    perf = [PerfModel(plan.model, hw, tp, plan.efficiency) for tp in tps]
     iu = int(traffic.uncached_input)
     prefill = min(p.prefill_time(iu, int(traffic.mean_input) - iu) for p in perf)
     if prefill > plan.slo.ttft_s:
         raise PlanError(
             f"TTFT {plan.slo.ttft_s:g} s is impossible: a lone {iu:,}-token prefill of {plan.model.name} takes "
-            f"{prefill:.3g} s even on TP{max(tps)} x {plan.hardware.name}"
+            f"{prefill:.3g} s even on TP{max(tps)} x {hw.name}"
         )
     if traffic.mean_output > 1:
         step = min(p.decode_step_time(1, traffic.mean_input + traffic.mean_output / 2) for p in perf)
         if step > plan.slo.tpot_s:
             raise PlanError(
                 f"TPOT {plan.slo.tpot_s * 1e3:g} ms is impossible: a lone decode step of {plan.model.name} takes "
-                f"{step * 1e3:.3g} ms even on TP{max(tps)} x {plan.hardware.name}"
+                f"{step * 1e3:.3g} ms even on TP{max(tps)} x {hw.name}"
             )
+
+
+def _gpus_of(r: ModeResult, role: str) -> str:
+    return ", ".join(f"{u['gpus']} x {u['hardware']}" for u in r.utilisation if u["role"] == role)
+
+
+def cost_report(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, het: ModeResult | None) -> tuple[list[dict], list[str]]:
+    """Cost per million tokens of the best of each mode at the same SLO (and load, with `rate`), the saving
+    against colocated, and where it comes from: which pool is smaller, which hardware is cheaper for its phase."""
+    rows: list[dict] = []
+    reasons: list[str] = []
+    base = colo.cost_per_m_tokens if colo is not None else None
+    for name, r in (("colocated", colo), ("disaggregated", dis), ("heterogeneous", het)):
+        if r is None or r.cost_per_m_tokens is None:
+            continue
+        saving = 1 - r.cost_per_m_tokens / base if base and name != "colocated" else None
+        why = ""
+        if name != "colocated" and colo is not None:
+            pre = sum(u["gpus"] for u in r.utilisation if u["role"] == "prefill")
+            dec = sum(u["gpus"] for u in r.utilisation if u["role"] == "decode")
+            parts = [f"prefill pool {_gpus_of(r, 'prefill')}, decode pool {_gpus_of(r, 'decode')} "
+                     f"({'prefill' if pre < dec else 'decode' if dec < pre else 'neither'} pool is the smaller) "
+                     f"against colocated {_gpus_of(colo, 'colocated')}"]
+            hw = {h.name: h for h in plan.all_hardware}
+            chw = hw.get(colo.utilisation[0]["hardware"])
+            for role, what, attr, unit, scale in (("prefill", "FLOP/s", "flops", "PFLOP/s-hour", 1e15),
+                                                  ("decode", "bandwidth", "mem_bw", "TB/s-hour", 1e12)):
+                h = hw.get(next(u["hardware"] for u in r.utilisation if u["role"] == role))
+                if h is None or chw is None or not plan.price(h) or not plan.price(chw):
+                    continue
+                mine, theirs = plan.price(h) / (getattr(h, attr) / scale), plan.price(chw) / (getattr(chw, attr) / scale)
+                if h.name != chw.name:
+                    cmp = "cheaper" if mine < theirs else "dearer"
+                    gpu_cmp = "cheaper" if plan.price(h) < plan.price(chw) else "dearer"
+                    parts.append(f"{role} on {h.name}: ${plan.price(h):.2f} per GPU-hour, {gpu_cmp} than {chw.name}'s "
+                                 f"${plan.price(chw):.2f}; ${mine:.3g} per {unit} of peak {what} (the {role} phase's "
+                                 f"resource), {cmp} than ${theirs:.3g}")
+            if saving is not None:
+                per_gpu = r.rps_per_gpu / colo.rps_per_gpu
+                parts.append(f"{per_gpu:.2f}x colocated's goodput per GPU")
+            why = "; ".join(parts)
+        rows.append({"mode": name, "config": r.config, "cost_per_hour": r.cost_per_hour,
+                     "cost_per_m_tokens": r.cost_per_m_tokens, "cost_per_m_input_tokens": r.cost_per_m_input_tokens,
+                     "cost_per_m_output_tokens": r.cost_per_m_output_tokens, "saving_vs_colocated": saving, "reason": why})
+        line = (f"cost {name}: ${r.cost_per_m_tokens:.3g} per M tokens (in+out), ${r.cost_per_m_input_tokens or 0:.3g} per M input, "
+                f"${r.cost_per_m_output_tokens or 0:.3g} per M output tokens (${r.cost_per_hour:,.2f}/h)")
+        if saving is not None:
+            line += f"; {'saves' if saving >= 0 else 'costs'} {abs(saving):.0%} against colocated: {why}"
+        reasons.append(line)
+    return rows, reasons
 
 
 def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanResult:
@@ -628,18 +771,26 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
     longest = max(r.input_len + r.output_len for r in spec.workload.at(1.0, spec.max_requests).requests) + 1
     check_slo(spec, traffic, longest)
     cands = enumerate_candidates(spec, traffic, longest)
-    short = {mode: shortlist(spec, cands, mode) for mode in ("colocated", "disaggregated")}
-    todo = short["colocated"] + short["disaggregated"]
+    short = {mode: shortlist(spec, cands, mode) for mode in MODES}
+    todo = [c for mode in MODES for c in short[mode]]
     say(f"screened {len(cands)} configurations; simulating {len(todo)}")
     evals = _parallel(spec, todo)
     best: dict[str, Evaluated | None] = {}
-    for mode in ("colocated", "disaggregated"):
+    for mode in MODES:
         mine = [e for e in evals if e.candidate.mode == mode]
         mine.sort(key=lambda e: _score(spec, e.candidate, e.goodput), reverse=True)
         best[mode] = mine[0] if mine else None
     colo = _mode_result(spec, best["colocated"]) if best["colocated"] else None
     dis = _mode_result(spec, best["disaggregated"]) if best["disaggregated"] else None
-    v, adv, reasons = verdict(spec, colo, dis, best["colocated"], best["disaggregated"])
+    het = _mode_result(spec, best["heterogeneous"]) if best["heterogeneous"] else None
+    # The verdict weighs colocated against the better disaggregated option (homogeneous or heterogeneous).
+    dis_best, dis_ev = dis, best["disaggregated"]
+    if het is not None and (dis is None or _score(spec, best["heterogeneous"].candidate, best["heterogeneous"].goodput)
+                            > _score(spec, best["disaggregated"].candidate, best["disaggregated"].goodput)):
+        dis_best, dis_ev = het, best["heterogeneous"]
+    v, adv, reasons = verdict(spec, colo, dis_best, best["colocated"], dis_ev)
+    costs, cost_lines = cost_report(spec, colo, dis, het)
+    reasons += cost_lines
     table = [
         {
             "mode": e.candidate.mode,
@@ -676,5 +827,9 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "placement": "simulator least-loaded" if spec.router is None else
                      f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
     }
-    return PlanResult(inputs, colo, dis, v, adv, reasons, table, time.perf_counter() - t0)
+    inputs["prefill_gpu"] = (spec.prefill_hardware or spec.hardware).name
+    inputs["decode_gpu"] = (spec.decode_hardware or spec.hardware).name
+    inputs["search_gpus"] = [h.name for h in spec.search_hardware]
+    inputs["prices"] = {h.name: spec.price(h) for h in spec.all_hardware}
+    return PlanResult(inputs, colo, dis, v, adv, reasons, table, time.perf_counter() - t0, het, costs)
 

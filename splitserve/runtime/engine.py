@@ -78,6 +78,8 @@ class Engine:
         )
         self.sampler = Sampler()
         self.counters = StepCounters()
+        # Called with each computed step and its seconds (the worker's utilisation meter listens here).
+        self.on_step: Callable[[SchedulerOutput, float], None] | None = None
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks, config.block_size, num_blocks * block_bytes / (1 << 20), self.max_model_len,
@@ -141,7 +143,10 @@ class Engine:
         except Exception as exc:  # a failed step must not take the worker down: fail its requests only
             log.exception("model step failed")
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
-        self._count(out, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._count(out, elapsed)
+        if self.on_step is not None:
+            self.on_step(out, elapsed)
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import httpx
 import torch
@@ -119,8 +119,14 @@ def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_
             Path(secret_file).unlink(missing_ok=True)
 
 
-def _serve_pools(args: argparse.Namespace, worker_urls: list[str], procs: list[subprocess.Popen]) -> int:
-    """The frontend over running workers."""
+def _serve_pools(
+    args: argparse.Namespace,
+    worker_urls: list[str],
+    procs: list[subprocess.Popen],
+    on_app: Callable[[FastAPI, PoolEngine], None] | None = None,
+) -> int:
+    """The frontend over running workers. `on_app` may add to the app before it serves (the Ray launcher
+    adds its pools' lifecycle and /admin/scale)."""
     from splitserve.model.loader import load_tokenizer
     from splitserve.runtime.frontend import create_app, run_server
     from splitserve.runtime.pool_engine import PoolConfig
@@ -144,6 +150,8 @@ def _serve_pools(args: argparse.Namespace, worker_urls: list[str], procs: list[s
     )
     app = create_app(engine, served_model_name=args.served_model_name)
     attach_pool(app, engine, worker_urls)
+    if on_app is not None:
+        on_app(app, engine)
     run_server(app, args.host, args.port, args.log_level)
     return 0
 
@@ -201,19 +209,25 @@ def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> Non
 def _spawn_worker(
     args: argparse.Namespace, role: str, port: int, secret_file: str, cpu: int | None, threads: int
 ) -> subprocess.Popen:
-    from splitserve.cli import engine_argv
-
     cmd = [
         sys.executable, "-m", "splitserve", "worker", "--role", role, "--host", args.host, "--port", str(port),
-        "--secret-file", secret_file, "--transfer", args.transfer, "--threads", str(threads),
-        "--log-level", args.log_level, *engine_argv(args, skip=("threads",)),
+        "--secret-file", secret_file, *worker_argv(args, threads),
     ]
-    if not args.layer_pipelining:
-        cmd.append("--no-layer-pipelining")
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     log.info("starting %s worker on port %d%s", role, port, f" (cpu {cpu})" if cpu is not None else "")
     return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+
+def worker_argv(args: argparse.Namespace, threads: int) -> list[str]:
+    """A deployment's worker options beyond role, address and secret: transfer, logging, engine."""
+    from splitserve.cli import engine_argv
+
+    argv = ["--transfer", args.transfer, "--threads", str(threads), "--log-level", args.log_level,
+            *engine_argv(args, skip=("threads",))]
+    if not args.layer_pipelining:
+        argv.append("--no-layer-pipelining")
+    return argv
 
 
 def _die_with_parent() -> None:

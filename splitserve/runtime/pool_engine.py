@@ -182,10 +182,12 @@ class PoolEngine:
 
     async def run_background(self) -> None:
         """The polls that keep routing and metrics current; runs for the app's lifetime."""
-        loops = [self.poll_stats()]
-        if self.feed is not None:
-            loops.append(self.feed.run(self.pools, self.config.poll_interval_s))
-        await asyncio.gather(*loops)
+        await asyncio.gather(self.poll_stats(), self._feed_router())
+
+    async def _feed_router(self) -> None:
+        while self.feed is None:  # a deployment may start empty, its workers joining later
+            await asyncio.sleep(self.config.poll_interval_s)
+        await self.feed.run(self.pools, self.config.poll_interval_s)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -258,17 +260,17 @@ class PoolEngine:
             d = self._find(decision.decode)
             p = self._find(decision.prefill) if decision.prefill is not None else None
             rec.route = decision.decision.terms if decision.decision is not None else {}
-            if d is None:
-                raise EngineUnavailable(f"decode worker {decision.decode} left")
-            if p is None:
+            if d is not None and decision.prefill is None:
                 rec.path = "local"
                 rec.decode_worker = d.url
                 async for out in self._local(d, rid, prompt, params, [], rec):
                     yield out
                 return
-            reserved = await self._reserve(d, rid, prompt, params, rec)
-            if reserved is not None:
-                break
+            # A worker the router names but the pools lack is joining or leaving: route again, as on no room.
+            if d is not None and p is not None:
+                reserved = await self._reserve(d, rid, prompt, params, rec)
+                if reserved is not None:
+                    break
             if time.monotonic() + delay > give_up:
                 raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
             await asyncio.sleep(delay)

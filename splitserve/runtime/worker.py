@@ -25,6 +25,7 @@ from splitserve.runtime.engine_client import EngineOverloaded, EngineUnavailable
 from splitserve.runtime.metrics import EngineStatsCollector
 from splitserve.runtime.prefill_role import PrefillFailed, PrefillRole
 from splitserve.runtime.kv_event_log import KVEventLog
+from splitserve.runtime.utilization import UtilizationCollector, UtilizationMeter
 from splitserve.runtime.protocol import (
     DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, WorkerState, encoder,
 )
@@ -55,6 +56,9 @@ class Worker:
         self.kv_log = KVEventLog(engine.pool)
         self.metrics = WorkerMetrics(role)
         self.metrics.registry.register(EngineStatsCollector(engine.stats))
+        self.utilization = UtilizationMeter.for_engine(engine)
+        self.utilization.attach(engine)
+        self.metrics.registry.register(UtilizationCollector(self.utilization))
         layout = KVLayout.from_cache(engine.kv_cache, engine.loaded.fingerprint)
         self.kv_layout = f"{layout.dtype} block_size={layout.block_size} layers={layout.num_layers} block={layout.shape_str}"
         self.handshake_errors: list[str] = []  # as a sender: receivers that refused us

@@ -17,8 +17,8 @@ Sources (figures are per GPU, dense, i.e. without 2:4 sparsity):
   ConnectX-7 400 Gbit/s; DGX A100: 8 x HDR 200 Gbit/s, GPUDirect RDMA); Ethernet presets assume one NIC per
   node of 8 GPUs, shared by them, over TCP. Latencies are typical one-way message latencies.
 
-GPU-hour prices are rough on-demand cloud figures (2025) for the cost column only; pass `--gpu-hour-cost`
-to use your own.
+GPU-hour prices are rough on-demand cloud figures (2025) for the cost columns and the heterogeneous search
+(`DEFAULT_PRICES`); pass `--price H100=2.5`, `--prices-file` or `--gpu-hour-cost` to use your own.
 """
 
 from __future__ import annotations
@@ -118,3 +118,69 @@ def network(name: str, hardware: Hardware | None = None) -> Network:
     if net.intra_node and hardware is not None:
         net = replace(net, name=f"NVLink ({hardware.name})", bandwidth=hardware.link_bw)
     return net
+
+
+# ---------------------------------------------------------------------------------------------- prices (issue #7)
+
+# Default USD per GPU-hour, by preset: the `gpu_hour_cost` above (rough 2025 on-demand cloud prices). Override
+# with `--price H100=2.5` (repeatable) or `--prices-file prices.json` ({"h100": 2.5, ...} or `name=price` lines).
+DEFAULT_PRICES: dict[str, float] = {k: hw.gpu_hour_cost for k, hw in GPUS.items()}
+
+
+def price_key(hw: Hardware) -> str:
+    """The key a price list uses for `hw`: its preset name (h100, a100, ...) or its own name, lower case."""
+    for k, preset in GPUS.items():
+        if preset.name == hw.name:
+            return k
+    return hw.name.strip().lower()
+
+
+def _key(name: str) -> str:
+    k = name.strip().lower()
+    k = _GPU_ALIASES.get(k, k)
+    for key, preset in GPUS.items():
+        if preset.name.lower() == k:
+            return key
+    return k
+
+
+def parse_prices(items) -> dict[str, float]:
+    """`["H100=2.5", "a100=1.2"]` -> {"h100": 2.5, "a100": 1.2}."""
+    out: dict[str, float] = {}
+    for item in items or ():
+        name, sep, value = str(item).partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if not sep or not name.strip() or not v > 0:
+            raise PresetError(f"a price is GPU=USD_PER_HOUR with a positive number, e.g. H100=2.5; got {item!r}")
+        out[_key(name)] = v
+    return out
+
+
+def load_prices(path) -> dict[str, float]:
+    """A prices file: a JSON object {"H100": 2.5, ...}, or one `name=price` per line (# comments)."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PresetError(f"cannot read prices file {path}: {e}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return parse_prices(line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip())
+    if not isinstance(d, dict):
+        raise PresetError(f"{path}: a prices file is a JSON object of GPU name -> USD per hour")
+    return parse_prices(f"{k}={v}" for k, v in d.items())
+
+
+def hour_price(hw: Hardware, prices: dict[str, float] | None = None) -> float:
+    """USD per GPU-hour of `hw`: the price list's, else the preset's (0 = unknown)."""
+    if prices:
+        k = price_key(hw)
+        if k in prices:
+            return prices[k]
+    return hw.gpu_hour_cost
