@@ -63,7 +63,7 @@ def test_garbage_costs_only_its_connection(deployment):
                 s.settimeout(5)
                 while s.recv(4096):  # the worker closes it (after its challenge, maybe an error frame)
                     pass
-            except (ConnectionResetError, BrokenPipeError):
+            except OSError:  # reset, broken pipe, not connected: the worker already dropped it
                 pass
 
     throw()
