@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx
 
-from splitserve.runtime.launch import _die_with_parent, stop_processes
+from splitserve.runtime.launch import _die_with_parent, stop_processes, wait_healthy
 
 PREFIX = "ssbench"
 A_ADDR, B_ADDR = "10.200.0.1", "10.200.0.2"
@@ -205,18 +204,11 @@ class Service:
                                          preexec_fn=_die_with_parent)
 
     def wait_healthy(self, url: str, timeout_s: float = 300.0) -> None:
-        end = time.monotonic() + timeout_s
         with entered(self.ns):
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-                try:
-                    if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-        raise RuntimeError(f"{self.name} not healthy at {url} after {timeout_s:.0f} s: {self.tail()}")
+            try:
+                wait_healthy(url, self.proc, timeout_s)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{self.name}: {exc}: {self.tail()}") from exc
 
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
