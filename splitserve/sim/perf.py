@@ -115,14 +115,7 @@ class PerfModel:
         """Seconds at peak (efficiency 1) of one step's parts, for fitting efficiencies: per layer (linear
         compute, linear memory, attention compute, attention memory, all-reduce), then the LM head (compute,
         memory), then (sequences, tokens)."""
-        tokens = samples = kv = n_seqs = 0
-        pairs = 0.0
-        for n, c, sample in seqs:
-            tokens += n
-            kv += c + n
-            pairs += n * c + n * (n + 1) / 2
-            samples += bool(sample)
-            n_seqs += 1
+        tokens, samples, pairs, kv, n_seqs = _totals(seqs)
         hw = self.hardware
         comm = 2 * (self.ar_latency + tokens * self.ar_bytes_tok / hw.link_bw) if self.tp > 1 else 0.0
         return (
@@ -134,15 +127,8 @@ class PerfModel:
 
     def step(self, seqs: Iterable[tuple[int, int, bool]]) -> StepCost:
         """A batch given as (new tokens, tokens already cached, samples) per sequence."""
-        tokens = samples = kv = seqs_n = 0
-        pairs = 0.0
-        for n, c, sample in seqs:
-            tokens += n
-            kv += c + n
-            pairs += n * c + n * (n + 1) / 2
-            samples += bool(sample)
-            seqs_n += 1
-        return self.cost(tokens, samples, pairs, kv, seqs_n)
+        tokens, samples, pairs, kv, n_seqs = _totals(seqs)
+        return self.cost(tokens, samples, pairs, kv, n_seqs)
 
     def scheduled(self, out) -> StepCost:
         """The cost of a core `SchedulerOutput` (the simulator's hot path)."""
@@ -194,6 +180,20 @@ class PerfModel:
     @property
     def peak_bandwidth(self) -> float:
         return self.hardware.mem_bw * self.tp
+
+
+def _totals(seqs: Iterable[tuple[int, int, bool]]) -> tuple[int, int, float, int, int]:
+    """(tokens, sampling sequences, attention query-key pairs, KV tokens read, sequences) of a batch given
+    as (new tokens, tokens already cached, samples) per sequence."""
+    tokens = samples = kv = n_seqs = 0
+    pairs = 0.0
+    for n, c, sample in seqs:
+        tokens += n
+        kv += c + n
+        pairs += n * c + n * (n + 1) / 2
+        samples += bool(sample)
+        n_seqs += 1
+    return tokens, samples, pairs, kv, n_seqs
 
 
 def transfer(nbytes: float, bandwidth: float, latency_s: float, pipelined: bool, layers: int, layer_compute_s: float = 0.0) -> Transfer:
