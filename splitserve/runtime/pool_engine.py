@@ -351,7 +351,11 @@ class PoolEngine:
                         fallback = (sent, ev.error or "transfer failed", True)
                         break
                     sent += ev.tokens
-                    yield ev.output(rid)
+                    out = ev.output(rid)
+                    # The client's cached_tokens is what the computing (prefill) worker found cached; the
+                    # decode worker's own count only sizes the transfer (rec.decode_cached_tokens).
+                    out.num_cached_tokens = res.num_cached_tokens
+                    yield out
                     if ev.finished:
                         return
                     d_next = asyncio.ensure_future(anext(d_events))
