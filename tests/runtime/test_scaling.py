@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from splitserve.runtime.launch import free_port
+from splitserve.runtime.launch import free_port, stop_processes
 from tests.runtime.deployment import REPO, Deployment
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -42,17 +42,25 @@ def test_worker_joins_and_drains_under_load(tmp_path, checkpoint):
             cwd=REPO,
         )
         new_url = f"http://127.0.0.1:{port}"
-        stop = threading.Event()
-        codes: list[int] = []
+        try:
+            _join_and_drain(dep, joiner, new_url)
+        finally:
+            stop_processes([joiner])  # whatever failed, no worker outlives the test
 
-        def load(k: int) -> None:
-            i = k
-            while not stop.is_set():  # a steady load for as long as the pools change
-                codes.append(one_request(dep.url, i))
-                i += 8
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            clients = [pool.submit(load, k) for k in range(8)]
+def _join_and_drain(dep: Deployment, joiner: subprocess.Popen, new_url: str) -> None:
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def load(k: int) -> None:
+        i = k
+        while not stop.is_set():  # a steady load for as long as the pools change
+            codes.append(one_request(dep.url, i))
+            i += 8
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(load, k) for k in range(8)]
+        try:
             end = time.monotonic() + 90
             while new_url not in {w["url"] for w in dep.workers("decode")}:
                 assert time.monotonic() < end and joiner.poll() is None, "the new worker did not join"
@@ -64,12 +72,13 @@ def test_worker_joins_and_drains_under_load(tmp_path, checkpoint):
             joiner.send_signal(signal.SIGTERM)
             assert joiner.wait(timeout=60) == 0
             time.sleep(1.0)  # requests keep flowing to the remaining worker after the drain
-            stop.set()
-            for c in clients:
-                c.result()
-        assert len(codes) > 20 and codes == [200] * len(codes), {c: codes.count(c) for c in set(codes)}
-        assert new_url not in {w["url"] for w in dep.workers()}
-        records = dep.requests()
-        assert all(r["finish_reason"] == "length" for r in records)
-        assert sum(r["decode_worker"] == new_url for r in records) >= 5
-        assert all(free == total for free, total in dep.wait_all_free().values())
+        finally:
+            stop.set()  # the load stops whatever happened, so the pool can close
+        for c in clients:
+            c.result()
+    assert len(codes) > 20 and codes == [200] * len(codes), {c: codes.count(c) for c in set(codes)}
+    assert new_url not in {w["url"] for w in dep.workers()}
+    records = dep.requests()
+    assert all(r["finish_reason"] == "length" for r in records)
+    assert sum(r["decode_worker"] == new_url for r in records) >= 5
+    assert all(free == total for free, total in dep.wait_all_free().values())
