@@ -193,23 +193,21 @@ def _plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.sweep:
         values = [v.strip() for v in args.sweep_values.split(",") if v.strip()] if args.sweep_values else None
         result = sweep(spec, args.sweep, values, progress=say)
-        doc = report.sweep_json(result)
-        if args.json:
-            print(report.dumps(doc))
-        else:
-            report.print_sweep(result, out)
-        if args.out:
-            files = report.write_sweep(result, args.out)
-            if not args.json:
-                out.print(f"wrote {', '.join(str(f) for f in files)}")
-        return 0
+        return _emit(args, out, report.sweep_json(result), lambda: report.print_sweep(result, out),
+                     lambda d: report.write_sweep(result, d))
     result = plan(spec, progress=say)
+    return _emit(args, out, report.plan_json(result), lambda: report.print_plan(result, out),
+                 lambda d: report.write_plan(result, d))
+
+
+def _emit(args: argparse.Namespace, out, doc: dict, show, write) -> int:  # type: ignore[no-untyped-def]
+    """JSON on stdout with --json, else the rich tables; and the files under --out."""
     if args.json:
-        print(report.dumps(report.plan_json(result)))
+        print(report.dumps(doc))
     else:
-        report.print_plan(result, out)
+        show()
     if args.out:
-        files = report.write_plan(result, args.out)
+        files = write(args.out)
         if not args.json:
             out.print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
