@@ -470,29 +470,31 @@ class WorkerProbe:
                     except (httpx.HTTPError, ValueError):
                         continue
                     c = state["counters"]
-                    out.append((t0, time.monotonic() - t0, c["prefill_tokens"], c["prefill_s"]))
+                    out.append((t0, time.monotonic() - t0, c["prefill_tokens"], c["prefill_s"], c["prefill_steps"]))
                 self._stop.wait(self.interval_s)
 
 
-def router_view(samples: dict[str, list[tuple[float, float, int, float]]], names: dict[str, str],
-                prior_s_per_token: float) -> dict:
+def router_view(samples: dict[str, list[tuple[float, float, int, float, int]]], names: dict[str, str],
+                prior_s_per_token: float, ref_tokens: int) -> dict:
     """The probe's readings, turned into what the router saw: read latency per worker, and each worker's
-    per-token prefill cost as the router's own CostModel estimates it from the counters' deltas."""
+    prefill cost (fixed per step + marginal per token) as the router's own CostModel fits it from the
+    counters' deltas; the ratio compares the two workers' estimates for a `ref_tokens`-token prefill."""
     costs = CostModel(kv_bytes_per_token=1, num_layers=1, link_bytes_per_s=1.0, prefill_s_per_token=prior_s_per_token,
                       decode_step_s=1.0)
-    deltas = sorted((b[0], names.get(url, url), b[2] - a[2], b[3] - a[3])
+    deltas = sorted((b[0], names.get(url, url), b[2] - a[2], b[3] - a[3], b[4] - a[4])
                     for url, s in samples.items() for a, b in zip(s, s[1:]))
     workers = sorted({names.get(url, url) for url in samples})
     ratios = []
-    for _, worker, tokens, seconds in deltas:
-        costs.observe_prefill(worker, tokens, seconds)
+    for _, worker, tokens, seconds, steps in deltas:
+        costs.observe_prefill(worker, tokens, seconds, steps)
         if len(workers) == 2 and tokens > 0:
-            ratios.append(costs.per_token_s(workers[1]) / costs.per_token_s(workers[0]))
+            ratios.append(costs.prefill_s(workers[1], ref_tokens) / costs.prefill_s(workers[0], ref_tokens))
     latency = {names.get(url, url): [b[1] for b in s] for url, s in samples.items()}
     return {
         "read_latency_s": {w: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
                                "max": float(max(v))} for w, v in latency.items() if v},
         "per_token_ms_at_end": {w: 1000 * costs.per_token_s(w) for w in workers},
+        "fixed_ms_at_end": {w: 1000 * costs.prefill_fit(w)[0] for w in workers},
         # Over the run, after each measurement: how much dearer the second worker looked than the first.
         "cost_ratio_p1_p0": {q: float(np.percentile(ratios, int(q[1:]))) for q in ("p10", "p50", "p90")}
         if ratios else None,
@@ -588,7 +590,8 @@ def run_policy(policy: str, scaling: Scaling, workload: Workload, prompts: Seque
         raise RuntimeError("bench replayed other prompts than the oracle was computed on")
     found = outcome(phases, prompts, first_turns(workload), args.num_blocks)
     names = {url: f"p{i}" for i, url in enumerate(sorted(probed))}  # as in `outcome`: sorted URLs
-    found["router_view"] = router_view(probed, names, 1.0 / PoolConfig().prefill_tokens_per_s)
+    mean_prompt = round(sum(p.num_tokens for p in prompts) / len(prompts))
+    found["router_view"] = router_view(probed, names, 1.0 / PoolConfig().prefill_tokens_per_s, mean_prompt)
     (REPLAY_DIR / policy / "misses.json").write_text(json.dumps(found.pop("misses")))
     s = result.summary
     return {

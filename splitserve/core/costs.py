@@ -5,8 +5,8 @@ from the roofline model (`from_perf`) and feed it the same observations the runt
 Both paths end with the prompt's KV on D and D decoding it. What differs (all in seconds):
 
 remote (P computes, the KV crosses the link)
-    queue_s      P's queued prefill tokens x P's per-token prefill cost: the work ahead of this prompt
-    prefill_s    tokens P does not cache x P's per-token cost
+    queue_s      P's queued prefill tokens x P's marginal per-token prefill cost: the work ahead of it
+    prefill_s    P's fixed per-prefill time + tokens P does not cache x P's marginal cost
     overhead_s   the remote path's fixed extra: reservation round trip, ticket, connection (configured)
     transfer_s   the *exposed* KV transfer, after P's prefill ends, of the tokens D does not cache:
                  unpipelined all of bytes / link; pipelined (layer i sent while layer i+1 is computed)
@@ -15,16 +15,20 @@ remote (P computes, the KV crosses the link)
 
 local (D computes)
     queue_s      half of D's decode step (the step in flight finishes first) + D's queued prefill tokens
-    prefill_s    tokens D does not cache x D's per-token cost
+    prefill_s    D's fixed per-prefill time + tokens D does not cache x D's marginal cost
     interference_s  while D prefills, each of its `running` requests waits: running x prefill_s
                  request-seconds stolen from others' inter-token latency, times `interference_weight`
     TTFT = ready = queue + prefill
 
 cost = ready + interference; the cheaper path wins (ties go local: no bytes on the wire).
 
-Per-token prefill cost is *marginal* (per uncached token, at typical batch sizes): a token-weighted EWMA
-of what each worker measured (`observe_prefill`), the configured prior until the first measurement. The
-link's speed and each worker's decode step are EWMAs of measurements likewise.
+A worker's prefill time is `fixed + marginal x tokens`: an exponentially weighted least-squares line
+through what it measured (`observe_prefill`, per step), the configured per-token prior (and no fixed part)
+until it has measured. The fixed part matters for routing: a worker that mostly serves follow-up turns
+(short uncached suffixes) spends most of each step on per-step overhead, and a ratio through the origin
+would call it several times slower per token than an identical worker serving new prompts. The router
+would then pile every new conversation on the "fast" one and evict its cache. The link's speed and each
+worker's decode step are EWMAs of measurements.
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ class Decision:
 
 
 class _Ewma:
-    """Ratio of exponentially decayed sums: big samples weigh more than small ones (a 5-token prefill's
-    fixed overhead must not swamp the per-token cost a 2,000-token one measured)."""
+    """Ratio of exponentially decayed sums: big samples weigh more than small ones (a small transfer's
+    latency must not swamp the bandwidth a large one measured)."""
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
@@ -94,6 +98,37 @@ class _Ewma:
         return self.num / self.den if self.den > 0 else prior
 
 
+class _LineEwma:
+    """`y = fixed + slope x`, fitted by exponentially weighted least squares. Where the samples' x barely
+    vary, the intercept cannot be told from the slope: the fit goes through the origin (the ratio of
+    sums, exact at the sizes measured). So does a fit with a negative part, which noise can produce."""
+
+    MIN_RELATIVE_SPREAD = 0.1  # x's weighted standard deviation over its mean, below which no intercept
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float, weight: float = 1.0) -> None:
+        keep = 1.0 - self.alpha
+        self.w = keep * self.w + weight
+        self.x = keep * self.x + weight * x
+        self.y = keep * self.y + weight * y
+        self.xx = keep * self.xx + weight * x * x
+        self.xy = keep * self.xy + weight * x * y
+
+    def fit(self) -> tuple[float, float]:
+        """(fixed, slope)."""
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var > (self.MIN_RELATIVE_SPREAD * mx) ** 2:
+            slope = (self.xy / self.w - mx * my) / var
+            fixed = my - slope * mx
+            if slope > 0 and fixed >= 0:
+                return fixed, slope
+        return 0.0, self.y / self.x
+
+
 @dataclass
 class CostModel:
     kv_bytes_per_token: float  # all layers, K and V, as sent over the link
@@ -106,7 +141,7 @@ class CostModel:
     remote_overhead_s: float = 0.0
     interference_weight: float = 1.0  # request-seconds of others' stall worth one second of this request
     alpha: float = 0.2  # EWMA weight of each new measurement
-    _prefill: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
+    _prefill: dict[WorkerId, _LineEwma] = field(default_factory=dict, init=False, repr=False)
     _decode: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
     _link: _Ewma = field(init=False, repr=False)
 
@@ -131,10 +166,11 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ measurements
 
-    def observe_prefill(self, worker: WorkerId, tokens: int, seconds: float) -> None:
-        """A prefill of `tokens` uncached tokens took `seconds` of compute on `worker` (not its queueing)."""
-        if tokens > 0 and seconds > 0:
-            self._prefill.setdefault(worker, _Ewma(self.alpha)).add(seconds, tokens)
+    def observe_prefill(self, worker: WorkerId, tokens: int, seconds: float, steps: int = 1) -> None:
+        """`steps` prefill steps computing `tokens` uncached tokens in all took `seconds` of compute on
+        `worker` (not its queueing)."""
+        if tokens > 0 and seconds > 0 and steps > 0:
+            self._prefill.setdefault(worker, _LineEwma(self.alpha)).add(tokens / steps, seconds / steps, steps)
 
     def observe_decode_step(self, worker: WorkerId, seconds: float) -> None:
         """One decode step (or the mean of several) took `seconds` on `worker`."""
@@ -151,9 +187,18 @@ class CostModel:
         self._prefill.pop(worker, None)
         self._decode.pop(worker, None)
 
-    def per_token_s(self, worker: WorkerId) -> float:
+    def prefill_fit(self, worker: WorkerId) -> tuple[float, float]:
+        """(fixed seconds per prefill, marginal seconds per uncached token) of `worker`."""
         e = self._prefill.get(worker)
-        return e.value(self.prefill_s_per_token) if e else self.prefill_s_per_token
+        return e.fit() if e else (0.0, self.prefill_s_per_token)
+
+    def per_token_s(self, worker: WorkerId) -> float:
+        return self.prefill_fit(worker)[1]
+
+    def prefill_s(self, worker: WorkerId, tokens: float) -> float:
+        """Compute time of a prefill of `tokens` uncached tokens on `worker` (0 when nothing to compute)."""
+        fixed, per_tok = self.prefill_fit(worker)
+        return fixed + per_tok * tokens if tokens > 0 else 0.0
 
     def step_s(self, worker: WorkerId) -> float:
         e = self._decode.get(worker)
@@ -177,9 +222,8 @@ class CostModel:
 
     def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: float, transfer_tokens: int) -> PathCost:
         """Prefill `new_tokens` on `prefill_worker` behind `queued_tokens`, then send `transfer_tokens`."""
-        per_tok = self.per_token_s(prefill_worker)
-        queue = queued_tokens * per_tok
-        prefill = new_tokens * per_tok
+        queue = queued_tokens * self.per_token_s(prefill_worker)
+        prefill = self.prefill_s(prefill_worker, new_tokens)
         transfer = self.transfer_s(transfer_tokens, prefill)
         ttft = queue + prefill + self.remote_overhead_s
         terms = {"queue_s": queue, "prefill_s": prefill, "overhead_s": self.remote_overhead_s, "transfer_s": transfer}
@@ -187,9 +231,8 @@ class CostModel:
 
     def local(self, decode_worker: WorkerId, new_tokens: int, queued_tokens: float, running: int) -> PathCost:
         """Prefill `new_tokens` on `decode_worker`, behind `queued_tokens`, while it decodes `running`."""
-        per_tok = self.per_token_s(decode_worker)
-        queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * per_tok
-        prefill = new_tokens * per_tok
+        queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * self.per_token_s(decode_worker)
+        prefill = self.prefill_s(decode_worker, new_tokens)
         interference = self.interference_weight * running * prefill
         ready = queue + prefill
         terms = {"queue_s": queue, "prefill_s": prefill, "interference_s": interference}

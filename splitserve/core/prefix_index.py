@@ -106,6 +106,10 @@ class PrefixIndex:
         w = self._workers.get(worker_id)
         return frozenset(w.hashes) if w is not None else frozenset()
 
+    def num_cached(self, worker_id: WorkerId) -> int:
+        w = self._workers.get(worker_id)
+        return len(w.hashes) if w is not None else 0
+
     def match(self, block_hashes: Sequence[int], workers: Iterable[WorkerId]) -> dict[WorkerId, int]:
         """Per worker, how many leading blocks of `block_hashes` it caches. Costs O(matched prefix x
         workers still matching): the walk stops at the first block nobody (of `workers`) holds."""

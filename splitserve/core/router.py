@@ -8,8 +8,12 @@ Policies, comparable on one load (`conditional` disaggregation works with any of
   round_robin   each pool in turn
   least_loaded  decode: fewest running requests, then most free blocks; prefill: fewest queued prompt tokens
   kv_aware      decode: overlap_weight x prompt blocks it lacks + blocks in use (fewest running breaks ties),
-                among workers with room for the prompt; prefill: that worker's per-token cost x
-                (overlap_weight x prompt tokens it lacks + queued prompt tokens)
+                among workers with room for the prompt; prefill: estimated seconds, overlap_weight x the
+                prefill of the tokens it lacks + its queued prompt tokens. Workers that match as many
+                blocks and cost within `cost_tolerance` of the cheapest are a tie, won by the one caching
+                the fewest blocks: two identical workers' measured costs differ by noise (~10-20 %), and a
+                strict minimum would send every new conversation to the one that looked faster, filling
+                its cache (evicting its prefixes) while the other's sits unused.
 Ties rotate, so idle workers share the load.
 
 Loads are the workers' last reports plus what the router itself routed since (a burst between two reports
@@ -71,7 +75,7 @@ class RouteDecision:
 class Router:
     def __init__(
         self, policy: Policy, block_size: int, cost_model: CostModel, overlap_weight: float = 1.0,
-        conditional: bool = True,
+        conditional: bool = True, cost_tolerance: float = 0.2,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -80,6 +84,7 @@ class Router:
         self.costs = cost_model
         self.overlap_weight = overlap_weight
         self.conditional = conditional
+        self.cost_tolerance = cost_tolerance
         self.index = PrefixIndex()
         self.workers: dict[WorkerId, WorkerState] = {}
         self._turn = {"decode": itertools.count(), "prefill": itertools.count()}  # per pool: rotations
@@ -142,8 +147,8 @@ class Router:
             self.costs.forget(worker_id)
         return True
 
-    def observe_prefill(self, worker_id: WorkerId, tokens: int, seconds: float) -> None:
-        self.costs.observe_prefill(worker_id, tokens, seconds)
+    def observe_prefill(self, worker_id: WorkerId, tokens: int, seconds: float, steps: int = 1) -> None:
+        self.costs.observe_prefill(worker_id, tokens, seconds, steps)
 
     def observe_decode_step(self, worker_id: WorkerId, seconds: float) -> None:
         self.costs.observe_decode_step(worker_id, seconds)
@@ -220,10 +225,12 @@ class Router:
             return ids[next(self._turn["prefill"]) % len(ids)]
         if self.policy == "least_loaded":
             return self._min("prefill", ids, lambda i: queued[i])
-        bs = self.block_size
-        return self._min("prefill", ids, lambda i: self.costs.per_token_s(i) * (
-            self.overlap_weight * (num_tokens - cached[i] * bs) + queued[i]
-        ))
+        bs, c = self.block_size, self.costs
+        cost = {i: self.overlap_weight * c.prefill_s(i, num_tokens - cached[i] * bs) + c.per_token_s(i) * queued[i]
+                for i in ids}
+        best = min(ids, key=lambda i: (cost[i], -cached[i]))
+        ties = [i for i in ids if cached[i] == cached[best] and cost[i] <= cost[best] * (1 + self.cost_tolerance)]
+        return self._min("prefill", ties, lambda i: self.index.num_cached(i))
 
     def _min(self, role: Role, ids: list[WorkerId], key: Callable[[WorkerId], T]) -> WorkerId:
         start = next(self._turn[role]) % len(ids)

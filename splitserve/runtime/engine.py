@@ -36,6 +36,7 @@ class StepCounters:
     """Cumulative work and busy time, by phase: the router turns their deltas into per-token prefill cost
     and decode step time. A step with any prompt tokens counts as prefill."""
 
+    prefill_steps: int = 0
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_steps: int = 0
@@ -155,6 +156,7 @@ class Engine:
         prompt_tokens = sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1 or s.start_pos < s.request.num_prompt_tokens)
         c = self.counters
         if prompt_tokens:
+            c.prefill_steps += 1
             c.prefill_tokens += prompt_tokens
             c.prefill_s += seconds
         else:

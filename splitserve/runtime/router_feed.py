@@ -53,12 +53,28 @@ class RouterFeed:
         self._observe(w.url, state)
 
     async def run(self, pools: dict[str, list[WorkerClient]], interval_s: float) -> None:
+        """Poll every worker in `pools` (which changes as workers join and leave), each on its own loop: a
+        worker's state answers between engine steps, so a worker in a long prefill must not hold back
+        the router's view of the others."""
+        polls: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                current = {w.url: w for role in ("prefill", "decode") for w in pools[role]}
+                for url in polls.keys() - current.keys():
+                    polls.pop(url).cancel()
+                for url in current.keys() - polls.keys():
+                    polls[url] = asyncio.create_task(self._poll(current[url], interval_s))
+                await asyncio.sleep(interval_s)
+        finally:
+            for task in polls.values():
+                task.cancel()
+
+    async def _poll(self, w: WorkerClient, interval_s: float) -> None:
         while True:
-            for w in [w for role in ("prefill", "decode") for w in pools[role]]:
-                try:
-                    await self.refresh(w)
-                except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.debug("state of %s unavailable: %s", w.url, exc)
+            try:
+                await self.refresh(w)
+            except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.debug("state of %s unavailable: %s", w.url, exc)
             await asyncio.sleep(interval_s)
 
     async def _fetch(self, w: WorkerClient, after: int, snapshot: bool) -> WorkerState:
@@ -75,7 +91,9 @@ class RouterFeed:
             return
         c, (p, link_bytes, link_s) = state.counters, prev
         if c.prefill_tokens > p.prefill_tokens:
-            self.router.observe_prefill(url, c.prefill_tokens - p.prefill_tokens, c.prefill_s - p.prefill_s)
+            self.router.observe_prefill(
+                url, c.prefill_tokens - p.prefill_tokens, c.prefill_s - p.prefill_s, c.prefill_steps - p.prefill_steps
+            )
         if c.decode_steps > p.decode_steps:
             self.router.observe_decode_step(url, (c.decode_s - p.decode_s) / (c.decode_steps - p.decode_steps))
         if state.link_s > link_s:

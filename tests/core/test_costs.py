@@ -47,15 +47,11 @@ def test_pipelining_exposes_one_layer_when_the_link_keeps_up_and_the_whole_trans
     assert make().transfer_s(0, prefill_s=0.2) == 0
 
 
-def test_measurements_replace_priors_per_worker_and_big_prefills_weigh_more():
+def test_measurements_replace_priors_per_worker():
     cm = make(alpha=0.5)
-    assert cm.per_token_s("p") == PER_TOK
+    assert cm.per_token_s("p") == PER_TOK and cm.prefill_s("p", 100) == pytest.approx(100 * PER_TOK)
     cm.observe_prefill("p", 2000, 0.4)
-    assert cm.per_token_s("p") == pytest.approx(2e-4)
-    # A 5-token prefill, mostly fixed overhead (10 ms/token), moves the estimate to 2.5e-4 s/token, where
-    # an average of per-observation ratios would jump to 5e-3.
-    cm.observe_prefill("p", 5, 0.05)
-    assert cm.per_token_s("p") == pytest.approx((0.25 * 0.4 + 0.5 * 0.05) / (0.25 * 2000 + 0.5 * 5))
+    assert cm.per_token_s("p") == pytest.approx(2e-4)  # one size measured: no intercept to tell apart
     assert cm.per_token_s("q") == PER_TOK
     cm.observe_decode_step("d", 0.05)
     assert cm.step_s("d") == pytest.approx(0.05)
@@ -63,6 +59,32 @@ def test_measurements_replace_priors_per_worker_and_big_prefills_weigh_more():
     assert cm.per_token_s("p") == PER_TOK
     cm.observe_transfer(1e9, 1.0)  # the link turned out 10x slower than configured
     assert make(pipelined=False).transfer_s(1000, 0) * 10 == pytest.approx(cm.transfer_s(1000, 1e9) * LAYERS)
+
+
+def test_prefill_fit_separates_per_step_overhead_from_per_token_cost():
+    """Two identical workers, one serving long new prompts, one short follow-up suffixes: both fits find
+    the same 20 ms + 2 ms/token line, where ratios through the origin would differ sevenfold."""
+    line = lambda tokens: 0.02 + 2e-3 * tokens  # noqa: E731
+    cm = make(alpha=0.2)
+    for n in (400, 900, 300, 1200, 600) * 4:
+        cm.observe_prefill("new", n, line(n))
+    for n in (8, 30, 12, 50, 20) * 4:
+        cm.observe_prefill("followups", n, line(n))
+    for w in ("new", "followups"):
+        assert cm.prefill_fit(w) == pytest.approx((0.02, 2e-3))
+        assert cm.prefill_s(w, 100) == pytest.approx(line(100))
+    assert cm.prefill_s("new", 0) == 0
+    # A window of 3 steps counts as 3 samples of its mean step: the same line.
+    cm.observe_prefill("new", 3 * 500, 3 * line(500), steps=3)
+    assert cm.prefill_fit("new") == pytest.approx((0.02, 2e-3))
+
+
+def test_prefill_fit_falls_back_to_the_ratio_when_the_intercept_would_be_negative():
+    cm = make(alpha=0.5)
+    cm.observe_prefill("p", 100, 0.1)
+    cm.observe_prefill("p", 1000, 3.0)  # superlinear: the line would cross zero at a positive size
+    fixed, per_tok = cm.prefill_fit("p")
+    assert fixed == 0 and per_tok == pytest.approx((0.5 * 0.1 + 3.0) / (0.5 * 100 + 1000))
 
 
 def test_short_uncached_suffix_prefills_locally():

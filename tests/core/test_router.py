@@ -67,6 +67,26 @@ def test_kv_aware_prefers_the_longest_cached_prefix_until_its_queue_outweighs_it
         assert r.route_tokens(PROMPT, now=1.0).prefill == expect
 
 
+def test_new_prompts_go_to_the_emptier_cache_when_measured_costs_differ_by_noise_only():
+    r = router(conditional=False)
+    r.observe_prefill("p0", 1000, 1000 * PER_TOK)
+    r.observe_prefill("p1", 1000, 1.1 * 1000 * PER_TOK)  # looks 10 % slower: within the tolerance
+    cache(r, "p0", list(range(5000, 5400)))  # p0 caches 100 blocks of other conversations, p1 none
+    assert r.route_tokens(PROMPT, now=0.0).prefill == "p1"
+    cache(r, "p1", list(range(6000, 6800)))  # now p1's cache is the fuller one
+    for w in ("p0", "p1"):  # and p1 has finished the first prompt
+        r.update_load(w, free_blocks=1000, running=0, queued_prefill_tokens=0, now=0.0)
+    assert r.route_tokens(list(range(7000, 7256)), now=0.0).prefill == "p0"
+    # Outside the tolerance the cheaper worker wins whatever its cache holds.
+    r.observe_prefill("p0", 1000, 0.5 * 1000 * PER_TOK)
+    r.observe_prefill("p0", 1000, 0.5 * 1000 * PER_TOK)
+    assert r.costs.per_token_s("p0") < 0.8 * r.costs.per_token_s("p1")
+    cache(r, "p0", list(range(8000, 12000)))
+    for w in ("p0", "p1"):
+        r.update_load(w, free_blocks=1000, running=0, queued_prefill_tokens=0, now=0.0)
+    assert r.route_tokens(list(range(9000, 9256)), now=0.0).prefill == "p0"
+
+
 def test_overlap_weight_sets_how_much_a_cached_block_is_worth():
     for weight, expect in ((0.0, "p1"), (1.0, "p0")):
         r = router(conditional=False, overlap_weight=weight)
