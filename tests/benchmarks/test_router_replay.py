@@ -124,11 +124,13 @@ def test_affinity_hit_rate_pins_conversations():
 
 
 def test_router_view_replays_counters_through_the_cost_model():
-    # (time, read latency, cumulative prefill tokens, cumulative prefill seconds)
-    samples = {"http://a": [(0.0, 0.01, 0, 0.0), (1.0, 0.5, 100, 0.2), (2.0, 0.1, 200, 0.4)],
-               "http://b": [(0.5, 0.02, 0, 0.0), (1.5, 2.0, 10, 0.1)]}
-    view = router_view(samples, {"http://a": "p0", "http://b": "p1"}, prior_s_per_token=1 / 300)
+    # (time, read latency, cumulative prefill tokens, cumulative prefill seconds, cumulative prefill steps)
+    samples = {"http://a": [(0.0, 0.01, 0, 0.0, 0), (1.0, 0.5, 100, 0.2, 1), (2.0, 0.1, 200, 0.4, 2)],
+               "http://b": [(0.5, 0.02, 0, 0.0, 0), (1.5, 2.0, 10, 0.1, 1)]}
+    view = router_view(samples, {"http://a": "p0", "http://b": "p1"}, prior_s_per_token=1 / 300, ref_tokens=100)
+    # One step size each: no intercept to fit, the ratio of sums.
     assert view["per_token_ms_at_end"] == pytest.approx({"p0": 2.0, "p1": 10.0})
+    assert view["fixed_ms_at_end"] == {"p0": 0.0, "p1": 0.0}
     assert view["read_latency_s"]["p1"]["max"] == 2.0
     # After p0's first reading p1 still has the prior (3.33 ms); after p1's, 10 / 2 = 5 times dearer.
     assert view["cost_ratio_p1_p0"]["p90"] == pytest.approx(5.0)
