@@ -49,7 +49,6 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -60,6 +59,7 @@ import httpx
 import numpy as np
 
 from benchmarks.netns import Service
+from benchmarks.poller import Poller
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.runner import BenchConfig, BenchResult, TraceLoad, run_bench
 from splitserve.bench.vocab import Vocab, find_vocab
@@ -441,37 +441,24 @@ def shortfall(rows: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-class WorkerProbe:
+class WorkerProbe(Poller):
     """Reads each prefill worker's state the way the router's feed does, every `interval_s` while a replay
     runs: how long a read waits (it is answered between engine steps, so the router's index and loads are
     at least that stale) and the step counters the router turns into its per-token prefill cost."""
 
     def __init__(self, urls: Sequence[str], interval_s: float = 0.5) -> None:
-        self.samples: dict[str, list[tuple[float, float, int, float]]] = {u: [] for u in urls}
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval_s)
+        self.samples: dict[str, list[tuple[float, float, int, float, int]]] = {u: [] for u in urls}
 
-    def __enter__(self) -> WorkerProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60.0) as client:
-            while not self._stop.is_set():
-                for url, out in self.samples.items():
-                    t0 = time.monotonic()
-                    try:  # no events wanted: `after` beyond any sequence number
-                        state = client.get(url + "/internal/state", params={"after": 2**62}).json()
-                    except (httpx.HTTPError, ValueError):
-                        continue
-                    c = state["counters"]
-                    out.append((t0, time.monotonic() - t0, c["prefill_tokens"], c["prefill_s"], c["prefill_steps"]))
-                self._stop.wait(self.interval_s)
+    def poll(self, client: httpx.Client) -> None:
+        for url, out in self.samples.items():
+            t0 = time.monotonic()
+            try:  # no events wanted: `after` beyond any sequence number
+                state = client.get(url + "/internal/state", params={"after": 2**62}).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            c = state["counters"]
+            out.append((t0, time.monotonic() - t0, c["prefill_tokens"], c["prefill_s"], c["prefill_steps"]))
 
 
 def router_view(samples: dict[str, list[tuple[float, float, int, float, int]]], names: dict[str, str],

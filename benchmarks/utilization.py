@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.netns import Service
+from benchmarks.poller import Poller
 from splitserve.bench.runner import BenchConfig, run_bench
 from splitserve.runtime.launch import free_port
 from splitserve.runtime.utilization import BANDWIDTH_METRIC, BUSY_METRIC, COMPUTE_METRIC
@@ -58,38 +58,22 @@ def read_gauges(client: httpx.Client, url: str) -> dict[str, float]:
     return {GAUGES[f.name]: f.samples[0].value for f in text_string_to_metric_families(text) if f.name in GAUGES}
 
 
-class Scraper:
-    """Reads every worker's gauges once a second in a thread, while the load runs in the foreground."""
+class Scraper(Poller):
+    """Reads every worker's gauges once a second, while the load runs in the foreground."""
 
     def __init__(self, workers: dict[str, str], interval_s: float = 1.0) -> None:
-        self.workers, self.interval_s = workers, interval_s
+        super().__init__(interval_s)
+        self.workers = workers
         self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.stage: str | None = None
 
-    def __enter__(self) -> Scraper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        with httpx.Client() as client:
-            while not self._stop.is_set():
-                for role, url in self.workers.items():
-                    try:
-                        g = read_gauges(client, url)
-                    except httpx.HTTPError:
-                        continue
-                    self.samples.append({"t": time.monotonic() - t0, "role": role, "stage": self.stage, **g})
-                self._stop.wait(self.interval_s)
-
-    def last(self, stage: str, role: str) -> dict:
-        return next(s for s in reversed(self.samples) if s["stage"] == stage and s["role"] == role)
+    def poll(self, client: httpx.Client) -> None:
+        for role, url in self.workers.items():
+            try:
+                g = read_gauges(client, url)
+            except httpx.HTTPError:
+                continue
+            self.samples.append({"t": time.monotonic() - self.started, "role": role, "stage": self.stage, **g})
 
 
 def run_stage(url: str, concurrency: int, args: argparse.Namespace) -> dict:
