@@ -33,21 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
-import httpx
-
 from dataclasses import replace
+from pathlib import Path
 from statistics import median
 
+from benchmarks.netns import Service
 from splitserve.bench.metrics import SLO, Summary, summarize, tpot, ttft
 from splitserve.bench.runner import BenchConfig, TraceLoad, run_bench
+from splitserve.runtime.launch import free_port
 from splitserve.sim.calibrate import Calibration, calibrate
 from splitserve.sim.cluster import ClusterSim, ClusterSpec, PoolSpec
 from splitserve.sim.hardware import Network
@@ -57,12 +54,6 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "moon
 OUT = Path("results") / "sim_accuracy"
 GiB = 1 << 30
 MODES = {"colocated": ["--colocated", "1"], "1p1d": ["--prefill", "1", "--decode", "1"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loopback_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -90,39 +81,19 @@ def loopback_bandwidth(nbytes: int = 256 << 20) -> float:
     return got[0] / (time.perf_counter() - start)
 
 
-class Server:
-    """`splitserve serve` in its own session, so that it and its workers can be stopped together."""
-
-    def __init__(self, mode: str, threads: int, kv_gib: float) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--threads", str(threads),
-               "--kv-cache-gib", str(kv_gib), "--log-level", "warning", *MODES[mode]]
-        self.log = open(OUT / f"server-{mode}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout: float = 600.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise RuntimeError(f"server not healthy after {timeout:.0f} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
+def start_server(mode: str, threads: int, kv_gib: float) -> tuple[Service, str]:
+    """`splitserve serve` for `mode`, healthy; logs to OUT/server-MODE.log."""
+    port = free_port()
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), "--kv-cache-gib",
+            str(kv_gib), "--log-level", "warning", *MODES[mode]]
+    server = Service(f"server-{mode}", argv, None, OUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_healthy(url, timeout_s=600.0)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server, url
 
 
 def cluster(cal: Calibration, mode: str, kv_gib: float, net: Network) -> ClusterSpec:
@@ -237,14 +208,14 @@ def errors(sim: dict, real: dict) -> dict:
     return {f"{k}_err": rel(sim[k], real[k]) for k in STATS}
 
 
-def measure_run(server: Server, spec: ClusterSpec, workload, scaling: Scaling, trace: Path) -> dict:
+def measure_run(server: Service, url: str, spec: ClusterSpec, workload, scaling: Scaling, trace: Path) -> dict:
     """One bench run of the workload on the server, and its simulations: with the contention measured over
     time, with its mean only, and with none."""
     load_before = os.getloadavg()
     watch = Contention(server.proc.pid)
     trace_watch = ContentionTrace(server.proc.pid)
     trace_watch.start()
-    bench = run_bench(BenchConfig(load=TraceLoad(str(trace), "auto", scaling), url=server.url, slo=SLO(),
+    bench = run_bench(BenchConfig(load=TraceLoad(str(trace), "auto", scaling), url=url, slo=SLO(),
                                   tokenizer=None, timeout_s=600.0))
     returned = time.perf_counter()
     trace_watch.stop()
@@ -314,13 +285,12 @@ def main() -> None:
     results: dict[str, dict] = {}
     for mode in modes:
         spec = cluster(cal, mode, args.kv_cache_gib, net)
-        server = Server(mode, args.threads, args.kv_cache_gib)
+        server, url = start_server(mode, args.threads, args.kv_cache_gib)
         try:
-            server.wait()
-            per_request, per_step = runtime_overheads(server.url, spec, server.proc.pid) if not args.no_overheads else (0.0, 0.0)
+            per_request, per_step = runtime_overheads(url, spec, server.proc.pid) if not args.no_overheads else (0.0, 0.0)
             spec = replace(spec, request_overhead_s=per_request,
                            efficiency=replace(spec.efficiency, step_overhead_s=spec.efficiency.step_overhead_s + per_step))
-            runs = [measure_run(server, spec, workload, scaling, args.trace) for _ in range(args.real_runs)]
+            runs = [measure_run(server, url, spec, workload, scaling, args.trace) for _ in range(args.real_runs)]
         finally:
             server.stop()
         print(f"[{mode}] runtime overheads: {per_request * 1e3:.1f} ms per request, {per_step * 1e3:.1f} ms per step",

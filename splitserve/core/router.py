@@ -79,6 +79,8 @@ class Router:
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if cost_tolerance < 0:
+            raise ValueError(f"cost_tolerance must be >= 0, got {cost_tolerance}")
         self.policy = policy
         self.block_size = block_size
         self.costs = cost_model

@@ -62,8 +62,13 @@ class RouterFeed:
                 current = {w.url: w for role in ("prefill", "decode") for w in pools[role]}
                 for url in polls.keys() - current.keys():
                     polls.pop(url).cancel()
-                for url in current.keys() - polls.keys():
-                    polls[url] = asyncio.create_task(self._poll(current[url], interval_s))
+                for url, w in current.items():
+                    task = polls.get(url)
+                    if task is not None and task.done() and not task.cancelled():
+                        # A bug, not a worker being away (those are caught in _poll): say so, keep polling.
+                        log.error("polling %s failed", url, exc_info=task.exception())
+                    if task is None or task.done():
+                        polls[url] = asyncio.create_task(self._poll(w, interval_s))
                 await asyncio.sleep(interval_s)
         finally:
             for task in polls.values():

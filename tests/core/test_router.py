@@ -180,9 +180,11 @@ def test_a_restart_forgets_the_old_generations_cache_and_measurements():
     assert r.index.position("p0") == (2, 0)
 
 
-def test_unknown_policy_is_refused():
+def test_unknown_policy_and_negative_tolerance_are_refused():
     with pytest.raises(ValueError, match="kv_aware"):
         Router("random", BS, costs())
+    with pytest.raises(ValueError, match="cost_tolerance"):
+        Router("kv_aware", BS, costs(), cost_tolerance=-0.1)
 
 
 def test_admission_queue_is_bounded_and_retry_after_follows_the_drain_rate():

@@ -5,16 +5,9 @@ over a range of loads: `python -m benchmarks.utilization`."""
 from __future__ import annotations
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.runtime.utilization import BANDWIDTH_METRIC, COMPUTE_METRIC
+from benchmarks.utilization import read_gauges
 from tests.runtime.deployment import Deployment, complete
-
-
-def gauges(worker_url: str) -> dict[str, float]:
-    text = httpx.get(worker_url + "/metrics", timeout=10).text
-    names = {COMPUTE_METRIC: "compute", BANDWIDTH_METRIC: "bandwidth"}
-    return {names[f.name]: f.samples[0].value for f in text_string_to_metric_families(text) if f.name in names}
 
 
 def test_prefill_worker_is_compute_heavy_and_decode_worker_bandwidth_heavy():
@@ -24,7 +17,8 @@ def test_prefill_worker_is_compute_heavy_and_decode_worker_bandwidth_heavy():
             complete(dep.url, prompt, max_tokens=48, ignore_eos=True, timeout=120).raise_for_status()
         assert [r["path"] for r in dep.requests()] == ["split", "split"]
         (p,), (d,) = dep.workers("prefill"), dep.workers("decode")
-        pre, dec = gauges(p["url"]), gauges(d["url"])
+        with httpx.Client() as client:
+            pre, dec = read_gauges(client, p["url"]), read_gauges(client, d["url"])
         # Measured here: prefill compute ~0.9 against decode ~0.07 (12x), and decode bandwidth ~0.3 (4x its
         # compute). The bounds leave room for a loaded CI machine; both ratios are far from 1 by physics
         # (~190 FLOP per fp32 weight byte in a 384-token prefill, ~0.5 in a batch-1 decode step).
