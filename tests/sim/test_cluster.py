@@ -136,10 +136,13 @@ def test_least_loaded_spreads_requests():
 def test_stops_early_once_the_slo_is_lost():
     reqs = load(n=400, rate=400)
     slo = SLO(0.2, 0.02)
-    _, full = run(colocated(count=1), reqs, slo=slo)
-    _, early = run(colocated(count=1), reqs, slo=slo, stop_below=0.9)
+    full_sim, full = run(colocated(count=1), reqs, slo=slo)
+    early_sim, early = run(colocated(count=1), reqs, slo=slo, stop_below=0.9)
     assert attainment(full.records, slo) < 0.9 and attainment(early.records, slo) < 0.9
-    assert early.stopped_early and early.sim_wall_s < full.sim_wall_s
+    # Work done, not wall time: a timed comparison flakes on a loaded CI machine.
+    assert early.stopped_early and not full.stopped_early
+    assert early_sim.workers[0].seq_steps < full_sim.workers[0].seq_steps / 2
+    assert early.elapsed_s < full.elapsed_s
 
 
 def test_infeasible_configurations_are_refused():
