@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-waiting", type=int, default=256, help="queue cap; beyond it requests get 429")
+    g.add_argument("--step-log-dir", default=None, metavar="DIR",
+                   help="append every engine step (start, seconds, batch) to DIR/steps-ROLE-PID.jsonl")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

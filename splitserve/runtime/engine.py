@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from splitserve.core.blocks import BlockPool
 from splitserve.core.request import Request, SamplingParams
@@ -79,8 +78,8 @@ class Engine:
         )
         self.sampler = Sampler()
         self.counters = StepCounters()
-        # Called with each computed step and its seconds (the worker's utilisation meter listens here).
-        self.on_step: Callable[[SchedulerOutput, float], None] | None = None
+        # Called with each computed step and its seconds (the utilisation meter, the step log).
+        self.step_observers: list[Callable[[SchedulerOutput, float], None]] = []
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks, config.block_size, num_blocks * block_bytes / (1 << 20), self.max_model_len,
@@ -146,8 +145,11 @@ class Engine:
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
         elapsed = time.perf_counter() - started
         self._count(out, elapsed)
-        if self.on_step is not None:
-            self.on_step(out, elapsed)
+        for observe in self.step_observers:
+            try:
+                observe(out, elapsed)
+            except Exception:  # watching a step must never fail it
+                log.exception("step observer failed")
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]

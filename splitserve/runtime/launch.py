@@ -44,16 +44,20 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def build_engine(args: argparse.Namespace) -> Engine:
+def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
     from splitserve.cli import engine_config
     from splitserve.model.loader import load_model
+    from splitserve.runtime.step_log import StepLog
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if args.served_model_name:
         loaded.name = args.served_model_name
-    return Engine(loaded, engine_config(args))
+    engine = Engine(loaded, engine_config(args))
+    if args.step_log_dir:
+        engine.step_observers.append(StepLog(args.step_log_dir, role).observe)
+    return engine
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -305,7 +309,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     try:
         worker = Worker(
-            args.role, build_engine(args), secret, host=args.host, transport=args.transfer,
+            args.role, build_engine(args, args.role), secret, host=args.host, transport=args.transfer,
             pipelined=args.layer_pipelining,
         )
     except (FileNotFoundError, ValueError) as exc:

@@ -23,7 +23,6 @@ Wiring (a worker): `meter = UtilizationMeter.for_engine(engine)`, `meter.attach(
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -42,7 +41,6 @@ COMPUTE_METRIC = "splitserve_compute_utilization_ratio"
 BANDWIDTH_METRIC = "splitserve_memory_bandwidth_utilization_ratio"
 BUSY_METRIC = "splitserve_engine_busy_ratio"
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,15 +188,8 @@ class UtilizationMeter:
         return Utilization(flops / secs / self.peaks.flops, nbytes / secs / self.peaks.bandwidth, secs / span, len(steps))
 
     def attach(self, engine) -> None:
-        """Observe every step of `engine` through its `on_step` hook."""
-
-        def observed(out, seconds: float) -> None:
-            try:
-                self.observe(out, seconds)
-            except Exception:  # metering must never fail a step
-                log.exception("utilisation metering failed")
-
-        engine.on_step = observed
+        """Observe every step of `engine`."""
+        engine.step_observers.append(self.observe)
 
 
 class UtilizationCollector:

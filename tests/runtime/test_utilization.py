@@ -81,11 +81,11 @@ def test_prometheus_gauges():
 
 def test_attach_observes_every_engine_step():
     class Engine:
-        on_step = None
+        step_observers: list = []
 
     e, m = Engine(), meter()
     m.attach(e)
-    e.on_step(step((16, 0, True)), 0.5)
+    e.step_observers[0](step((16, 0, True)), 0.5)
     assert m.total_s == 0.5 and m.total_flops > 0
 
 
