@@ -331,13 +331,13 @@ _ARRIVE, _STEP, _XFER = 0, 1, 2
 class ClusterSim:
     def __init__(
         self, spec: ClusterSpec, policy: PlacementPolicy | None = None,
-        step_scale: Callable[[Worker, float], float] | None = None,
+        step_time: Callable[[Worker, float, SchedulerOutput, float], float] | None = None,
     ) -> None:
-        """`step_scale(worker, now)`, if given, multiplies each step's modelled time: what a machine shared
-        with other work does to a worker (measured, e.g., by benchmarks/sim_accuracy.py)."""
+        """`step_time(worker, now, step, modelled seconds)`, if given, says how long each step really takes:
+        what a machine shared with other work does to a worker (measured, e.g., by benchmarks/sim_accuracy.py)."""
         self.spec = spec
         self.policy = policy or LeastLoaded()
-        self.step_scale = step_scale
+        self.step_time = step_time
 
     # ------------------------------------------------------------------ construction
 
@@ -510,7 +510,7 @@ class ClusterSim:
         if not out.seqs:
             return
         cost = w.perf.scheduled(out)
-        seconds = cost.seconds if self.step_scale is None else cost.seconds * self.step_scale(w, now)
+        seconds = cost.seconds if self.step_time is None else self.step_time(w, now, out, cost.seconds)
         w.busy, w.out, w.step_start, w.step_seconds = True, out, now, seconds
         w.busy_s += seconds
         w.flops += cost.flops

@@ -39,15 +39,12 @@ class Efficiency:
     step_overhead_s: float = 2e-3  # per step: scheduling, kernel launches
     seq_overhead_s: float = 5e-6  # per sequence in the batch
     token_overhead_s: float = 0.0  # per token in the batch
-    slowdown: float = 1.0  # every step takes this much longer (a worker sharing its cores: 1 + run-queue wait / run time)
 
     def __post_init__(self) -> None:
         for name in ("compute", "attention", "memory", "kv_memory", "comm"):
             v = getattr(self, name)
             if not 0 < v <= 4:
                 raise ValueError(f"efficiency {name} must be in (0, 4], got {v}")
-        if not self.slowdown >= 1:
-            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ class PerfModel:
         head_b = self.head_bytes if samples else 0.0
         head = max(head_f / self.compute_rate, head_b / self.mem_rate)
         e = self.eff
-        t = (self.layers * layer + head + e.step_overhead_s + e.seq_overhead_s * seqs + e.token_overhead_s * tokens) * e.slowdown
+        t = (self.layers * layer + head + e.step_overhead_s + e.seq_overhead_s * seqs + e.token_overhead_s * tokens)
         flops = (self.layers * (lin_f + att_f) + head_f) * self.tp
         nbytes = (self.layers * (lin_b + att_b) + head_b) * self.tp
         return StepCost(t, flops, nbytes)
