@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-
 from splitserve.core.blocks import BlockPool
 from splitserve.core.request import Request, SamplingParams
 from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput

@@ -89,7 +89,7 @@ def _serve_in_process(args: argparse.Namespace) -> int:
 
     try:
         engine = AsyncEngine(build_engine(args)).start()
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing model, an unwritable step log
         log.error("cannot start: %s", exc)
         return 2
     try:
@@ -312,7 +312,7 @@ def run_worker(args: argparse.Namespace) -> int:
             args.role, build_engine(args, args.role), secret, host=args.host, transport=args.transfer,
             pipelined=args.layer_pipelining,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing model, an unwritable step log
         log.error("cannot start: %s", exc)
         return 2
     worker.start()

@@ -42,7 +42,6 @@ BANDWIDTH_METRIC = "splitserve_memory_bandwidth_utilization_ratio"
 BUSY_METRIC = "splitserve_engine_busy_ratio"
 
 
-
 @dataclass(frozen=True)
 class MachinePeaks:
     flops: float  # FLOP/s

@@ -71,3 +71,13 @@ def test_serve_hands_the_step_log_dir_to_its_workers(tmp_path):
     args = build_parser().parse_args(["serve", "--prefill", "1", "--decode", "1", "--step-log-dir", str(tmp_path)])
     argv = engine_argv(args)
     assert argv[argv.index("--step-log-dir") + 1] == str(tmp_path)
+
+
+def test_an_unwritable_step_log_dir_is_a_clear_startup_error(tmp_path, caplog):
+    from splitserve.cli import main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    assert main(["serve", "--in-process", "--model", str(checkpoint), "--step-log-dir", str(taken)]) == 2
+    assert "cannot start" in caplog.text and "a-file" in caplog.text
