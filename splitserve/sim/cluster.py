@@ -459,8 +459,11 @@ class ClusterSim:
         sr.decode, sr.prefill = d, p
         d.outstanding += 1
         sr.req = sr.make(spec.output_len, now)
-        if d.pending or not self._try_reserve(d, sr, now):
-            d.pending.append(sr)  # FIFO: never overtake a request already waiting for blocks
+        # The runtime reserves on the decode worker's engine thread, between its steps: a busy decode worker
+        # answers when its step ends (then `_step_done` drains `pending`). FIFO: never overtake a request
+        # already waiting for blocks.
+        if d.pending or d.busy or not self._try_reserve(d, sr, now):
+            d.pending.append(sr)
 
     def _run_local(self, w: Worker, sr: SimRequest, now: float) -> None:
         sr.decode = w

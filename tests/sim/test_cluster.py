@@ -126,6 +126,27 @@ def test_placement_policy_can_prefill_on_the_decode_worker():
     check_conservation(sim)
 
 
+def test_a_split_request_is_reserved_only_between_the_decode_workers_steps():
+    """As in the runtime, where the reservation runs on the decode worker's engine thread between steps: a
+    request arriving mid-step reaches its prefill worker when that step ends, not before."""
+    decode_steps: list[tuple[float, float]] = []
+
+    def step_time(worker, now, out, seconds):
+        if worker.role != "decode":
+            return seconds
+        decode_steps.append((now, now + 1.0))  # decode steps of a second: an arrival lands inside one
+        return 1.0
+
+    reqs = [RequestSpec(0.0, 256, 8), RequestSpec(2.5, 256, 4)]
+    sim = ClusterSim(split(), step_time=step_time)
+    res = sim.run(reqs)
+    assert all(r.ok for r in res.records)
+    start, end = next((a, b) for a, b in decode_steps if a <= 2.5 < b)
+    assert sim.reqs["1"].reserved_at == end > 2.5
+    assert sim.reqs["1"].p_req.first_scheduled_time == end
+    check_conservation(sim)
+
+
 def test_least_loaded_spreads_requests():
     sim, res = run(colocated(count=4), load(n=200))
     steps = [w.seq_steps for w in sim.workers]
