@@ -97,10 +97,12 @@ def test_deadline_ends_the_run_and_records_unsent_requests(fake_server):
 
 
 def test_open_loop_sends_on_schedule_without_waiting_for_replies(fake_server):
-    server = fake_server(first_token_delay_s=0.4)
+    server = fake_server(first_token_delay_s=1.0)
     records = run(server, specs(4, gap_s=0.1))
+    # Never early, and late by far less than a reply takes (a loaded CI machine delays a send by tens of ms;
+    # a client that waited for replies would be a second late).
     for r in records:
-        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.05)
+        assert r.scheduled_s - 0.01 <= r.sent_s < r.scheduled_s + 0.5
     assert records[3].sent_s < records[0].first_token_s  # sent while the first was still waiting
     assert server.behaviour.max_in_flight == 4
 
