@@ -244,7 +244,7 @@ class StepSpeed:
 
 def _overlap(steps: list[dict], t0: float, t1: float) -> float:
     """Seconds of [t0, t1) covered by `steps` (one worker's, sorted by start, so not overlapping each other)."""
-    i = bisect.bisect_left([s["t"] for s in steps], t1) - 1
+    i = bisect.bisect_left(steps, t1, key=lambda s: s["t"]) - 1
     covered = 0.0
     while i >= 0 and steps[i]["t"] + steps[i]["s"] > t0:
         covered += min(t1, steps[i]["t"] + steps[i]["s"]) - max(t0, steps[i]["t"])
