@@ -226,6 +226,8 @@ class StepSpeed:
         alone: dict[str, float] = {}
         beside: dict[str, float] = {}
         for role, steps in self.steps(t0, t1).items():
+            if not steps:  # idle over the span (a probe that never reached it): no speed to tell
+                continue
             run[role] = sum(r for _, r, _, _ in steps) / sum(m for _, _, m, _ in steps)
             for kind in ("prefill", "decode"):
                 part = [(r, m, f) for k, r, m, f in steps if k == kind]

@@ -51,6 +51,11 @@ def test_speed_alone_and_beside_a_neighbour(speed):
     assert s.alone == pytest.approx({"decode/decode": 1.0}) and s.beside == pytest.approx({"decode/decode": 1.5})
 
 
+def test_a_worker_idle_over_the_span_has_no_speed(speed):
+    s = speed.speeds(T0, T0 + 15)  # only the first decode steps: the prefill worker logged nothing here
+    assert set(s.run) == {"decode"} and s.run["decode"] == pytest.approx(1.0)
+
+
 def step(*new_tokens: int):
     return SimpleNamespace(seqs=[SimpleNamespace(num_new_tokens=n) for n in new_tokens])
 
