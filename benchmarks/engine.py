@@ -21,7 +21,7 @@ import torch
 
 from splitserve.core.request import SamplingParams
 from splitserve.model.loader import bundled_gguf_path, load_model
-from splitserve.runtime.engine import Engine, EngineConfig
+from splitserve.runtime.worker.engine import Engine, EngineConfig
 
 RESULTS = Path("results")
 

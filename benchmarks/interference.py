@@ -45,12 +45,12 @@ import httpx
 import numpy as np
 
 from benchmarks.netns import Service
-from splitserve.bench import metrics
-from splitserve.bench.metrics import SLO
+from splitserve.workload import slo as metrics
+from splitserve.workload.slo import SLO
 from splitserve.bench.results import summary_dict
 from splitserve.bench.runner import BenchConfig, BenchResult, SweepConfig, TraceLoad, run_bench
 from splitserve.runtime.launch import free_port
-from splitserve.sim.workload import Scaling, at_rate, from_trace, read_trace
+from splitserve.workload.requests import Scaling, at_rate, from_trace, read_trace
 
 RESULTS = Path("results")
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv"

@@ -49,7 +49,7 @@ from splitserve.bench.vocab import find_vocab
 from splitserve.model.config import ModelConfig
 from splitserve.model.gguf_file import config_from_gguf, open_gguf
 from splitserve.model.loader import BUNDLED_NAME, bundled_gguf_path
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.requests import RequestSpec
 
 RESULTS = Path("results")
 LINKS = {"loopback": None, "1gbit": 1e9, "100mbit": 1e8}

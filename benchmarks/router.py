@@ -68,8 +68,8 @@ from splitserve.core.costs import CostModel
 from splitserve.core.router import POLICIES, Router
 from splitserve.model.loader import BUNDLED_NAME
 from splitserve.runtime.launch import free_port
-from splitserve.runtime.pool_engine import PoolConfig
-from splitserve.sim.workload import Scaling, Trace, TraceRow, Workload, at_rate, read_trace
+from splitserve.runtime.frontend.pool_client import PoolConfig
+from splitserve.workload.requests import Scaling, Trace, TraceRow, Workload, at_rate, read_trace
 
 RESULTS = Path("results")
 BLOCK_SIZE = 16

@@ -66,16 +66,18 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from benchmarks.netns import Service
-from splitserve.bench.metrics import SLO, Summary, summarize, tpot, ttft
+from splitserve.workload.slo import SLO, Summary, summarize, tpot, ttft
 from splitserve.bench.runner import BenchConfig, TraceLoad, run_bench
 from splitserve.runtime.launch import free_port
-from splitserve.runtime.step_log import read_step_log
-from splitserve.sim.calibrate import Calibration, calibrate
-from splitserve.sim.cluster import ClusterSim, ClusterSpec, PoolSpec, SimResult
+from splitserve.runtime.worker.step_log import read_step_log
+from splitserve.calibrate.run import Calibration, calibrate
+from splitserve.sim.cluster import ClusterSim
+from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
+from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Network
 from splitserve.sim.perf import PerfModel
-from splitserve.sim.routing import RouterPolicy
-from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec, from_trace, read_trace, synthetic
+from splitserve.sim.placement import RouterPolicy
+from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, from_trace, read_trace, synthetic
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 OUT = Path("results") / "sim_accuracy"

@@ -10,7 +10,7 @@ scraper reads both workers' `/metrics` every second: the gauges
     splitserve_memory_bandwidth_utilization_ratio   achieved bytes/s while stepping / the peak
     splitserve_engine_busy_ratio                    the fraction of the window spent in steps
 
-(the worker's meter averages the steps of its last 30 s; splitserve/runtime/utilization.py). Each stage
+(the worker's meter averages the steps of its last 30 s; splitserve/runtime/worker/utilization.py). Each stage
 lasts at least that window, and its figure is the last reading, when every step in the window is the
 stage's own. Peaks: this machine's, measured once per thread count and cached (1 thread: a float32
 matrix product and a large copy), unless $SPLITSERVE_CALIBRATION names a calibration file.
@@ -43,8 +43,8 @@ from benchmarks.netns import Service
 from benchmarks.poller import Poller
 from splitserve.bench.runner import BenchConfig, run_bench
 from splitserve.runtime.launch import free_port
-from splitserve.runtime.utilization import BANDWIDTH_METRIC, BUSY_METRIC, COMPUTE_METRIC
-from splitserve.sim.workload import LengthDist, SyntheticSpec
+from splitserve.runtime.worker.utilization import BANDWIDTH_METRIC, BUSY_METRIC, COMPUTE_METRIC
+from splitserve.workload.requests import LengthDist, SyntheticSpec
 
 RESULTS = Path("results")
 OUT = RESULTS / "utilization"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from splitserve.cluster.cli import add_ray_args, add_scale_parser, serve_ray
-from splitserve.runtime.engine import GiB, EngineConfig
+from splitserve.runtime.worker.engine import GiB, EngineConfig
 
 
 ENGINE_GROUP = "engine"

@@ -13,11 +13,11 @@ from typing import Sequence
 
 from rich.console import Console
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.bench.report import compare, print_result
 from splitserve.bench.results import ResultFileError
 from splitserve.bench.runner import USER_ERRORS, BenchConfig, BenchConfigError, SweepConfig, TraceLoad, run_bench
-from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec
+from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec
 
 PROG = "splitserve bench"
 

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import httpx
 
-from splitserve.bench.record import RequestRecord
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.requests import RequestSpec
 
 # Open loop must not queue behind a small pool, but a long trace must not open thousands of sockets either;
 # beyond this many in flight the wait for a connection shows up as client-side TTFT.

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402 - must follow the backend choice
 import numpy as np  # noqa: E402
 
-from splitserve.bench import metrics  # noqa: E402
+from splitserve.workload import slo as metrics  # noqa: E402
 from splitserve.bench.runner import BenchResult, Run  # noqa: E402
 
 CDF_METRICS = (("TTFT", metrics.ttft), ("TPOT", metrics.tpot), ("E2E latency", metrics.e2e))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from splitserve.bench.record import RequestRecord
+from splitserve.workload.record import RequestRecord
 
 
 class RunProgress:

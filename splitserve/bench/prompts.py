@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from splitserve.bench.vocab import Vocab, VocabError
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.requests import RequestSpec
 
 _BLOCK, _UNIQUE = 1, 2  # stream tags, so a block id and a request index never draw the same tokens
 _MASK64 = (1 << 64) - 1

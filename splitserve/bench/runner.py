@@ -13,13 +13,13 @@ from pathlib import Path
 from rich.console import Console
 
 from splitserve.bench.client import EndpointError, Target, resolve_model, run_load
-from splitserve.bench.metrics import SLO, Summary, summarize
+from splitserve.workload.slo import SLO, Summary, summarize
 from splitserve.bench.progress import RunProgress
 from splitserve.bench.prompts import PromptBuilder
-from splitserve.bench.record import RequestRecord
-from splitserve.bench.sweep import SweepError, SweepResult, check_sweep, find_goodput
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.goodput import SweepError, SweepResult, check_sweep, find_goodput
 from splitserve.bench.vocab import Vocab, VocabError, find_vocab
-from splitserve.sim.workload import (
+from splitserve.workload.requests import (
     Scaling,
     SyntheticSpec,
     Trace,

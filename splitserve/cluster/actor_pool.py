@@ -19,8 +19,8 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from splitserve.runtime.pool_engine import PoolEngine
-from splitserve.runtime.worker_client import WorkerClient
+from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.wire import WorkerClient
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from splitserve.cluster.cli import LOCAL
 from splitserve.cluster.resources import parse_resources
 from splitserve.cluster.worker_actor import WorkerActor
 from splitserve.runtime.launch import _serve_pools, setup_logging, worker_argv
-from splitserve.runtime.pool_engine import PoolEngine
+from splitserve.runtime.frontend.pool_client import PoolEngine
 
 log = logging.getLogger(__name__)
 

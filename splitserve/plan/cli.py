@@ -20,15 +20,15 @@ from typing import Sequence
 
 from rich.console import Console
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.plan import report
 from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
 from splitserve.plan.sweep import AXES, sweep
-from splitserve.sim.cluster import InfeasibleConfig
+from splitserve.sim.cluster_spec import InfeasibleConfig
 from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
 from splitserve.sim.models import model as model_preset
 from splitserve.sim.perf import Efficiency
-from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
+from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
 
 PROG = "splitserve plan"
 USER_ERRORS = (PlanError, PresetError, WorkloadError, InfeasibleConfig)
@@ -134,7 +134,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     eff = Efficiency()
     if args.calibration is not None:
-        from splitserve.sim.calibrate import Calibration
+        from splitserve.calibrate.run import Calibration
 
         cal = Calibration.load(args.calibration)
         hw, eff = cal.hardware, cal.efficiency
@@ -214,7 +214,7 @@ def _emit(args: argparse.Namespace, out, doc: dict, show, write) -> int:  # type
 
 
 def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from splitserve.sim.calibrate import calibrate
+    from splitserve.calibrate.run import calibrate
 
     if args.threads is not None and args.threads < 1:
         raise PlanError("--threads must be >= 1")

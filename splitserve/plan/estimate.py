@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.sim.perf import PerfModel, transfer
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.requests import RequestSpec
 
 TPOT_MARGIN = 0.85  # averages against a p90-style target
 MAX_RHO = 0.9  # never plan a queue at full utilisation

@@ -31,12 +31,14 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from splitserve.bench.metrics import SLO, attainment, e2e, summarize, tpot, ttft
-from splitserve.sim.cluster import ClusterSim, ClusterSpec, PoolSpec, SimResult
+from splitserve.workload.slo import SLO, attainment, summarize, tpot, ttft
+from splitserve.sim.cluster import ClusterSim
+from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
+from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Hardware, Network, hour_price
 from splitserve.sim.models import ModelSpec
 from splitserve.sim.perf import Efficiency, PerfModel
-from splitserve.sim.workload import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
+from splitserve.workload.requests import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
 from splitserve.plan import estimate as est
 
 Mode = Literal["colocated", "disaggregated", "heterogeneous"]
@@ -354,7 +356,7 @@ def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False
     wl = plan.workload.at(rate, probe_size(plan, rate))
     policy = None
     if plan.router is not None and unit.disaggregated:
-        from splitserve.sim.routing import RouterPolicy
+        from splitserve.sim.placement import RouterPolicy
 
         policy = RouterPolicy(plan.router, plan.conditional)
     res = ClusterSim(unit, policy).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)

@@ -5,11 +5,18 @@ Workers speak tokens; the frontend owns text (templating, detokenization, stop s
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from splitserve.core.request import SamplingParams
 from splitserve.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,3 +81,25 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def healthy(self) -> bool: ...
+
+
+class EngineStatsCollector(Collector):
+    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
+        self._engine_stats = engine_stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._engine_stats()
+        except Exception:  # a sick engine must not take the request metrics' scrape down with it
+            log.exception("engine.stats() failed during a metrics scrape")
+            return
+        yield GaugeMetricFamily("splitserve_num_requests_running", "Requests in the running batch", value=s.num_running)
+        yield GaugeMetricFamily("splitserve_num_requests_waiting", "Requests queued for admission", value=s.num_waiting)
+        yield GaugeMetricFamily("splitserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", value=s.kv_usage)
+        yield CounterMetricFamily(
+            "splitserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+            value=s.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "splitserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", value=s.prefix_cache_hits
+        )

@@ -29,10 +29,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from splitserve.runtime.async_engine import AsyncEngine
-from splitserve.runtime.engine import Engine
-from splitserve.runtime.pool_engine import PoolEngine
-from splitserve.runtime.worker_client import WorkerError
+from splitserve.runtime.worker.async_engine import AsyncEngine
+from splitserve.runtime.worker.engine import Engine
+from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.wire import WorkerError
 
 log = logging.getLogger("splitserve")
 
@@ -47,7 +47,7 @@ def setup_logging(level: str) -> None:
 def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
     from splitserve.cli import engine_config
     from splitserve.model.loader import load_model
-    from splitserve.runtime.step_log import StepLog
+    from splitserve.runtime.worker.step_log import StepLog
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +85,7 @@ def _pool_sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
 
 
 def _serve_in_process(args: argparse.Namespace) -> int:
-    from splitserve.runtime.frontend import create_app, run_server
+    from splitserve.runtime.frontend.app import create_app, run_server
 
     try:
         engine = AsyncEngine(build_engine(args)).start()
@@ -132,8 +132,8 @@ def _serve_pools(
     """The frontend over running workers. `on_app` may add to the app before it serves (the Ray launcher
     adds its pools' lifecycle and /admin/scale)."""
     from splitserve.model.loader import load_tokenizer
-    from splitserve.runtime.frontend import create_app, run_server
-    from splitserve.runtime.pool_engine import PoolConfig
+    from splitserve.runtime.frontend.app import create_app, run_server
+    from splitserve.runtime.frontend.pool_client import PoolConfig
 
     try:
         tokenizer, name = load_tokenizer(args.model)
@@ -297,8 +297,8 @@ def run_worker(args: argparse.Namespace) -> int:
     """`splitserve worker`: one engine in one role, behind its internal HTTP API."""
     import uvicorn
 
-    from splitserve.runtime.worker import Worker, create_worker_app
-    from splitserve.runtime.worker_server import WorkerServer
+    from splitserve.runtime.worker.app import Worker, create_worker_app
+    from splitserve.runtime.worker.server import WorkerServer
 
     setup_logging(args.log_level)
     if args.cpu is not None:

@@ -11,12 +11,6 @@ be decoded); then a prefill worker P computes the prompt with `hold_kv` and samp
 its KV crosses the link (only the blocks D does not already cache; pipelined layer by layer or not) while P
 keeps the blocks; when the last byte lands P `release_held`s them and D gets `kv_arrived`.
 
-Prompts carry deterministic token ids and precomputed chained block hashes: requests whose
-`RequestSpec.prefix_blocks` agree share exactly those leading blocks, as `bench`'s PromptBuilder prompts do
-(`prompt_block_hashes`), so the prefix cache hits in simulation where it would on the real engine. The
-hashes are computed from the spec rather than by hashing materialised tokens: a Mooncake run would
-otherwise spend most of its time in blake2b and hold gigabytes of token lists.
-
 Cost: about 5-10 us of CPU time per sequence per step plus a few per prompt block (the scheduler and block
 pool are pure Python), i.e. roughly (output tokens + prompt blocks) x requests: 10,000 requests of 1k-token
 prompts and 64-token outputs take about 8 s of CPU time; long outputs and long prompts cost proportionally
@@ -27,303 +21,20 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from splitserve.bench.metrics import SLO, Summary, meets_slo, summarize
-from splitserve.bench.record import RequestRecord
 from splitserve.core.blocks import BlockPool
-from splitserve.core.request import Request, SamplingParams
+from splitserve.core.request import Request
 from splitserve.core.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerOutput
-from splitserve.sim.hardware import Hardware, Network
-from splitserve.sim.models import ModelSpec
-from splitserve.sim.perf import Efficiency, PerfModel
-from splitserve.sim.workload import RequestSpec
-
-Role = Literal["colocated", "prefill", "decode"]
-SAMPLED_TOKEN = 7  # any non-EOS id: requests run with ignore_eos
-_MASK63 = (1 << 63) - 1
-
-
-class InfeasibleConfig(ValueError):
-    """The configuration cannot run this workload (model does not fit, KV cache too small, ...)."""
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    role: Role
-    count: int
-    tp: int = 1
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    chunked_prefill: bool = False
-    hardware: Hardware | None = None  # None: the cluster's (different hardware per pool: issue #7)
-    efficiency: Efficiency | None = None  # None: the cluster's
-
-    @property
-    def gpus(self) -> int:
-        return self.count * self.tp
-
-    def describe(self) -> str:
-        chunk = f", chunked {self.max_num_batched_tokens}" if self.chunked_prefill else ""
-        hw = f" {self.hardware.name}" if self.hardware is not None else ""
-        letter = {"colocated": "x", "prefill": "P", "decode": "D"}[self.role]
-        return f"{self.count}{letter} TP{self.tp}{hw}{chunk}"
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    model: ModelSpec
-    hardware: Hardware
-    pools: tuple[PoolSpec, ...]
-    network: Network | None = None  # carries KV between pools (disaggregated only)
-    efficiency: Efficiency = Efficiency()
-    pipelined: bool = True  # KV sent layer by layer while later layers compute
-    block_size: int = 16
-    mem_util: float = 0.9
-    max_model_len: int | None = None  # None: the longest request of the workload (within the model's limit)
-    prefix_caching: bool = True
-    max_waiting: int = 1 << 30  # the simulated queue is unbounded unless asked
-    kv_blocks: int | None = None  # blocks per worker; None: what the GPU memory holds after the weights
-    request_overhead_s: float = 0.0  # arrival -> the request reaches a scheduler (frontend, HTTP, routing)
-
-    def __post_init__(self) -> None:
-        roles = sorted(p.role for p in self.pools)
-        if roles not in (["colocated"], ["decode", "prefill"]):
-            raise InfeasibleConfig(f"a cluster is one colocated pool, or one prefill and one decode pool; got {roles}")
-        if self.disaggregated and self.network is None:
-            raise InfeasibleConfig("a disaggregated cluster needs a network")
-        for p in self.pools:
-            if p.count < 1 or p.tp < 1:
-                raise InfeasibleConfig(f"pool {p.role}: need count >= 1 and tp >= 1")
-
-    @property
-    def disaggregated(self) -> bool:
-        return any(p.role == "prefill" for p in self.pools)
-
-    @property
-    def gpus(self) -> int:
-        return sum(p.gpus for p in self.pools)
-
-    def pool(self, role: Role) -> PoolSpec:
-        return next(p for p in self.pools if p.role == role)
-
-    def describe(self) -> str:
-        if not self.disaggregated:
-            return f"colocated {self.pools[0].describe()}"
-        how = "pipelined" if self.pipelined else "unpipelined"
-        return f"disaggregated {self.pool('prefill').describe()} + {self.pool('decode').describe()}, {self.network.name} {how}"
-
-
-# ---------------------------------------------------------------------------------------------- prompts
-
-
-def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[int]:
-    """Chained hashes of the prompt's full blocks: equal for two requests exactly where PromptBuilder would
-    give them equal leading tokens (same prefix block ids), unique to the request after that."""
-    bt, ids = spec.block_tokens, spec.prefix_blocks
-    shared = min(len(ids) * bt, spec.input_len)
-    hashes, parent = [], 0
-    for j in range(spec.input_len // block_size):
-        lo, hi = j * block_size, (j + 1) * block_size
-        if hi <= shared:
-            k0, k1 = lo // bt, (hi - 1) // bt
-            if k0 == k1:
-                key: tuple = (ids[k0], lo - k0 * bt)
-            else:
-                key = tuple((ids[k], max(lo, k * bt) - k * bt, min(hi, (k + 1) * bt) - k * bt) for k in range(k0, k1 + 1))
-        else:
-            key = (-1, index, j)
-        parent = (hash((parent, key)) & _MASK63) or 1
-        hashes.append(parent)
-    return hashes
-
-
-# ---------------------------------------------------------------------------------------------- state
-
-
-class SimRequest:
-    """One workload request as it moves through the cluster; `record` is bench's record of it."""
-
-    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "p_req", "decode", "prefill",
-                 "cached_remote", "prefill_start", "kv_ready", "second", "reserved_at", "failed", "xfer_bytes")
-
-    def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
-        self.index, self.spec, self.id = index, spec, str(index)
-        # The token values only matter for partial blocks (decode extends the chain from `hashes`).
-        self.prompt = [1000 + index % 50000] * spec.input_len
-        self.hashes = prompt_block_hashes(spec, index, block_size)
-        self.record = RequestRecord(index, spec.arrival_s, spec.input_len, spec.output_len, sent_s=spec.arrival_s,
-                                    prompt_tokens=spec.input_len, status=200)
-        self.req: Request | None = None  # the request that decodes (colocated: the only one)
-        self.p_req: Request | None = None  # disaggregated: the prefill worker's copy
-        self.decode: Worker | None = None
-        self.prefill: Worker | None = None
-        self.cached_remote = 0  # prompt tokens the decode worker already held (not transferred)
-        self.prefill_start: float | None = None
-        self.kv_ready: float | None = None
-        self.second: float | None = None  # the second token (the first decode step after the KV is complete)
-        self.reserved_at: float | None = None
-        self.failed = False
-        self.xfer_bytes = 0.0
-
-    def make(self, max_tokens: int, now: float, hold_kv: bool = False) -> Request:
-        r = Request(self.id, self.prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), now, hold_kv=hold_kv)
-        r.block_hashes = list(self.hashes)
-        return r
-
-
-class Worker:
-    """One model replica: a real Scheduler, a performance model, a NIC, and counters."""
-
-    def __init__(self, wid: int, pool: PoolSpec, perf: PerfModel, sched: Scheduler, link_bw: float) -> None:
-        self.id, self.pool, self.role, self.perf, self.sched, self.link_bw = wid, pool, pool.role, perf, sched, link_bw
-        self.busy = False
-        self.out: SchedulerOutput | None = None
-        self.step_start = 0.0
-        self.step_seconds = 0.0
-        self.nic_free = 0.0
-        self.pending: deque[SimRequest] = deque()  # decode side: waiting for blocks to reserve
-        self.outstanding = 0  # requests assigned and not finished here
-        self.queued_prefill_tokens = 0  # prompt tokens assigned and not yet prefilled
-        self.busy_s = self.flops = self.bytes = 0.0
-        self.steps = self.seq_steps = self.tokens = self.preemptions = 0
-
-    @property
-    def free_blocks(self) -> int:
-        return self.sched.pool.num_free_blocks
-
-
-# ---------------------------------------------------------------------------------------------- placement
-
-
-class PlacementPolicy:
-    """Where each request runs. The simulator calls these; a policy may read the workers' state (scheduler,
-    free blocks, queued prefill tokens, outstanding requests, perf model) but must not change it.
-
-    `prefill_locally` is conditional disaggregation: return True to prefill this request on its decode
-    worker instead of the prefill pool (a short uncached suffix, a saturated prefill pool). The router's
-    cost model (issue #5) will decide it from `perf.PerfModel.prefill_time` and `perf.transfer_time`."""
-
-    def choose_colocated(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def choose_decode(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def choose_prefill(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def prefill_locally(self, req: SimRequest, decode: Worker, prefill_workers: Sequence[Worker]) -> bool:
-        return False
-
-    def place(self, req: SimRequest, decode_workers: Sequence[Worker], prefill_workers: Sequence[Worker], now: float) -> tuple[Worker, Worker | None]:
-        """Disaggregated placement in one call: (decode worker, prefill worker or None to prefill locally).
-        The prefill worker is only used once the decode worker has reserved the blocks; a policy whose
-        decision covers both at once (the core Router) overrides this."""
-        d = self.choose_decode(decode_workers, req)
-        if self.prefill_locally(req, d, prefill_workers):
-            return d, None
-        return d, self.choose_prefill(prefill_workers, req)
-
-    # What the simulator reports, as workers report to the runtime's router (no-ops here).
-
-    def attach(self, sim: ClusterSim) -> None:
-        """The workers are built; called once per run before the first arrival."""
-
-    def kv_events(self, worker: Worker, events: list) -> None:
-        """The worker's BlockPool stored or removed these prefix blocks."""
-
-    def observe_step(self, worker: Worker, out: SchedulerOutput, seconds: float, now: float) -> None:
-        """The worker finished a step of `seconds`."""
-
-    def observe_transfer(self, nbytes: float, seconds: float) -> None:
-        """`nbytes` of KV spent `seconds` on the wire."""
-
-
-class LeastLoaded(PlacementPolicy):
-    """Fewest outstanding requests (colocated, decode; ties: most free blocks); fewest queued prompt tokens
-    (prefill). Never prefills locally."""
-
-    def choose_colocated(self, workers, req):
-        return min(workers, key=lambda w: (w.outstanding, w.queued_prefill_tokens, -w.free_blocks, w.id))
-
-    def choose_decode(self, workers, req):
-        return min(workers, key=lambda w: (w.outstanding + len(w.pending), -w.free_blocks, w.id))
-
-    def choose_prefill(self, workers, req):
-        return min(workers, key=lambda w: (w.queued_prefill_tokens, w.outstanding, w.id))
-
-
-class LocalBelow(LeastLoaded):
-    """Least loaded, but prompts with fewer than `tokens` uncached tokens are prefilled on the decode worker
-    (a stand-in for the router's cost-model decision)."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-
-    def prefill_locally(self, req, decode, prefill_workers):
-        return req.spec.input_len < self.tokens
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class PoolStats:
-    role: Role
-    workers: int
-    tp: int
-    gpus: int
-    busy: float  # mean fraction of the time a worker was running a step
-    compute_util: float  # FLOPs done / (peak FLOP/s x GPUs x elapsed)
-    bandwidth_util: float  # bytes moved / (peak bandwidth x GPUs x elapsed)
-    steps: int
-    mean_batch: float  # sequences per step
-    mean_tokens: float  # tokens per step
-    preemptions: int
-
-
-@dataclass
-class Phases:
-    """Mean seconds per request in each phase (finished requests)."""
-
-    queue: float  # arrival -> prefill starts (disaggregated: includes waiting for decode blocks)
-    prefill: float  # prefill starts -> first token
-    transfer: float  # first token -> KV complete on the decode worker (0 colocated)
-    decode_wait: float  # KV complete -> the first decode step starts (waiting for a running slot)
-    decode: float  # the decode steps
-
-    def as_dict(self) -> dict[str, float]:
-        return {"queue_s": self.queue, "prefill_s": self.prefill, "transfer_s": self.transfer,
-                "decode_wait_s": self.decode_wait, "decode_s": self.decode}
-
-
-@dataclass
-class SimResult:
-    cluster: ClusterSpec
-    records: list[RequestRecord]
-    pools: list[PoolStats]
-    phases: Phases
-    elapsed_s: float  # first arrival -> last event
-    prefix_hit_rate: float  # prompt tokens found cached where they were computed / prompt tokens
-    transfer_bytes: float
-    transfer_exposed_s: float  # mean per transferred request: prefill end -> KV complete
-    stopped_early: bool = False  # the SLO had already failed for too many requests
-    sim_wall_s: float = 0.0
-    # Per request (as `records`): seconds spent waiting, not computing: before its prefill starts, and
-    # between its KV being complete and its first decode step. None if it did not finish.
-    waits: list[float | None] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self, slo: SLO = SLO()) -> Summary:
-        return summarize(self.records, slo)
-
-
-# ---------------------------------------------------------------------------------------------- simulator
+from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig
+from splitserve.sim.perf import PerfModel
+from splitserve.sim.placement import LeastLoaded, PlacementPolicy
+from splitserve.sim.result import Phases, PoolStats, SimResult
+from splitserve.sim.state import SAMPLED_TOKEN, SimRequest, Worker
+from splitserve.workload.requests import RequestSpec
+from splitserve.workload.slo import SLO, meets_slo
 
 _ARRIVE, _STEP, _XFER = 0, 1, 2
 
@@ -394,7 +105,7 @@ class ClusterSim:
 
         wall0 = _time.perf_counter()
         self._build(requests)
-        self.policy.attach(self)
+        self.policy.attach(self.spec, self.workers)
         self.token_times = token_times
         self.heap: list = []
         self._seq = 0

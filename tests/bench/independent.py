@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from splitserve.bench.record import RequestRecord
+from splitserve.workload.record import RequestRecord
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from splitserve.bench.client import EndpointError, Target, resolve_model, run_load
-from splitserve.bench.metrics import summarize
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.slo import summarize
+from splitserve.workload.requests import RequestSpec
 
 
 def specs(n: int, gap_s: float = 0.0, input_len: int = 20, output_len: int = 5) -> list[RequestSpec]:

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from rich.console import Console
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.bench.report import compare
 from splitserve.bench.results import read_json
 from splitserve.bench.runner import BenchConfig, SweepConfig, TraceLoad, run_bench
-from splitserve.sim.workload import LengthDist, Scaling, SyntheticSpec
+from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec
 from tests.bench.conftest import AZURE, MOONCAKE, REPO
 from tests.bench.fake_server import free_port
 from tests.bench.independent import assert_summary_matches

@@ -1,4 +1,4 @@
-"""splitserve.bench.metrics against an independent computation over varied synthetic records."""
+"""splitserve.workload.slo against an independent computation over varied synthetic records."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from splitserve.bench.metrics import SLO, meets_slo, summarize
-from splitserve.bench.record import RequestRecord
+from splitserve.workload.slo import SLO, meets_slo, summarize
+from splitserve.workload.record import RequestRecord
 from tests.bench.independent import assert_summary_matches
 
 

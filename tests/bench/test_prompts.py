@@ -6,7 +6,7 @@ import pytest
 
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import Vocab, VocabError, load_vocab
-from splitserve.sim.workload import RequestSpec
+from splitserve.workload.requests import RequestSpec
 
 
 def spec(n: int, blocks: tuple[int, ...] = (), block_tokens: int = 16) -> RequestSpec:

@@ -1,10 +1,10 @@
-"""splitserve.bench.sweep: bisection on attainment functions with a known threshold."""
+"""splitserve.workload.goodput: bisection on attainment functions with a known threshold."""
 
 from __future__ import annotations
 
 import pytest
 
-from splitserve.bench.sweep import find_goodput
+from splitserve.workload.goodput import find_goodput
 
 
 def step_at(threshold: float):

@@ -1,4 +1,4 @@
-"""splitserve.sim.workload: trace parsing (both formats, bad rows), scaling, synthetic distributions."""
+"""splitserve.workload.requests: trace parsing (both formats, bad rows), scaling, synthetic distributions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from splitserve.sim.workload import (
+from splitserve.workload.requests import (
     LengthDist,
     Scaling,
     SyntheticSpec,

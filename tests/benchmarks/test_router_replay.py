@@ -10,7 +10,7 @@ from benchmarks.router import (
     Prompt, PrefixCache, Served, affinity_hit_rate, conversation, explain_misses, first_turns, hit_rate,
     match_records, prompt_of, router_view, sample_conversations, shortfall, write_mooncake,
 )
-from splitserve.sim.workload import RequestSpec, Trace, TraceRow, Workload, read_trace
+from splitserve.workload.requests import RequestSpec, Trace, TraceRow, Workload, read_trace
 
 
 def conversations_trace(n: int) -> Trace:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from splitserve.model.tokenizer import Tokenizer
-from splitserve.runtime.frontend import create_app
+from splitserve.runtime.frontend.app import create_app
 from tests.frontend.fake_engine import FakeEngine
 from tests.tiny_models import make_tiny_checkpoint
 

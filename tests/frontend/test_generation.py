@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from splitserve.runtime.frontend import DEFAULT_MAX_TOKENS
+from splitserve.runtime.frontend.app import DEFAULT_MAX_TOKENS
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.runtime.frontend import create_app
+from splitserve.runtime.frontend.app import create_app
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from splitserve.model.loader import load_model
-from splitserve.runtime.async_engine import AsyncEngine
-from splitserve.runtime.engine import Engine, EngineConfig
-from splitserve.runtime.frontend import create_app
+from splitserve.runtime.worker.async_engine import AsyncEngine
+from splitserve.runtime.worker.engine import Engine, EngineConfig
+from splitserve.runtime.frontend.app import create_app
 from tests.frontend.test_disconnect import call_then_disconnect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from splitserve.runtime.frontend import UNAVAILABLE_RETRY_AFTER_S, create_app
+from splitserve.runtime.frontend.app import UNAVAILABLE_RETRY_AFTER_S, create_app
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splitserve.runtime.engine_client import TokenOutput
-from splitserve.runtime.text_output import TextDelta, TextOutput
+from splitserve.runtime.frontend.text_output import TextDelta, TextOutput
 
 
 class PieceDetokenizer:

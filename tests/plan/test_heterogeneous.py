@@ -1,17 +1,16 @@
 """Issue #7: hardware per pool, prices and the cost verdict, memory fit."""
 
-from dataclasses import replace
 
 import pytest
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.plan import estimate as est
 from splitserve.plan.cli import build_parser, spec_from_args
 from splitserve.plan.search import PlanSpec, WorkloadDef, enumerate_candidates, plan
 from splitserve.sim import hardware, models
 from splitserve.sim.hardware import GB, TERA, Hardware, PresetError, hour_price, load_prices, parse_prices
 from splitserve.sim.perf import PerfModel
-from splitserve.sim.workload import LengthDist, SyntheticSpec
+from splitserve.workload.requests import LengthDist, SyntheticSpec
 
 # Same price; one has 4x the FLOP/s per dollar, the other 5x the bandwidth per dollar.
 FLOPPY = Hardware("Floppy", 1600 * TERA, 1.0e12, 80 * GB, 450 * GB, gpu_hour_cost=2.0)

@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.plan import estimate as est
 from splitserve.plan.search import PlanError, PlanSpec, Probe, WorkloadDef, enumerate_candidates, find_goodput, plan, shortlist
 from splitserve.sim import hardware, models
 from splitserve.sim.perf import PerfModel
-from splitserve.sim.workload import LengthDist, RequestSpec, SyntheticSpec
+from splitserve.workload.requests import LengthDist, RequestSpec, SyntheticSpec
 
 H100 = hardware.gpu("h100")
 

@@ -7,11 +7,11 @@ from functools import lru_cache
 
 import pytest
 
-from splitserve.bench.metrics import SLO
+from splitserve.workload.slo import SLO
 from splitserve.plan.search import PlanSpec, WorkloadDef, plan
 from splitserve.plan.sweep import point_spec
 from splitserve.sim import hardware, models
-from splitserve.sim.workload import LengthDist, SyntheticSpec
+from splitserve.workload.requests import LengthDist, SyntheticSpec
 
 # Llama-3.1-70B on 16 H100s, 4k-token prompts and 128-token answers, TTFT 2 s and TPOT 50 ms: prompt-heavy
 # traffic at scale. Small probes and one tensor-parallel size keep each search to a few seconds.

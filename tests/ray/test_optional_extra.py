@@ -17,7 +17,7 @@ for argv in (["serve", "--help"], ["scale", "--help"], ["worker", "--help"]):
             splitserve.cli.main(argv)
         except SystemExit:
             pass
-import splitserve.runtime.launch, splitserve.runtime.frontend, splitserve.runtime.pool_engine
+import splitserve.runtime.launch, splitserve.runtime.frontend.app, splitserve.runtime.frontend.pool_client
 print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
 """
 

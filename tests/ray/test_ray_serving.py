@@ -18,7 +18,7 @@ pytest.importorskip("ray", reason="ray is an optional extra: pip install -r requ
 
 from splitserve.core.request import SamplingParams  # noqa: E402
 from splitserve.model.loader import load_model  # noqa: E402
-from splitserve.runtime.engine import Engine, EngineConfig  # noqa: E402
+from splitserve.runtime.worker.engine import Engine, EngineConfig  # noqa: E402
 from tests.ray.load import StreamingLoad  # noqa: E402
 from tests.ray.sim_cluster import REPO, SimCluster, running  # noqa: E402
 from tests.runtime.deployment import Deployment  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 from splitserve.core.request import SamplingParams
 from splitserve.model.loader import load_model
-from splitserve.runtime.engine import Engine, EngineConfig
+from splitserve.runtime.worker.engine import Engine, EngineConfig
 from tests.greedy import assert_greedy_match, ref_greedy
 from tests.tiny_models import make_tiny_checkpoint
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
-from splitserve.runtime.router_feed import RouterFeed
+from splitserve.runtime.frontend.router_feed import RouterFeed
 
 
 class ScriptedFeed(RouterFeed):
@@ -32,7 +32,7 @@ def test_each_worker_polls_on_its_own_and_a_crashed_poll_restarts(caplog):
         await asyncio.sleep(0.3)
         task.cancel()
 
-    with caplog.at_level(logging.ERROR, logger="splitserve.runtime.router_feed"):
+    with caplog.at_level(logging.ERROR, logger="splitserve.runtime.frontend.router_feed"):
         asyncio.run(main())
     assert feed.calls["slow"] == 1
     assert feed.calls["fast"] >= 5

@@ -8,8 +8,8 @@ import pytest
 
 from splitserve.core.request import SamplingParams
 from splitserve.model.loader import load_model
-from splitserve.runtime.engine import Engine, EngineConfig
-from splitserve.runtime.step_log import StepLog, read_step_log
+from splitserve.runtime.worker.engine import Engine, EngineConfig
+from splitserve.runtime.worker.step_log import StepLog, read_step_log
 from tests.tiny_models import make_tiny_checkpoint
 
 

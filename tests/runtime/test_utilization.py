@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from splitserve.core.scheduler import ScheduledSeq, SchedulerOutput
 from splitserve.model.config import ModelConfig
-from splitserve.runtime.utilization import (
+from splitserve.runtime.worker.utilization import (
     BANDWIDTH_METRIC, COMPUTE_METRIC, MachinePeaks, UtilizationCollector, UtilizationMeter, machine_peaks, peaks_from_calibration,
 )
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from splitserve.sim.calibrate import Calibration, Grid, Point, cpu_hardware, fit, profile_engine
+from splitserve.calibrate.run import Calibration, Grid, Point, cpu_hardware, fit, profile_engine
 from splitserve.sim.hardware import PresetError
 from splitserve.sim.models import model
 from splitserve.sim.perf import Efficiency, PerfModel
@@ -47,8 +47,8 @@ def test_calibration_round_trips_through_json(tmp_path):
 def test_profiling_runs_the_real_engine_over_the_grid(tmp_path):
     pytest.importorskip("transformers")
     from splitserve.model.loader import load_model
-    from splitserve.runtime.engine import Engine, EngineConfig
-    from splitserve.sim.calibrate import model_spec_of
+    from splitserve.runtime.worker.engine import Engine, EngineConfig
+    from splitserve.calibrate.run import model_spec_of
     from tests.tiny_models import make_tiny_checkpoint
 
     loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))

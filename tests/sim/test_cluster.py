@@ -5,15 +5,16 @@ import time
 
 import pytest
 
-from splitserve.bench.metrics import SLO, attainment
+from splitserve.workload.slo import SLO, attainment
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import Vocab
 from splitserve.core.blocks import hash_blocks
 from splitserve.sim import hardware, models
-from splitserve.sim.cluster import (
-    ClusterSim, ClusterSpec, InfeasibleConfig, LeastLoaded, LocalBelow, PoolSpec, check_conservation, prompt_block_hashes,
-)
-from splitserve.sim.workload import LengthDist, RequestSpec, SyntheticSpec, synthetic
+from splitserve.sim.cluster import ClusterSim, check_conservation
+from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig, PoolSpec
+from splitserve.sim.placement import LeastLoaded, LocalBelow
+from splitserve.sim.state import prompt_block_hashes
+from splitserve.workload.requests import LengthDist, RequestSpec, SyntheticSpec, synthetic
 
 M8 = models.model("llama-3.1-8b")
 H100 = hardware.gpu("h100")
@@ -213,7 +214,7 @@ def test_ten_thousand_requests_in_under_ten_seconds():
 
 @pytest.mark.parametrize("policy", ["least_loaded", "kv_aware", "round_robin"])
 def test_the_core_router_places_requests_in_simulation(policy):
-    from splitserve.sim.routing import RouterPolicy
+    from splitserve.sim.placement import RouterPolicy
 
     reqs = load(n=200, isl=1024, prefix=0.5)
     router = RouterPolicy(policy, conditional=False)
@@ -225,7 +226,7 @@ def test_the_core_router_places_requests_in_simulation(policy):
 
 
 def test_conditional_disaggregation_prefills_short_uncached_suffixes_locally():
-    from splitserve.sim.routing import RouterPolicy
+    from splitserve.sim.placement import RouterPolicy
 
     # Mostly cached prompts: the decode worker holds the shared prefix, so a short suffix is cheaper there.
     reqs = load(n=150, isl=2048, osl=16, prefix=0.95, rate=5, dist="fixed")

@@ -8,11 +8,11 @@ import logging
 import time
 from typing import AsyncIterator
 
-from splitserve.runtime.async_engine import AsyncEngine, NoRoom
-from splitserve.runtime.engine import Engine
+from splitserve.runtime.worker.async_engine import AsyncEngine, NoRoom
+from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.engine_client import TokenOutput
-from splitserve.runtime.protocol import DecodeRequest, StreamEvent, Ticket
-from splitserve.runtime.worker_metrics import WorkerMetrics
+from splitserve.runtime.wire import DecodeRequest, StreamEvent, Ticket
+from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import KVReceiver
 
 log = logging.getLogger(__name__)

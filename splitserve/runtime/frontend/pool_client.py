@@ -24,10 +24,10 @@ from splitserve.core.request import SamplingParams, stop_reason
 from splitserve.core.router import AdmissionQueue, NoWorker, Router
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
-from splitserve.runtime.phases import PhaseLog, PhaseRecord
-from splitserve.runtime.protocol import DecodeRequest, GenerateRequest, Params, PrefillRequest, StreamEvent
-from splitserve.runtime.router_feed import RouterFeed
-from splitserve.runtime.worker_client import WorkerClient, WorkerError
+from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
+from splitserve.runtime.wire import DecodeRequest, GenerateRequest, Params, PrefillRequest, StreamEvent
+from splitserve.runtime.frontend.router_feed import RouterFeed
+from splitserve.runtime.wire import WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 

@@ -18,18 +18,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from splitserve.runtime.async_engine import AsyncEngine
-from splitserve.runtime.decode_role import DecodeRole
-from splitserve.runtime.engine import Engine
+from splitserve.runtime.worker.async_engine import AsyncEngine
+from splitserve.runtime.worker.decode_role import DecodeRole
+from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.engine_client import EngineOverloaded, EngineUnavailable
-from splitserve.runtime.metrics import EngineStatsCollector
-from splitserve.runtime.prefill_role import PrefillFailed, PrefillRole
-from splitserve.runtime.kv_event_log import KVEventLog
-from splitserve.runtime.utilization import UtilizationCollector, UtilizationMeter
-from splitserve.runtime.protocol import (
+from splitserve.runtime.engine_client import EngineStatsCollector
+from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole
+from splitserve.runtime.worker.kv_event_log import KVEventLog
+from splitserve.runtime.worker.utilization import UtilizationCollector, UtilizationMeter
+from splitserve.runtime.wire import (
     DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, WorkerState, encoder,
 )
-from splitserve.runtime.worker_metrics import WorkerMetrics
+from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
 
 log = logging.getLogger(__name__)

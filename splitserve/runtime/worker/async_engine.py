@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from splitserve.core.request import SamplingParams
 from splitserve.core.scheduler import QueueFull
-from splitserve.runtime.engine import Engine, HooksFactory
+from splitserve.runtime.worker.engine import Engine, HooksFactory
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 
 log = logging.getLogger(__name__)

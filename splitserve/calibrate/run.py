@@ -309,7 +309,7 @@ def calibrate(
     import torch
 
     from splitserve.model.loader import load_model
-    from splitserve.runtime.engine import Engine, EngineConfig
+    from splitserve.runtime.worker.engine import Engine, EngineConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -27,8 +27,8 @@ from starlette.types import Receive, Scope, Send
 from splitserve.core.request import SamplingParams
 from splitserve.model.tokenizer import IncrementalDetokenizer
 from splitserve.runtime.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, TokenOutput
-from splitserve.runtime.metrics import FrontendMetrics, RequestMetrics
-from splitserve.runtime.openai_protocol import (
+from splitserve.runtime.frontend.metrics import FrontendMetrics, RequestMetrics
+from splitserve.runtime.frontend.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -42,7 +42,7 @@ from splitserve.runtime.openai_protocol import (
     ResponseMeta,
     Usage,
 )
-from splitserve.runtime.text_output import TextDelta, TextOutput
+from splitserve.runtime.frontend.text_output import TextDelta, TextOutput
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 
 from splitserve.core.scheduler import SchedulerOutput
 from splitserve.model.kv_cache import PagedKVCache
-from splitserve.runtime.async_engine import AsyncEngine
-from splitserve.runtime.protocol import PrefillRequest, PrefillResult
-from splitserve.runtime.worker_metrics import WorkerMetrics
+from splitserve.runtime.worker.async_engine import AsyncEngine
+from splitserve.runtime.wire import PrefillRequest, PrefillResult
+from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import KVSender, TicketSend
 
 log = logging.getLogger(__name__)

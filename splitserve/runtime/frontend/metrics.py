@@ -8,13 +8,11 @@ so it is never stale and costs nothing between scrapes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from splitserve.runtime.engine_client import EngineStats, TokenOutput
+from splitserve.runtime.engine_client import EngineStats, EngineStatsCollector, TokenOutput
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +86,3 @@ class RequestMetrics:
         self._m.e2e.observe(now - self._arrival)
         self._m.prompt_tokens.inc(num_prompt_tokens)
         self._m.generation_tokens.inc(num_generation_tokens)
-
-
-class EngineStatsCollector(Collector):
-    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
-        self._engine_stats = engine_stats
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            s = self._engine_stats()
-        except Exception:  # a sick engine must not take the request metrics' scrape down with it
-            log.exception("engine.stats() failed during a metrics scrape")
-            return
-        yield GaugeMetricFamily("splitserve_num_requests_running", "Requests in the running batch", value=s.num_running)
-        yield GaugeMetricFamily("splitserve_num_requests_waiting", "Requests queued for admission", value=s.num_waiting)
-        yield GaugeMetricFamily("splitserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", value=s.kv_usage)
-        yield CounterMetricFamily(
-            "splitserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
-            value=s.prefix_cache_queries,
-        )
-        yield CounterMetricFamily(
-            "splitserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", value=s.prefix_cache_hits
-        )

@@ -14,9 +14,9 @@ import httpx
 import msgspec
 
 from splitserve.core.router import Router
-from splitserve.runtime.engine import StepCounters
-from splitserve.runtime.protocol import WorkerState
-from splitserve.runtime.worker_client import WorkerClient
+from splitserve.runtime.worker.engine import StepCounters
+from splitserve.runtime.wire import WorkerState
+from splitserve.runtime.wire import WorkerClient
 
 log = logging.getLogger(__name__)
 

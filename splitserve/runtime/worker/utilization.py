@@ -73,7 +73,7 @@ def _measured(threads: int) -> MachinePeaks:
         return MachinePeaks(float(d["flops"]), float(d["bandwidth"]), f"measured (cached in {f})")
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    from splitserve.sim.calibrate import measure_peaks
+    from splitserve.calibrate.run import measure_peaks
 
     flops, bw = measure_peaks(threads, seconds=0.3)
     try:

@@ -20,7 +20,7 @@ from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LayerHooks
 from splitserve.model.loader import LoadedModel
 from splitserve.runtime.engine_client import EngineStats, TokenOutput
-from splitserve.runtime.sampler import Sampler
+from splitserve.runtime.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
 

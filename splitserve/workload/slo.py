@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from splitserve.bench.record import RequestRecord
+from splitserve.workload.record import RequestRecord
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""The simulator's moving parts: a request on its way through the cluster (`SimRequest`) and a model
+replica (`Worker`: a real Scheduler, a performance model, a NIC, counters).
+
+Prompts carry deterministic token ids and precomputed chained block hashes: requests whose
+`RequestSpec.prefix_blocks` agree share exactly those leading blocks, as `bench`'s PromptBuilder prompts do
+(`prompt_block_hashes`), so the prefix cache hits in simulation where it would on the real engine. The
+hashes are computed from the spec rather than by hashing materialised tokens: a Mooncake run would
+otherwise spend most of its time in blake2b and hold gigabytes of token lists.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from splitserve.core.request import Request, SamplingParams
+from splitserve.core.scheduler import Scheduler, SchedulerOutput
+from splitserve.sim.cluster_spec import PoolSpec
+from splitserve.sim.perf import PerfModel
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.requests import RequestSpec
+
+SAMPLED_TOKEN = 7  # any non-EOS id: requests run with ignore_eos
+_MASK63 = (1 << 63) - 1
+
+
+def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks: equal for two requests exactly where PromptBuilder would
+    give them equal leading tokens (same prefix block ids), unique to the request after that."""
+    bt, ids = spec.block_tokens, spec.prefix_blocks
+    shared = min(len(ids) * bt, spec.input_len)
+    hashes, parent = [], 0
+    for j in range(spec.input_len // block_size):
+        lo, hi = j * block_size, (j + 1) * block_size
+        if hi <= shared:
+            k0, k1 = lo // bt, (hi - 1) // bt
+            if k0 == k1:
+                key: tuple = (ids[k0], lo - k0 * bt)
+            else:
+                key = tuple((ids[k], max(lo, k * bt) - k * bt, min(hi, (k + 1) * bt) - k * bt) for k in range(k0, k1 + 1))
+        else:
+            key = (-1, index, j)
+        parent = (hash((parent, key)) & _MASK63) or 1
+        hashes.append(parent)
+    return hashes
+
+
+class SimRequest:
+    """One workload request as it moves through the cluster; `record` is bench's record of it."""
+
+    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "p_req", "decode", "prefill",
+                 "cached_remote", "prefill_start", "kv_ready", "second", "reserved_at", "failed", "xfer_bytes")
+
+    def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
+        self.index, self.spec, self.id = index, spec, str(index)
+        # The token values only matter for partial blocks (decode extends the chain from `hashes`).
+        self.prompt = [1000 + index % 50000] * spec.input_len
+        self.hashes = prompt_block_hashes(spec, index, block_size)
+        self.record = RequestRecord(index, spec.arrival_s, spec.input_len, spec.output_len, sent_s=spec.arrival_s,
+                                    prompt_tokens=spec.input_len, status=200)
+        self.req: Request | None = None  # the request that decodes (colocated: the only one)
+        self.p_req: Request | None = None  # disaggregated: the prefill worker's copy
+        self.decode: Worker | None = None
+        self.prefill: Worker | None = None
+        self.cached_remote = 0  # prompt tokens the decode worker already held (not transferred)
+        self.prefill_start: float | None = None
+        self.kv_ready: float | None = None
+        self.second: float | None = None  # the second token (the first decode step after the KV is complete)
+        self.reserved_at: float | None = None
+        self.failed = False
+        self.xfer_bytes = 0.0
+
+    def make(self, max_tokens: int, now: float, hold_kv: bool = False) -> Request:
+        r = Request(self.id, self.prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), now, hold_kv=hold_kv)
+        r.block_hashes = list(self.hashes)
+        return r
+
+
+class Worker:
+    """One model replica: a real Scheduler, a performance model, a NIC, and counters."""
+
+    def __init__(self, wid: int, pool: PoolSpec, perf: PerfModel, sched: Scheduler, link_bw: float) -> None:
+        self.id, self.pool, self.role, self.perf, self.sched, self.link_bw = wid, pool, pool.role, perf, sched, link_bw
+        self.busy = False
+        self.out: SchedulerOutput | None = None
+        self.step_start = 0.0
+        self.step_seconds = 0.0
+        self.nic_free = 0.0
+        self.pending: deque[SimRequest] = deque()  # decode side: waiting for blocks to reserve
+        self.outstanding = 0  # requests assigned and not finished here
+        self.queued_prefill_tokens = 0  # prompt tokens assigned and not yet prefilled
+        self.busy_s = self.flops = self.bytes = 0.0
+        self.steps = self.seq_steps = self.tokens = self.preemptions = 0
+
+    @property
+    def free_blocks(self) -> int:
+        return self.sched.pool.num_free_blocks
