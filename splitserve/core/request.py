@@ -20,6 +20,11 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
+# Below this temperature a request samples greedily (the rule vLLM states too): dividing logits by a
+# temperature such as 1e-45 overflows to inf, and the softmax of infs is NaN.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. Stop *strings* are text, so the frontend handles them."""
@@ -34,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(eq=False)

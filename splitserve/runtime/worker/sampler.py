@@ -2,6 +2,11 @@
 
 A seeded request draws only from its own generator, so its text does not depend on which other
 requests happen to share its batch.
+
+No setting the API accepts can fail a draw, and so the batch: a temperature too small to divide by
+samples greedily (`SamplingParams.greedy`), top-p always keeps the most likely token (a top_p of 1e-300
+is 0 in float32, which would drop every token), and a row whose distribution is still not finite falls
+back to its argmax.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class Sampler:
             probs = sorted_logits.softmax(-1)
             # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
             drop = probs.cumsum(-1) - probs >= p.top_p
+            drop[0] = False
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            return int(logits.argmax().item())
         return int(torch.multinomial(probs, 1, generator=gen).item())
