@@ -7,6 +7,8 @@ does not get a second one.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from datetime import datetime
 from functools import cached_property
@@ -68,6 +70,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token covers: the longest vocabulary entry. Text of
+        more than `n x max_token_bytes` bytes cannot encode to n tokens or fewer, so an oversized prompt is
+        refused without tokenizing it. (Byte-level and byte-fallback entries are spelled with at least
+        one byte per byte they stand for, so the bound only errs on the generous side.)"""
+        return max((len(t.encode("utf-8", "surrogatepass")) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the model's jinja chat template (sandboxed). Content given as OpenAI text parts is joined first."""

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from splitserve.core.request import SamplingParams
 from splitserve.model.tokenizer import IncrementalDetokenizer
 from splitserve.runtime.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, TokenOutput
+from splitserve.runtime.frontend.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from splitserve.runtime.frontend.metrics import FrontendMetrics, RequestMetrics
 from splitserve.runtime.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -58,11 +59,14 @@ class EngineFailed(Exception):
 
 
 def create_app(
-    engine: EngineClient, *, served_model_name: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS
+    engine: EngineClient, *, served_model_name: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The HTTP app serving `engine` under `served_model_name` (default: the engine's model name)."""
+    """The HTTP app serving `engine` under `served_model_name` (default: the engine's model name); request
+    bodies over `max_body_bytes` are refused with 413 before they are parsed."""
     frontend = _Frontend(engine, served_model_name or engine.model_name, default_max_tokens)
     app = FastAPI(title="splitserve", summary="OpenAI-compatible LLM serving with disaggregated prefill and decode")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
@@ -129,7 +133,7 @@ class _Frontend:
             )
         tokenizer = self.engine.tokenizer
         # Templating and tokenizing a long prompt takes milliseconds: off the event loop, streams keep flowing.
-        prompt = await run_in_threadpool(body.prompt_token_ids, tokenizer)
+        prompt = await run_in_threadpool(body.prompt_token_ids, tokenizer, self.engine.max_model_len)
         params = body.sampling_params(len(prompt), self.engine.max_model_len, tokenizer.vocab_size, self._default_max_tokens)
         meta = ResponseMeta(f"{body.id_prefix}{uuid.uuid4().hex}", int(time.time()), self.model_name)
         run: _Run | None = _Run(self.engine, self.metrics, meta.id, prompt, params, body.stop_strings, arrival)

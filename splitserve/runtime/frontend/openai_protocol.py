@@ -25,6 +25,21 @@ class InvalidRequest(Exception):
         self.code = code
 
 
+def check_text(text: str, param: str, tokenizer: Tokenizer, max_model_len: int) -> None:
+    """400 for text that is not valid Unicode, or too long to fit the context whatever it encodes to."""
+    try:
+        nbytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{param}: not valid Unicode text ({exc.reason} at character {exc.start})", param) from exc
+    limit = max_model_len * tokenizer.max_token_bytes
+    if nbytes > limit:
+        raise InvalidRequest(
+            f"{param}: {nbytes:,} bytes of text cannot fit the {max_model_len:,}-token context "
+            f"(a token of this model covers at most {tokenizer.max_token_bytes} bytes)",
+            param, "context_length_exceeded",
+        )
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -103,7 +118,10 @@ class GenerationRequest(BaseModel):
         """(field name, value) of the output-length limit the client set, if any."""
         return "max_tokens", self.max_tokens
 
-    def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
+    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+        """The prompt as token ids. Text is checked first, so the work done for a request is bounded by the
+        context length, not by what a client sends: it must be valid Unicode (no lone surrogates, which JSON
+        escapes can carry), and it must be short enough to possibly fit the context."""
         raise NotImplementedError
 
     def sampling_params(
@@ -193,8 +211,9 @@ class CompletionRequest(GenerationRequest):
         if logprobs is not None:
             raise ValueError("logprobs are not supported")
 
-    def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
+    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
         if isinstance(self.prompt, str):
+            check_text(self.prompt, "prompt", tokenizer, max_model_len)
             return tokenizer.encode(self.prompt, add_special_tokens=True)
         if max(self.prompt) >= tokenizer.vocab_size or min(self.prompt) < 0:
             raise InvalidRequest(f"prompt: token ids must be in [0, {tokenizer.vocab_size})", "prompt")
@@ -230,9 +249,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
     def as_template_input(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+        return {"role": self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -256,7 +277,10 @@ class ChatCompletionRequest(GenerationRequest):
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
 
-    def prompt_token_ids(self, tokenizer: Tokenizer) -> list[int]:
+    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+        for i, m in enumerate(self.messages):
+            check_text(m.text(), f"messages[{i}].content", tokenizer, max_model_len)
+        check_text("".join(m.text() for m in self.messages), "messages", tokenizer, max_model_len)
         try:
             text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages], add_generation_prompt=True)
         except Exception as exc:  # templates raise on conversations they reject (e.g. roles not alternating)
