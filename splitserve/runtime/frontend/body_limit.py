@@ -8,9 +8,9 @@ OpenAI-style 413 naming the limit, before the first byte of any response.
 
 from __future__ import annotations
 
-import json
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from splitserve.runtime.asgi import read_body, send_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -31,36 +31,12 @@ class BodyLimit:
             await self._refuse(send, int(declared))
             return
         # Read the whole (capped) body first, then replay it: the app never sees a body over the cap.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client left; the app sees the disconnect
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send, size)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        body, size, replay = await read_body(receive, self.max_bytes)
+        if body is None:
+            await self._refuse(send, size)
+            return
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, size: int) -> None:
         message = f"request body: {size:,} bytes or more, over this server's limit of {self.max_bytes:,} bytes"
-        payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                        "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(send, 413, message, "invalid_request_error", "request_too_large")
