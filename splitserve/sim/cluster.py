@@ -28,6 +28,7 @@ import numpy as np
 from splitserve.core.blocks import BlockPool
 from splitserve.core.request import Request
 from splitserve.core.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.core.transfer_time import transfer_end
 from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig
 from splitserve.sim.perf import PerfModel
 from splitserve.sim.placement import LeastLoaded, PlacementPolicy
@@ -282,15 +283,10 @@ class ClusterSim:
             end = now
         else:
             bw = min(p.link_bw, d.link_bw)
-            lat = spec.network.latency_s
-            layers = spec.model.num_layers
-            if spec.pipelined:
-                x = lat + nbytes / layers / bw
-                start = max(p.step_start + p.perf.layer_time(p.step_seconds), p.nic_free, d.nic_free)
-                end = max(start + layers * x, now + x)
-            else:
-                start = max(now, p.nic_free, d.nic_free)
-                end = start + lat + nbytes / bw
+            end = transfer_end(
+                nbytes, bw, spec.network.latency_s, spec.pipelined, spec.model.num_layers, compute_end=now,
+                first_layer_end=p.step_start + p.perf.layer_time(p.step_seconds), link_free=max(p.nic_free, d.nic_free),
+            )
             p.nic_free = d.nic_free = end
             self.policy.observe_transfer(nbytes, nbytes / bw)
         self.xfer_exposed.append(end - now)
