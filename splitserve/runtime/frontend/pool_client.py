@@ -479,6 +479,8 @@ class _Calls:
             assert self.d_events is not None
             if self.d_next is not None:
                 self.d_next.cancel()
+                await asyncio.gather(self.d_next, return_exceptions=True)  # the stream stops running first
+                self.d_next = None
             await self.d_events.aclose()  # the decode worker takes the closed stream as an abort
 
     async def close(self) -> None:
