@@ -124,26 +124,28 @@ Event = Union[Routed, Reserved, Refused, FirstToken, KvComplete, Tokens, PeerFai
 
 
 # --- actions: what the caller does ---
+# Values like the events, but slotted rather than frozen: one is made for every token, and a frozen
+# dataclass costs several times as much to make (the simulator feels it).
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reserve:
     decode: Worker
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Retry:
     """No room on D now: place the request again after a wait (the runtime), or keep it first in D's queue
     (the simulator, where D answers between its steps)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SendPrompt:
     prefill: Worker
     decode: Worker
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Emit:
     tokens: tuple[int, ...]
     finished: bool = False
@@ -151,7 +153,7 @@ class Emit:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Release:
     """Abort the request on this worker: it may still hold blocks or compute for it."""
 
@@ -159,21 +161,21 @@ class Release:
     side: Side
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Suspect:
     """The worker failed a call: check its health, and remove it if it does not answer."""
 
     worker: Worker
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerLost:
     """The worker broke a request's stream: take it out of the pools."""
 
     worker: Worker
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Recompute:
     """Compute the request whole on `decode` (None: D is gone, pick another decode worker), continuing after
     `produced`, the tokens the client already has."""
@@ -182,7 +184,7 @@ class Recompute:
     produced: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Fail:
     reason: Literal["refused", "transfer_failed"]  # refused: D rejects the request itself (a client error)
     message: str
