@@ -13,7 +13,7 @@ from splitserve.core.costs import CostModel
 from splitserve.core.request import SamplingParams
 from splitserve.core.router import Router
 from splitserve.core.split_request import Emit, Release, Reserve, Retry, SendPrompt, SplitRequest
-from splitserve.runtime.frontend.pool_client import PoolConfig, PoolEngine
+from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
 from splitserve.runtime.wire import PrefillResult, StreamEvent, Ticket
 from splitserve.sim import hardware, models
 from splitserve.sim.cluster import ClusterSim
@@ -89,7 +89,7 @@ def serve(prompt_len: int, tokens: int, no_room: int = 0) -> list[list[int]]:
         eos_token_ids: frozenset[int] = frozenset()
 
     async def go() -> list[list[int]]:
-        engine = PoolEngine(NoText(), "m", PoolConfig(policy="round_robin", conditional=False))
+        engine = PoolClient(NoText(), "m", PoolConfig(policy="round_robin", conditional=False))
         engine.max_model_len = 4096
         costs = CostModel(kv_bytes_per_token=1, num_layers=1, link_bytes_per_s=1e9, prefill_s_per_token=1e-4, decode_step_s=0.01)
         engine.router = Router("round_robin", BLOCK, costs, conditional=False)

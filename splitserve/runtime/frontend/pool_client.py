@@ -5,7 +5,9 @@ A split request: reserve blocks on a decode worker (never prefill what cannot be
 worker computes the prompt, streams KV layer by layer into those blocks and returns the first token,
 which goes to the client at once → the decode worker streams the rest. Whatever fails (a dead or
 stalled worker, a refused handshake, a passed deadline) ends the request within seconds: recomputed on
-a decode worker (`on_transfer_failure="recompute"`) or failed with a clear error ("fail").
+a decode worker (`on_transfer_failure="recompute"`) or failed with a clear error ("fail"). That lifecycle
+is the core `SplitRequest` (the simulator drives the same one); here its events come from HTTP calls and
+its actions become HTTP calls, and membership (a lost or suspect worker) stays with the pool client.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class PoolConfig:
     stream_read_timeout_s: float = 120.0
 
 
-class PoolEngine:
+class PoolClient:
     def __init__(self, tokenizer: Tokenizer, model_name: str, config: PoolConfig = PoolConfig()) -> None:
         if config.on_transfer_failure not in ("recompute", "fail"):
             raise ValueError("on_transfer_failure must be 'recompute' or 'fail'")
@@ -386,7 +388,7 @@ class _Calls:
     """The HTTP calls of one split request: the decode worker's stream, the prefill call, and the events they
     turn into."""
 
-    def __init__(self, pool: PoolEngine, rid: str, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, pool: PoolClient, rid: str, prompt: list[int], params: SamplingParams) -> None:
         self.pool, self.rid, self.prompt, self.params = pool, rid, prompt, params
         self.d: WorkerClient | None = None
         self.p: WorkerClient | None = None
