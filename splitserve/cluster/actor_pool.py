@@ -3,7 +3,7 @@
 New workers join through the router's own registration (`/admin/workers`, with its compatibility and
 KV handshake checks); surplus ones drain through it (SIGTERM) before their actor is killed. A worker
 whose actor Ray reports dead, or whose process exits, leaves the router at once; its in-flight requests
-take PoolEngine's failure path (recompute or a clear error). A lost worker is not replaced: `scale`
+take PoolClient's failure path (recompute or a clear error). A lost worker is not replaced: `scale`
 with the same sizes brings the pool back, on whatever nodes Ray then finds.
 """
 
@@ -19,7 +19,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.frontend.pool_client import PoolClient
 from splitserve.runtime.wire import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Member:
 
 class ActorPools:
     def __init__(
-        self, engine: PoolEngine, make_actor: Callable[[str], ActorHandle], join_timeout_s: float, drain_grace_s: float
+        self, engine: PoolClient, make_actor: Callable[[str], ActorHandle], join_timeout_s: float, drain_grace_s: float
     ) -> None:
         self.engine = engine
         self.make_actor = make_actor  # role -> a new WorkerActor, with that pool's resources

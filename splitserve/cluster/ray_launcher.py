@@ -20,7 +20,7 @@ from splitserve.cluster.cli import LOCAL
 from splitserve.cluster.resources import parse_resources
 from splitserve.cluster.worker_actor import WorkerActor
 from splitserve.runtime.launch import _serve_pools, setup_logging, worker_argv
-from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.frontend.pool_client import PoolClient
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
             log.error("cannot start: %s", message)
             failure.append(message)
 
-        def install(app: FastAPI, engine: PoolEngine) -> None:
+        def install(app: FastAPI, engine: PoolClient) -> None:
             pools = ActorPools(engine, make_actor, join_timeout_s=args.startup_timeout, drain_grace_s=DRAIN_GRACE_S)
             attach_actor_pools(app, pools, {"prefill": args.prefill or 1, "decode": args.decode or 1}, on_startup_failed)
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol
 
+from splitserve.core.transfer_time import transfer
+
 WorkerId = Hashable
 
 
@@ -211,14 +213,10 @@ class CostModel:
 
     def transfer_s(self, tokens: int, prefill_s: float) -> float:
         """Exposed transfer time of `tokens` tokens' KV after a prefill of `prefill_s` seconds."""
-        if tokens <= 0:
-            return 0.0
-        wire = tokens * self.kv_bytes_per_token * self.link_s_per_byte()
-        if not self.pipelined:
-            return self.link_latency_s + wire
+        nbytes = tokens * self.kv_bytes_per_token
+        bandwidth = 1.0 / self.link_s_per_byte()
         L = self.num_layers
-        x = self.link_latency_s + wire / L
-        return max(x, L * x - (L - 1) * prefill_s / L)
+        return transfer(nbytes, bandwidth, self.link_latency_s, self.pipelined, L, prefill_s / L).exposed_s
 
     def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: float, transfer_tokens: int) -> PathCost:
         """Prefill `new_tokens` on `prefill_worker` behind `queued_tokens`, then send `transfer_tokens`."""

@@ -19,9 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from splitserve.workload.slo import SLO
-from splitserve.sim.perf import PerfModel, transfer
+from splitserve.core.transfer_time import transfer
+from splitserve.sim.perf import PerfModel
 from splitserve.workload.requests import RequestSpec
+from splitserve.workload.slo import SLO
 
 TPOT_MARGIN = 0.85  # averages against a p90-style target
 MAX_RHO = 0.9  # never plan a queue at full utilisation

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from splitserve.runtime.worker.async_engine import AsyncEngine
 from splitserve.runtime.worker.engine import Engine
-from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.frontend.pool_client import PoolClient
 from splitserve.runtime.wire import WorkerError
 
 log = logging.getLogger("splitserve")
@@ -127,7 +127,7 @@ def _serve_pools(
     args: argparse.Namespace,
     worker_urls: list[str],
     procs: list[subprocess.Popen],
-    on_app: Callable[[FastAPI, PoolEngine], None] | None = None,
+    on_app: Callable[[FastAPI, PoolClient], None] | None = None,
 ) -> int:
     """The frontend over running workers. `on_app` may add to the app before it serves (the Ray launcher
     adds its pools' lifecycle and /admin/scale)."""
@@ -140,7 +140,7 @@ def _serve_pools(
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    engine = PoolEngine(
+    engine = PoolClient(
         tokenizer, args.served_model_name or name,
         PoolConfig(
             policy=args.router_policy,
@@ -164,7 +164,7 @@ class WorkerUrl(BaseModel):
     url: str
 
 
-def attach_pool(app: FastAPI, engine: PoolEngine, worker_urls: list[str]) -> None:
+def attach_pool(app: FastAPI, engine: PoolClient, worker_urls: list[str]) -> None:
     """Register the workers and poll their stats while the app runs (on the server's own event loop)."""
     inner = app.router.lifespan_context
 

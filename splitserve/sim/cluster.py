@@ -5,11 +5,13 @@ clock are simulated: a step lasts what the roofline model (`perf.PerfModel`) say
 to event (arrivals, step ends, KV transfers) on a heap.
 
 Colocated: a request goes to one worker, which prefills it (whole, or in chunks under chunked prefill) and
-decodes it. Disaggregated, as the runtime does it: the placement policy picks a decode worker D and D
-`reserve`s the prompt's blocks (a request waits in D's FIFO while none are free: never prefill what cannot
-be decoded); then a prefill worker P computes the prompt with `hold_kv` and samples the first token (TTFT);
-its KV crosses the link (only the blocks D does not already cache; pipelined layer by layer or not) while P
-keeps the blocks; when the last byte lands P `release_held`s them and D gets `kv_arrived`.
+decodes it. Disaggregated, as the runtime does it and through the very same `SplitRequest` state machine:
+the placement policy picks a decode worker D and a prefill worker P; D `reserve`s the prompt's blocks (a
+request waits in D's FIFO while none are free: never prefill what cannot be decoded); then P computes the
+prompt with `hold_kv` and samples the first token (TTFT); its KV crosses the link (only the blocks D does
+not already cache; pipelined layer by layer or not) while P keeps the blocks; when the last byte lands P
+`release_held`s them and D gets `kv_arrived`. No worker fails in simulation, so the state machine's
+failure actions never arise here.
 
 Cost: about 5-10 us of CPU time per sequence per step plus a few per prompt block (the scheduler and block
 pool are pure Python), i.e. roughly (output tokens + prompt blocks) x requests: 10,000 requests of 1k-token
@@ -26,8 +28,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from splitserve.core.blocks import BlockPool
-from splitserve.core.request import Request
 from splitserve.core.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.core.split_request import (
+    Abort, Action, Emit, FirstToken, KvComplete, Release, Reserve, Reserved, Refused, Retry, Routed, SendPrompt,
+    SplitRequest, State, Tokens,
+)
+from splitserve.core.transfer_time import transfer_end
 from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig
 from splitserve.sim.perf import PerfModel
 from splitserve.sim.placement import LeastLoaded, PlacementPolicy
@@ -37,6 +43,8 @@ from splitserve.workload.requests import RequestSpec
 from splitserve.workload.slo import SLO, meets_slo
 
 _ARRIVE, _STEP, _XFER = 0, 1, 2
+_NO_EOS: frozenset[int] = frozenset()  # simulated requests run with ignore_eos
+_ONE_TOKEN = Tokens((SAMPLED_TOKEN,))  # a decode step's output: one token, not finished
 
 
 class ClusterSim:
@@ -167,17 +175,12 @@ class ClusterSim:
         if p is None:
             self._run_local(d, sr, now)
             return
-        sr.decode, sr.prefill = d, p
         d.outstanding += 1
         sr.req = sr.make(spec.output_len, now)
-        # The runtime reserves on the decode worker's engine thread, between its steps: a busy decode worker
-        # answers when its step ends (then `_step_done` drains `pending`). FIFO: never overtake a request
-        # already waiting for blocks.
-        if d.pending or d.busy or not self._try_reserve(d, sr, now):
-            d.pending.append(sr)
+        sr.split = SplitRequest(sr.req.params, _NO_EOS, spec.input_len, self.max_model_len)
+        self._do(sr, sr.split.handle(Routed(d, p), now), now)
 
     def _run_local(self, w: Worker, sr: SimRequest, now: float) -> None:
-        sr.decode = w
         sr.req = sr.make(sr.spec.output_len, now)
         try:
             w.sched.add_request(sr.req)
@@ -188,30 +191,63 @@ class ClusterSim:
         w.queued_prefill_tokens += sr.spec.input_len
         self._kick(w, now)
 
-    def _try_reserve(self, d: Worker, sr: SimRequest, now: float) -> bool:
-        """Reserve the prompt's blocks on `d` and queue the prefill; False if the blocks are not free now."""
+    def _do(self, sr: SimRequest, actions: list[Action], now: float) -> None:
+        """Carry out a split request's actions on the simulated workers."""
+        for act in actions:
+            kind = type(act)
+            if kind is Emit:
+                if act.finished:
+                    self._finish(sr, len(sr.split.emitted), sr.split.cached_tokens, now)
+            elif kind is Reserve:
+                # The runtime reserves on the decode worker's engine thread, between its steps: a busy decode
+                # worker answers when its step ends (then `_step_done` drains `pending`). FIFO: never overtake
+                # a request already waiting for blocks.
+                d = act.decode
+                if d.pending or d.busy or not self._answer_reserve(d, sr, now):
+                    d.pending.append(sr)
+            elif kind is SendPrompt:
+                self._send_prompt(act.prefill, act.decode, sr, now)
+            elif kind is Release:
+                w = act.worker
+                w.sched.abort(sr.id)
+                if act.side == "decode":
+                    w.outstanding -= 1
+                    if w.pending and not w.busy:
+                        self._drain_pending(w, now)
+                self._kick(w, now)
+            elif kind is not Retry:  # Retry: the request stays first in D's queue, asked again after D's next step
+                raise AssertionError(f"{act!r}: no worker fails in simulation")
+
+    def _answer_reserve(self, d: Worker, sr: SimRequest, now: float) -> bool:
+        """D reserves the prompt's blocks and the prefill is queued; False if the blocks are not free now."""
         cached = d.sched.reserve(sr.req)
         if cached is None:
+            self._do(sr, sr.split.handle(Refused(), now), now)
             return False
-        sr.cached_remote = cached
-        sr.reserved_at = now
-        p = sr.prefill
-        sr.p_req = sr.make(1, now, hold_kv=True)
+        self._do(sr, sr.split.handle(Reserved(cached), now), now)
+        return True
+
+    def _send_prompt(self, p: Worker, d: Worker, sr: SimRequest, now: float) -> None:
         try:
-            p.sched.add_request(sr.p_req)
+            p.sched.add_request(sr.make(1, now, hold_kv=True))
         except QueueFull:
-            d.sched.abort(sr.id)
-            d.outstanding -= 1
+            self._do(sr, sr.split.handle(Abort(), now), now)
             self._reject(sr, 429, "prefill queue full")
-            return True
+            return
         p.outstanding += 1
         p.queued_prefill_tokens += sr.spec.input_len
         self._kick(p, now)
-        return True
 
     def _drain_pending(self, d: Worker, now: float) -> None:
-        while d.pending and self._try_reserve(d, d.pending[0], now):
-            d.pending.popleft()
+        # Taken off the queue while D answers: an answer that frees blocks may drain the queue itself.
+        while d.pending:
+            sr = d.pending.popleft()
+            split = sr.split
+            if split.state is State.ROUTING:  # refused before: asks D again (the Reserve this very call carries out)
+                split.handle(Routed(d, split.prefill), now)
+            if not self._answer_reserve(d, sr, now):
+                d.pending.appendleft(sr)
+                return
 
     def _kick(self, w: Worker, now: float) -> None:
         if w.busy:
@@ -244,6 +280,7 @@ class ClusterSim:
             w.tokens += s.num_new_tokens
         finished = w.sched.update(out, sampled)
         reqs = self.reqs
+        decode = w.role == "decode"
         for s in out.seqs:
             if not s.sample:
                 continue
@@ -259,66 +296,63 @@ class ClusterSim:
                 sr.second = now
             if self.token_times and w.role != "prefill":
                 rec.token_times_s.append(now)
+            if decode and sr.split is not None and not s.request.status.finished:
+                sr.split.handle(_ONE_TOKEN, now)  # emitted: nothing to carry out
         for req in finished:
             sr = reqs[req.request_id]
             if w.role == "prefill":
                 if self.token_times:
                     sr.record.token_times_s.append(now)
+                first = FirstToken(SAMPLED_TOKEN, req.num_cached_tokens, req.first_scheduled_time - req.arrival_time,
+                                   now - req.first_scheduled_time)
+                self._do(sr, sr.split.handle(first, now), now)
                 self._start_transfer(w, sr, now)
             else:
                 w.outstanding -= 1
-                self._finish(sr, req, now)
+                if sr.split is not None:
+                    self._do(sr, sr.split.handle(Tokens((SAMPLED_TOKEN,), req.status.value), now), now)
+                else:
+                    self._finish(sr, len(req.output_token_ids), req.num_cached_tokens, now)
         if w.role == "decode" and w.pending:
             self._drain_pending(w, now)
         self._kick(w, now)
 
     def _start_transfer(self, p: Worker, sr: SimRequest, now: float) -> None:
-        d = sr.decode
+        d = sr.split.decode
         spec = self.spec
-        nbytes = max(0, sr.spec.input_len - sr.cached_remote) * spec.model.kv_bytes_per_token()
-        sr.xfer_bytes = nbytes
+        nbytes = max(0, sr.spec.input_len - sr.split.decode_cached_tokens) * spec.model.kv_bytes_per_token()
         self.xfer_bytes += nbytes
         if nbytes == 0:
             end = now
         else:
             bw = min(p.link_bw, d.link_bw)
-            lat = spec.network.latency_s
-            layers = spec.model.num_layers
-            if spec.pipelined:
-                x = lat + nbytes / layers / bw
-                start = max(p.step_start + p.perf.layer_time(p.step_seconds), p.nic_free, d.nic_free)
-                end = max(start + layers * x, now + x)
-            else:
-                start = max(now, p.nic_free, d.nic_free)
-                end = start + lat + nbytes / bw
+            end = transfer_end(
+                nbytes, bw, spec.network.latency_s, spec.pipelined, spec.model.num_layers, compute_end=now,
+                first_layer_end=p.step_start + p.perf.layer_time(p.step_seconds), link_free=max(p.nic_free, d.nic_free),
+            )
             p.nic_free = d.nic_free = end
             self.policy.observe_transfer(nbytes, nbytes / bw)
         self.xfer_exposed.append(end - now)
         self._push(end, _XFER, sr)
 
     def _transfer_done(self, sr: SimRequest, now: float) -> None:
-        p, d = sr.prefill, sr.decode
+        split = sr.split
+        p, d = split.prefill, split.decode
         p.sched.release_held(sr.id)
         p.outstanding -= 1
         self._kick(p, now)
-        sr.kv_ready = now
-        first = sr.p_req.output_token_ids[0]
-        done = d.sched.kv_arrived(sr.id, first, now)
-        if done is not None:
-            d.outstanding -= 1
-            self._finish(sr, done, now)
-            if d.pending:
-                self._drain_pending(d, now)
+        if split.done:  # the first token ended the request, and D let its blocks go then
+            return
+        split.handle(KvComplete(), now)
+        done = d.sched.kv_arrived(sr.id, SAMPLED_TOKEN, now)
+        assert done is None, "the first token ends a request in SplitRequest and in the scheduler alike"
         self._kick(d, now)
 
-    def _finish(self, sr: SimRequest, req: Request, now: float) -> None:
+    def _finish(self, sr: SimRequest, completion_tokens: int, cached_tokens: int, now: float) -> None:
         rec = sr.record
         rec.end_s = now
-        rec.completion_tokens = len(req.output_token_ids)
-        src = sr.p_req if sr.p_req is not None else req
-        rec.cached_tokens = max(0, src.num_cached_tokens)
-        if sr.kv_ready is None:
-            sr.kv_ready = rec.first_token_s
+        rec.completion_tokens = completion_tokens
+        rec.cached_tokens = max(0, cached_tokens)
         self.done += 1
         if self.slo is not None and not sr.failed and not meets_slo(rec, self.slo):
             self._fail(sr)

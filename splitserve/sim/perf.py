@@ -15,7 +15,7 @@ Decode (few tokens per sequence) is bound by bandwidth, a long prefill by comput
 
 The efficiencies default to round figures for tuned GPU kernels; `splitserve plan calibrate` fits them (and
 the overheads) to the real engine on the machine at hand. The router's cost model calls `prefill_time`,
-`decode_step_time` and `transfer_time` so that it and the planner share one model.
+`decode_step_time` so that it and the planner share one model (the KV transfer: `core.transfer_time`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from splitserve.sim.hardware import Hardware, Network
+from splitserve.sim.hardware import Hardware
 from splitserve.sim.models import ModelSpec
 
 GPU_RESERVE_BYTES = 1e9  # per GPU, beyond the weights: activations, CUDA context, workspace
@@ -52,12 +52,6 @@ class StepCost:
     seconds: float
     flops: float  # whole worker (all tp GPUs)
     bytes: float  # memory traffic, whole worker
-
-
-@dataclass(frozen=True)
-class Transfer:
-    total_s: float  # from the first byte sent to the last byte received
-    exposed_s: float  # beyond the end of the prefill that produced the KV
 
 
 class PerfModel:
@@ -193,23 +187,6 @@ def _totals(seqs: Iterable[tuple[int, int, bool]]) -> tuple[int, int, float, int
     return tokens, samples, pairs, kv, n_seqs
 
 
-def transfer(nbytes: float, bandwidth: float, latency_s: float, pipelined: bool, layers: int, layer_compute_s: float = 0.0) -> Transfer:
-    """KV of one prompt crossing a link of `bandwidth` bytes/s.
-
-    Unpipelined: one message after the prefill ends, all of it exposed. Pipelined: layer i is sent while
-    layer i+1 is computed; with x per layer on the wire and c per layer of compute, the last layer lands
-    max(x, L x - (L-1) c) after the compute ends (one layer's transfer when the link keeps up).
-    """
-    if nbytes <= 0:
-        return Transfer(0.0, 0.0)
-    if not pipelined:
-        t = latency_s + nbytes / bandwidth
-        return Transfer(t, t)
-    x = latency_s + nbytes / layers / bandwidth
-    exposed = max(x, layers * x - (layers - 1) * layer_compute_s)
-    return Transfer(layers * x, exposed)
-
-
 # Module-level forms for callers without a PerfModel at hand (the router's cost model).
 
 
@@ -219,11 +196,3 @@ def prefill_time(model: ModelSpec, hardware: Hardware, tokens: int, cached: int 
 
 def decode_step_time(model: ModelSpec, hardware: Hardware, batch: int, ctx: float, tp: int = 1, eff: Efficiency = Efficiency()) -> float:
     return PerfModel(model, hardware, tp, eff).decode_step_time(batch, ctx)
-
-
-def transfer_time(
-    nbytes: float, link: Network, pipelined: bool, layers: int, tp: int = 1, layer_compute_s: float = 0.0, gpus_per_node: int = 8
-) -> Transfer:
-    """KV transfer between workers of `tp` GPUs over `link` (each rank sends its shard)."""
-    return transfer(nbytes, link.instance_bandwidth(tp, gpus_per_node), link.latency_s, pipelined, layers, layer_compute_s)
-

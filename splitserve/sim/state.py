@@ -1,5 +1,6 @@
-"""The simulator's moving parts: a request on its way through the cluster (`SimRequest`) and a model
-replica (`Worker`: a real Scheduler, a performance model, a NIC, counters).
+"""The simulator's moving parts: a request on its way through the cluster (`SimRequest`; on the split path
+its lifecycle is the core `SplitRequest`) and a model replica (`Worker`: a real Scheduler, a performance
+model, a NIC, counters).
 
 Prompts carry deterministic token ids and precomputed chained block hashes: requests whose
 `RequestSpec.prefix_blocks` agree share exactly those leading blocks, as `bench`'s PromptBuilder prompts do
@@ -14,6 +15,7 @@ from collections import deque
 
 from splitserve.core.request import Request, SamplingParams
 from splitserve.core.scheduler import Scheduler, SchedulerOutput
+from splitserve.core.split_request import SplitRequest
 from splitserve.sim.cluster_spec import PoolSpec
 from splitserve.sim.perf import PerfModel
 from splitserve.workload.record import RequestRecord
@@ -47,8 +49,7 @@ def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[
 class SimRequest:
     """One workload request as it moves through the cluster; `record` is bench's record of it."""
 
-    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "p_req", "decode", "prefill",
-                 "cached_remote", "prefill_start", "kv_ready", "second", "reserved_at", "failed", "xfer_bytes")
+    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "split", "prefill_start", "second", "failed")
 
     def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
         self.index, self.spec, self.id = index, spec, str(index)
@@ -58,16 +59,17 @@ class SimRequest:
         self.record = RequestRecord(index, spec.arrival_s, spec.input_len, spec.output_len, sent_s=spec.arrival_s,
                                     prompt_tokens=spec.input_len, status=200)
         self.req: Request | None = None  # the request that decodes (colocated: the only one)
-        self.p_req: Request | None = None  # disaggregated: the prefill worker's copy
-        self.decode: Worker | None = None
-        self.prefill: Worker | None = None
-        self.cached_remote = 0  # prompt tokens the decode worker already held (not transferred)
+        self.split: SplitRequest | None = None  # disaggregated: its way from reservation to the last token
         self.prefill_start: float | None = None
-        self.kv_ready: float | None = None
         self.second: float | None = None  # the second token (the first decode step after the KV is complete)
-        self.reserved_at: float | None = None
         self.failed = False
-        self.xfer_bytes = 0.0
+
+    @property
+    def kv_ready(self) -> float | None:
+        """When the decode worker had the whole prompt's KV: where it was computed, the first token."""
+        if self.split is not None and self.split.kv_complete_at is not None:
+            return self.split.kv_complete_at
+        return self.record.first_token_s
 
     def make(self, max_tokens: int, now: float, hold_kv: bool = False) -> Request:
         r = Request(self.id, self.prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), now, hold_kv=hold_kv)

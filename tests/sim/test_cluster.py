@@ -143,8 +143,8 @@ def test_a_split_request_is_reserved_only_between_the_decode_workers_steps():
     res = sim.run(reqs)
     assert all(r.ok for r in res.records)
     start, end = next((a, b) for a, b in decode_steps if a <= 2.5 < b)
-    assert sim.reqs["1"].reserved_at == end > 2.5
-    assert sim.reqs["1"].p_req.first_scheduled_time == end
+    assert sim.reqs["1"].split.reserved_at == end > 2.5
+    assert sim.reqs["1"].prefill_start == end
     check_conservation(sim)
 
 

@@ -5,7 +5,9 @@ A split request: reserve blocks on a decode worker (never prefill what cannot be
 worker computes the prompt, streams KV layer by layer into those blocks and returns the first token,
 which goes to the client at once → the decode worker streams the rest. Whatever fails (a dead or
 stalled worker, a refused handshake, a passed deadline) ends the request within seconds: recomputed on
-a decode worker (`on_transfer_failure="recompute"`) or failed with a clear error ("fail").
+a decode worker (`on_transfer_failure="recompute"`) or failed with a clear error ("fail"). That lifecycle
+is the core `SplitRequest` (the simulator drives the same one); here its events come from HTTP calls and
+its actions become HTTP calls, and membership (a lost or suspect worker) stays with the pool client.
 """
 
 from __future__ import annotations
@@ -14,20 +16,26 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import httpx
 
 from splitserve.core.costs import CostModel
-from splitserve.core.request import SamplingParams, stop_reason
+from splitserve.core.request import SamplingParams
 from splitserve.core.router import AdmissionQueue, NoWorker, Router
+from splitserve.core.split_request import (
+    Abort, Action, Deadline, Emit, Event, Fail, FirstToken, KvComplete, PeerFailed, Recompute, Refused, Release,
+    Reserve, Reserved, Routed, SendPrompt, SplitRequest, State, Suspect, Tokens, TransferFailed, WorkerLost,
+)
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
-from splitserve.runtime.wire import DecodeRequest, GenerateRequest, Params, PrefillRequest, StreamEvent
 from splitserve.runtime.frontend.router_feed import RouterFeed
-from splitserve.runtime.wire import WorkerClient, WorkerError
+from splitserve.runtime.wire import (
+    DecodeRequest, GenerateRequest, Params, PrefillRequest, PrefillResult, StreamEvent, Ticket, WorkerClient, WorkerError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ class PoolConfig:
     stream_read_timeout_s: float = 120.0
 
 
-class PoolEngine:
+class PoolClient:
     def __init__(self, tokenizer: Tokenizer, model_name: str, config: PoolConfig = PoolConfig()) -> None:
         if config.on_transfer_failure not in ("recompute", "fail"):
             raise ValueError("on_transfer_failure must be 'recompute' or 'fail'")
@@ -247,140 +255,96 @@ class PoolEngine:
         return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
 
     async def _routed(self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
-        """Route; then prefill remotely and stream from the decode worker, or prefill on the decode worker.
-        A decode worker without room makes the request wait and route again, up to reserve_timeout_s."""
+        """Route; then prefill remotely and stream from the decode worker (a `SplitRequest` says what to do at
+        each step), or prefill on the decode worker. A decode worker without room makes the request wait and
+        route again, up to reserve_timeout_s."""
         assert self.router is not None
-        give_up = time.monotonic() + self.config.reserve_timeout_s
-        delay = 0.01
-        while True:
-            try:
-                decision = self.router.route_tokens(prompt, time.monotonic())
-            except NoWorker as exc:
-                raise EngineUnavailable(str(exc)) from exc
-            d = self._find(decision.decode)
-            p = self._find(decision.prefill) if decision.prefill is not None else None
-            rec.route = decision.decision.terms if decision.decision is not None else {}
-            if d is not None and decision.prefill is None:
-                rec.path = "local"
-                rec.decode_worker = d.url
-                async for out in self._local(d, rid, prompt, params, [], rec):
-                    yield out
-                return
-            # A worker the router names but the pools lack is joining or leaving: route again, as on no room.
-            if d is not None and p is not None:
-                reserved = await self._reserve(d, rid, prompt, params, rec)
-                if reserved is not None:
-                    break
-            if time.monotonic() + delay > give_up:
-                raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-        async for out in self._split(rid, prompt, params, rec, d, p, *reserved):
-            yield out
-
-    async def _reserve(
-        self, d: WorkerClient, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord
-    ) -> tuple[StreamEvent, AsyncIterator[StreamEvent]] | None:
-        """Blocks for the prompt on `d`: its ticket and token stream, or None if it has no room now."""
-        body = DecodeRequest(rid, prompt, Params.of(params), self._deadline(prompt))
-        events = d.stream("/internal/decode", body, self.config.stream_read_timeout_s)
+        split = SplitRequest(params, self.tokenizer.eos_token_ids, len(prompt), self.max_model_len, self.config.on_transfer_failure)
+        calls = _Calls(self, rid, prompt, params)
         try:
-            ev = await anext(events)
-        except (WorkerError, StopAsyncIteration) as exc:
-            rec.events.append(f"decode worker {d.url} failed to reserve: {exc}")
-            await self._evict_if_dead(d)
-            return None
-        if ev.ticket is not None:
-            rec.reserve_s = time.monotonic() - rec.arrival
-            return ev, events
-        await events.aclose()
-        if ev.error:
-            raise ValueError(ev.error)
-        return None
-
-    async def _split(
-        self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord, d: WorkerClient,
-        p: WorkerClient, reserved: StreamEvent, d_events: AsyncIterator[StreamEvent],
-    ) -> AsyncIterator[TokenOutput]:
-        rec.prefill_worker, rec.decode_worker = p.url, d.url
-        rec.decode_cached_tokens = reserved.num_cached_tokens
-        ticket = reserved.ticket
-        assert ticket is not None
-        body = PrefillRequest(rid, prompt, Params.of(params), ticket)
-        d.in_flight += 1
-        p.in_flight += 1
-        # The decode side enforces the deadline and says why it gave up; the extra second lets its verdict
-        # arrive before this call's own timeout.
-        p_task = asyncio.ensure_future(p.prefill(body, timeout=ticket.deadline_s + 1.0))
-        p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
-        d_next = asyncio.ensure_future(anext(d_events))
-        # On failure: (tokens the client already has, cause, whether the decode worker is still usable).
-        fallback: tuple[list[int], str, bool] | None = None
-        try:
-            await asyncio.wait({p_task, d_next}, return_when=asyncio.FIRST_COMPLETED)
-            if not p_task.done() and _decode_side_failed(d_next):
-                fallback = ([], *_decode_side_cause(d_next))
-            else:
-                # The decode side may legitimately speak first (KV and first token landed there before the
-                # prefill worker's reply reached us): the reply is still what we wait for.
-                await asyncio.wait({p_task})
-            if fallback is None and p_task.exception() is not None:
-                fallback = ([], str(p_task.exception()), True)
-                asyncio.ensure_future(self._evict_if_dead(p))
-            if fallback is None:
-                res = p_task.result()
-                rec.queue_s, rec.prefill_s, rec.cached_tokens = res.queue_s, res.prefill_s, res.num_cached_tokens
-                first = res.first_token
-                stop = stop_reason([first], params, self.tokenizer.eos_token_ids, len(prompt) + 1, self.max_model_len)
-                yield TokenOutput(
-                    rid, [first], stop is not None, stop.value if stop else None, len(prompt), res.num_cached_tokens,
-                    queue_time=res.queue_s,
-                )
-                if stop is not None:
+            give_up = time.monotonic() + self.config.reserve_timeout_s
+            delay = 0.01
+            while True:
+                try:
+                    decision = self.router.route_tokens(prompt, time.monotonic())
+                except NoWorker as exc:
+                    raise EngineUnavailable(str(exc)) from exc
+                d = self._find(decision.decode)
+                p = self._find(decision.prefill) if decision.prefill is not None else None
+                rec.route = decision.decision.terms if decision.decision is not None else {}
+                if d is not None and decision.prefill is None:
+                    rec.path = "local"
+                    rec.decode_worker = d.url
+                    async for out in self._local(d, rid, prompt, params, [], rec):
+                        yield out
                     return
-                sent = [first]  # what the client has: a recompute continues after these
-                while True:
-                    try:
-                        ev = await d_next
-                    except (WorkerError, StopAsyncIteration) as exc:
-                        fallback = (sent, f"decode worker {d.url} lost: {exc}", False)
-                        break
-                    if ev.kv_wait_s is not None:
-                        rec.kv_wait_s = ev.kv_wait_s
-                    if ev.finish_reason == "transfer_failed":
-                        fallback = (sent, ev.error or "transfer failed", True)
-                        break
-                    sent += ev.tokens
-                    out = ev.output(rid)
-                    # The client's cached_tokens is what the computing (prefill) worker found cached; the
-                    # decode worker's own count only sizes the transfer (rec.decode_cached_tokens).
-                    out.num_cached_tokens = res.num_cached_tokens
-                    yield out
-                    if ev.finished:
+                # A worker the router names but the pools lack is joining or leaving: route again, as on no room.
+                if d is not None and p is not None:
+                    async for out in self._drive(split, calls, split.handle(Routed(d, p), time.monotonic()), rec):
+                        yield out
+                    if split.state is not State.ROUTING:
                         return
-                    d_next = asyncio.ensure_future(anext(d_events))
+                if time.monotonic() + delay > give_up:
+                    raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
         finally:
-            d.in_flight -= 1
-            if not p_task.done():
-                p_task.cancel()
-                asyncio.ensure_future(p.abort(rid))
-            d_next.cancel()
-            await asyncio.gather(p_task, d_next, return_exceptions=True)
-            await d_events.aclose()
-        produced, cause, decode_usable = fallback
-        rec.events.append(cause)
-        log.warning("request %s: %s", rid, cause)
-        if self.config.on_transfer_failure == "fail":
-            yield TokenOutput(rid, [], True, "error", len(prompt), error=f"KV transfer failed: {cause}")
-            return
+            if not split.done:  # the client left, or the request was given up
+                async for _ in self._drive(split, calls, split.handle(Abort(), time.monotonic()), rec):
+                    pass
+            await calls.close()
+            _note(rec, split)
+
+    async def _drive(
+        self, split: SplitRequest, calls: _Calls, actions: list[Action], rec: PhaseRecord
+    ) -> AsyncIterator[TokenOutput]:
+        """Carry out the split request's actions and feed it what the workers say, until it is done or must
+        be placed again."""
+        todo = deque(actions)
+        while True:
+            while todo:
+                act = todo.popleft()
+                if isinstance(act, Emit):
+                    yield calls.output(split, act)
+                elif isinstance(act, Reserve):
+                    todo += split.handle(await calls.reserve(act.decode), time.monotonic())
+                elif isinstance(act, SendPrompt):
+                    calls.send_prompt(act.prefill, act.decode)
+                elif isinstance(act, Release):
+                    await calls.release(act.side)
+                elif isinstance(act, Suspect):
+                    if split.state is State.ROUTING:  # placed again next: not on the same dead worker
+                        await self._evict_if_dead(act.worker)
+                    else:
+                        asyncio.ensure_future(self._evict_if_dead(act.worker))
+                elif isinstance(act, WorkerLost):
+                    self.remove_worker(act.worker.url)
+                elif isinstance(act, Recompute):
+                    async for out in self._recompute(split, calls, act, rec):
+                        yield out
+                elif isinstance(act, Fail):
+                    if act.reason == "refused":
+                        raise ValueError(act.message)
+                    log.warning("request %s: %s", calls.rid, split.causes[-1])
+                    yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=act.message)
+                # Retry: the caller routes again.
+            if split.done or split.state is State.ROUTING:
+                return
+            event = await calls.next_event()
+            todo += split.handle(event, time.monotonic())
+
+    async def _recompute(self, split: SplitRequest, calls: _Calls, act: Recompute, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
+        await calls.close()
+        _note(rec, split)
+        log.warning("request %s: %s", calls.rid, split.causes[-1])
         rec.path = "recompute"
-        if not decode_usable:
-            self.remove_worker(d.url)
+        d = act.decode
+        if d is None:
             if not self.pools["decode"]:
-                yield TokenOutput(rid, [], True, "error", len(prompt), error=f"{cause}; no decode worker left")
+                yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; no decode worker left")
                 return
             d = self._pick("decode")
-        async for out in self._local(d, rid, prompt, params, produced, rec, suffix="/recompute"):
+        async for out in self._local(d, calls.rid, calls.prompt, calls.params, list(act.produced), rec, suffix="/recompute"):
             yield out
 
     async def _local(
@@ -406,22 +370,131 @@ class PoolEngine:
             w.in_flight -= 1
 
 
-def _decode_side_failed(d_next: asyncio.Future) -> bool:
-    if not d_next.done():
-        return False
-    if d_next.exception() is not None:
-        return True
-    ev: StreamEvent = d_next.result()
-    # "stop"/"length" with no token: the prefill worker's first token already ended the request, not a failure.
-    ended_early = ev.finished and not ev.tokens and ev.finish_reason not in ("stop", "length")
-    return ev.finish_reason in ("transfer_failed", "error") or ended_early
+
+def _note(rec: PhaseRecord, split: SplitRequest) -> None:
+    """The split request's phases into the request's record."""
+    if split.reserved_at is not None:
+        rec.reserve_s = split.reserved_at - rec.arrival
+        rec.prefill_worker, rec.decode_worker = split.prefill.url, split.decode.url
+        rec.decode_cached_tokens = split.decode_cached_tokens
+    if split.queue_s is not None:
+        rec.queue_s, rec.prefill_s, rec.cached_tokens = split.queue_s, split.prefill_s, split.cached_tokens
+    if split.kv_wait_s is not None:
+        rec.kv_wait_s = split.kv_wait_s
+    rec.events = list(split.causes)
 
 
-def _decode_side_cause(d_next: asyncio.Future) -> tuple[str, bool]:
-    """Why the decode side ended a request before the first token came back, and whether it still serves."""
-    exc = d_next.exception()
-    if exc is not None:
-        return f"decode worker lost: {exc}", False
-    ev: StreamEvent = d_next.result()
-    return ev.error or f"decode worker ended the request ({ev.finish_reason})", True
+class _Calls:
+    """The HTTP calls of one split request: the decode worker's stream, the prefill call, and the events they
+    turn into."""
 
+    def __init__(self, pool: PoolClient, rid: str, prompt: list[int], params: SamplingParams) -> None:
+        self.pool, self.rid, self.prompt, self.params = pool, rid, prompt, params
+        self.d: WorkerClient | None = None
+        self.p: WorkerClient | None = None
+        self.counted: list[WorkerClient] = []  # decode workers whose in_flight counts this request
+        self.d_events: AsyncIterator[StreamEvent] | None = None
+        self.d_next: asyncio.Future | None = None
+        self.p_task: asyncio.Future | None = None
+        self.ticket: Ticket | None = None
+        self.first_token_by = 0.0
+        self.queued: deque[Event] = deque()  # a stream line can carry two events
+        self.emitted = False
+
+    async def reserve(self, d: WorkerClient) -> Event:
+        body = DecodeRequest(self.rid, self.prompt, Params.of(self.params), self.pool._deadline(self.prompt))
+        events = d.stream("/internal/decode", body, self.pool.config.stream_read_timeout_s)
+        try:
+            ev = await anext(events)
+        except (WorkerError, StopAsyncIteration) as exc:
+            return PeerFailed("decode", f"decode worker {d.url} failed to reserve: {exc}")
+        if ev.ticket is None:
+            await events.aclose()
+            return Refused(ev.error or None)
+        self.d, self.d_events, self.ticket = d, events, ev.ticket
+        return Reserved(ev.num_cached_tokens)
+
+    def send_prompt(self, p: WorkerClient, d: WorkerClient) -> None:
+        assert self.ticket is not None and self.d_events is not None
+        d.in_flight += 1
+        self.counted.append(d)
+        p.in_flight += 1
+        # The decode side enforces the deadline and says why it gave up; the extra second lets its verdict
+        # arrive before ours, and httpx's own timeout comes later still.
+        self.first_token_by = time.monotonic() + self.ticket.deadline_s + 1.0
+        body = PrefillRequest(self.rid, self.prompt, Params.of(self.params), self.ticket)
+        self.p_task = asyncio.ensure_future(p.prefill(body, timeout=self.ticket.deadline_s + 2.0))
+        self.p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
+        self.p = p
+        self.d_next = asyncio.ensure_future(anext(self.d_events))
+
+    async def next_event(self) -> Event:
+        """What the workers say next. The prefill worker's answer first when both have spoken: the decode
+        side may legitimately speak first (KV and first token landed there before the reply reached us)."""
+        while not self.queued:
+            waiting = {f for f in (self.p_task, self.d_next) if f is not None}
+            timeout = max(0.0, self.first_token_by - time.monotonic()) if self.p_task is not None else None
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if self.p_task is not None and self.p_task.done():
+                task, self.p_task = self.p_task, None
+                if task.exception() is not None:
+                    return PeerFailed("prefill", str(task.exception()))
+                res: PrefillResult = task.result()
+                return FirstToken(res.first_token, res.num_cached_tokens, res.queue_s, res.prefill_s)
+            if self.p_task is not None and time.monotonic() >= self.first_token_by:
+                return Deadline()
+            if self.d_next is not None and self.d_next.done():
+                self._decode_said(self.d_next)
+        return self.queued.popleft()
+
+    def _decode_said(self, d_next: asyncio.Future) -> None:
+        assert self.d is not None and self.d_events is not None
+        self.d_next = None
+        if d_next.exception() is not None:
+            self.queued.append(PeerFailed("decode", f"decode worker {self.d.url} lost: {d_next.exception()}"))
+            return
+        ev: StreamEvent = d_next.result()
+        if ev.kv_wait_s is not None:
+            self.queued.append(KvComplete(ev.kv_wait_s))
+        if ev.finish_reason == "transfer_failed":
+            self.queued.append(TransferFailed(ev.error or "transfer failed"))
+            return
+        self.queued.append(Tokens(tuple(ev.tokens), ev.finish_reason if ev.finished else None, ev.error))
+        if not ev.finished:
+            self.d_next = asyncio.ensure_future(anext(self.d_events))
+
+    def output(self, split: SplitRequest, act: Emit) -> TokenOutput:
+        # The client's cached_tokens is what the computing (prefill) worker found cached; the decode worker's
+        # own count only sizes the transfer. The queue time is the prefill worker's, on the first output.
+        first, self.emitted = not self.emitted, True
+        return TokenOutput(
+            self.rid, list(act.tokens), act.finished, act.finish_reason, len(self.prompt), split.cached_tokens,
+            queue_time=split.queue_s if first else None, error=act.error,
+        )
+
+    async def release(self, side: str) -> None:
+        if side == "prefill":
+            assert self.p_task is not None and self.p is not None
+            self.p_task.cancel()
+            asyncio.ensure_future(self.p.abort(self.rid))
+        else:
+            assert self.d_events is not None
+            if self.d_next is not None:
+                self.d_next.cancel()
+                await asyncio.gather(self.d_next, return_exceptions=True)  # the stream stops running first
+                self.d_next = None
+            await self.d_events.aclose()  # the decode worker takes the closed stream as an abort
+
+    async def close(self) -> None:
+        """Let go of whatever is still open (after the request ended, or before it is recomputed)."""
+        pending = [f for f in (self.p_task, self.d_next) if f is not None]
+        for f in pending:
+            f.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self.p_task = self.d_next = None
+        if self.d_events is not None:
+            await self.d_events.aclose()
+            self.d_events = None
+        for d in self.counted:
+            d.in_flight -= 1
+        self.counted.clear()
