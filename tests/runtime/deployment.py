@@ -16,6 +16,13 @@ from splitserve.runtime.launch import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def loaded_bound(seconds: float) -> float:
+    """A time bound that holds on a shared machine: `seconds` as measured on a quiet one, stretched by how
+    oversubscribed the CPUs are now (load average per core; CI machines were seen at 7-10 on 2 cores, where
+    every step of every process runs that much slower). Never tighter than `seconds`."""
+    return seconds * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
 class Deployment:
     def __init__(self, model: Path | None, *args: str, startup_timeout: float = 120.0) -> None:
         """model None: the bundled default."""

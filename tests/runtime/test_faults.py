@@ -1,6 +1,8 @@
 """Faults in a disaggregated deployment: a client that goes away, a prefill or decode worker killed with
 SIGKILL, a stalled prefill worker, a passed transfer deadline. Each ends its request within 5 s (with
-the right outcome), and every surviving worker's free-block count returns to where it started."""
+the right outcome), and every surviving worker's free-block count returns to where it started. The 5 s is a
+quiet machine's bound, stretched by the load (`loaded_bound`): at a load average of 10 on 2 cores every
+process runs ~5x slower, and a fixed 5 s failed there on an abort that took 7 s."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import pytest
 import torch
 
 from tests.greedy import assert_greedy_match, ref_greedy
-from tests.runtime.deployment import Deployment
+from tests.runtime.deployment import Deployment, loaded_bound
 from tests.tiny_models import make_tiny_checkpoint
 
-BOUND_S = 5.0
+QUIET_BOUND_S = 5.0
 PROMPT = list(range(10, 70))
 COMMON = ["--block-size", "16", "--num-blocks", "256", "--max-model-len", "1024", "--no-conditional"]
 
@@ -64,10 +66,10 @@ def test_client_abort_frees_blocks_everywhere(checkpoint):
             if chunks == 3:
                 break  # the client goes away mid-stream
         closed = time.monotonic()
-        while dep.requests() == [] and time.monotonic() - closed < BOUND_S:
+        while dep.requests() == [] and time.monotonic() - closed < loaded_bound(QUIET_BOUND_S):
             time.sleep(0.05)
         assert_blocks_back(dep, before, list(before))
-        assert time.monotonic() - closed < BOUND_S
+        assert time.monotonic() - closed < loaded_bound(QUIET_BOUND_S)
         (rec,) = dep.requests()
         assert rec["path"] == "split" and rec["output_tokens"] < 900
 
@@ -88,7 +90,7 @@ def test_killed_prefill_worker_is_recomputed_on_decode(checkpoint, hf):
         killed = time.monotonic()
         os.kill(p["pid"], signal.SIGKILL)  # ...when it dies
         t.join(timeout=30)
-        assert time.monotonic() - killed < BOUND_S
+        assert time.monotonic() - killed < loaded_bound(QUIET_BOUND_S)
         r = result["r"]
         assert r.status_code == 200, r.text
         assert_greedy_match(r.json()["choices"][0]["token_ids"], ref_tokens, ref_logits)
@@ -114,7 +116,7 @@ def test_killed_decode_worker_mid_stream_continues_elsewhere(checkpoint, hf):
                     os.kill(victim["pid"], signal.SIGKILL)
                     killed_at = time.monotonic()
         assert victim is not None, "no decode worker was busy"
-        assert gap_after_kill is not None and gap_after_kill < BOUND_S
+        assert gap_after_kill is not None and gap_after_kill < loaded_bound(QUIET_BOUND_S)
         (rec,) = dep.requests()
         assert rec["path"] == "recompute" and rec["finish_reason"] == "length", rec
         assert rec["output_tokens"] == n
@@ -137,7 +139,7 @@ def test_stalled_prefill_worker_times_out_and_recomputes(checkpoint, hf):
         try:
             start = time.monotonic()
             r = complete_ids(dep.url, PROMPT, 8)
-            assert time.monotonic() - start < BOUND_S
+            assert time.monotonic() - start < loaded_bound(QUIET_BOUND_S)
             assert r.status_code == 200, r.text
             assert_greedy_match(r.json()["choices"][0]["token_ids"], ref_tokens, ref_logits)
             rec = dep.requests()[-1]
@@ -147,7 +149,7 @@ def test_stalled_prefill_worker_times_out_and_recomputes(checkpoint, hf):
         finally:
             os.kill(p["pid"], signal.SIGCONT)
         # Once it runs again, the stale prefill finds its ticket gone and gives its blocks back too.
-        end = time.monotonic() + BOUND_S
+        end = time.monotonic() + loaded_bound(QUIET_BOUND_S)
         while (stats := httpx.get(p["url"] + "/internal/stats", timeout=5).json())["num_free_blocks"] != before[p["url"]][0]:
             assert time.monotonic() < end, stats
             time.sleep(0.1)
@@ -160,7 +162,7 @@ def test_passed_deadline_fails_with_a_clear_error(checkpoint):
         before = dep.free_blocks()
         start = time.monotonic()
         r = complete_ids(dep.url, PROMPT, 8)
-        assert time.monotonic() - start < BOUND_S
+        assert time.monotonic() - start < loaded_bound(QUIET_BOUND_S)
         assert r.status_code == 500
         assert "deadline" in r.json()["error"]["message"]
         assert_blocks_back(dep, before, list(before))
