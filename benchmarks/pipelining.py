@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.netns import A_ADDR, B_ADDR, Link, Service, entered, install_cleanup, tcp_throughput
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import find_vocab
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 from splitserve.model.gguf_file import config_from_gguf, open_gguf
 from splitserve.model.loader import BUNDLED_NAME, bundled_gguf_path
 from splitserve.workload.requests import RequestSpec
@@ -142,7 +142,7 @@ def model_layers(model: str | None) -> int:
     """Layers of the served model, read from its config without loading weights."""
     path = Path(model) if model else bundled_gguf_path()
     if path.is_dir():
-        return ModelConfig.from_hf(json.loads((path / "config.json").read_text())).num_layers
+        return ModelSpec.from_hf_config(json.loads((path / "config.json").read_text())).num_layers
     return config_from_gguf(open_gguf(path)).num_layers
 
 

@@ -70,7 +70,8 @@ from splitserve.workload.slo import SLO, Summary, summarize, tpot, ttft
 from splitserve.bench.runner import BenchConfig, TraceLoad, run_bench
 from splitserve.runtime.launch import free_port
 from splitserve.runtime.worker.step_log import read_step_log
-from splitserve.calibrate.run import Calibration, calibrate
+from splitserve.calibrate.profile import calibrate
+from splitserve.calibrate.table import Calibration
 from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
 from splitserve.sim.result import SimResult

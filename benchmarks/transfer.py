@@ -30,16 +30,16 @@ from typing import Callable
 
 import torch
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.transfer import KVLayout, KVReceiver, KVSender
 from splitserve.transfer.channel import IOV_MAX, consume
 from splitserve.transfer.layout import CacheBytes
 
-SMOLLM2_135M = ModelConfig(
+SMOLLM2_135M = ModelSpec(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
     head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None, max_position_embeddings=8192,
-    tie_word_embeddings=True, attention_bias=False, bos_token_id=0, eos_token_ids=(0,), architecture="llama",
+    tie_word_embeddings=True, attention_bias=False, architecture="llama",
 )
 BLOCK_SIZE = 16
 SECRET = b"benchmark-secret"

@@ -1,4 +1,4 @@
-"""Reading a llama.cpp GGUF file: its metadata as a ModelConfig, its tensors dequantized and in transformers' layout."""
+"""Reading a llama.cpp GGUF file: its metadata as a ModelSpec, its tensors dequantized and in transformers' layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import torch
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 
 # GGUF tensor name (after "blk.N.") -> transformers name (after "model.layers.N.").
 _LAYER_TENSORS = {
@@ -48,7 +48,7 @@ def gguf_eos_ids(reader: gguf.GGUFReader) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
+def config_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
     arch = gguf_field(reader, "general.architecture")
     # llama.cpp writes Llama, Mistral and SmolLM2 all as "llama".
     if arch != "llama":
@@ -69,7 +69,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         raise ValueError(f"unsupported GGUF rope scaling type {scaling_type!r}")
     # Older files give the vocabulary size only as the length of the token list.
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return ModelConfig(
+    return ModelSpec(
         vocab_size=int(meta("vocab_size", len(tokens.data) if tokens else None)),
         hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")),
@@ -85,13 +85,12 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         max_position_embeddings=int(meta("context_length")),
         tie_word_embeddings="output.weight" not in names,
         attention_bias=False,
-        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=gguf_eos_ids(reader),
         architecture="llama",
+        source="GGUF metadata",
     )
 
 
-def hf_weights_from_gguf(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights_from_gguf(reader: gguf.GGUFReader, config: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, float32 tensor) for every tensor, dequantized one at a time."""
     for t in reader.tensors:
         name = _hf_name(t.name)

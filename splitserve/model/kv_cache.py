@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 
 
 class PagedKVCache:
@@ -16,7 +16,7 @@ class PagedKVCache:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: ModelSpec,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
@@ -39,6 +39,6 @@ class PagedKVCache:
         return self.tensor[layer, block_id]
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(config: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
         """All layers' K and V of one block."""
         return config.kv_bytes_per_token(dtype.itemsize) * block_size

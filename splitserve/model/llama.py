@@ -11,7 +11,7 @@ from torch import nn
 
 from splitserve.model.attention import AttentionPlan, paged_attention
 from splitserve.model.batch import ForwardBatch
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.linear import Linear, linear
 from splitserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelSpec) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         # q, k and v in one matmul: rows [q heads | k heads | v heads], each in HF's (head, dim) order.
@@ -56,7 +56,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelSpec) -> None:
         super().__init__()
         self.intermediate_size = c.intermediate_size
         self.gate_up_proj = Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # rows [gate | up]
@@ -68,7 +68,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelSpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c)
@@ -83,7 +83,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelSpec) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ARCHITECTURES, ROPE_TYPES, ModelSpec
 from splitserve.model.gguf_file import config_from_gguf, hf_weights_from_gguf, open_gguf
 from splitserve.model.llama import LlamaModel
 from splitserve.model.tokenizer import Tokenizer
@@ -24,7 +24,7 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass
 class LoadedModel:
-    config: ModelConfig
+    config: ModelSpec  # with the dtype it was loaded in
     model: LlamaModel
     tokenizer: Tokenizer
     name: str  # served model name
@@ -54,6 +54,8 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
         reader = open_gguf(path)
         config = config_from_gguf(reader)
         weights, tokenizer = hf_weights_from_gguf(reader, config), Tokenizer.from_gguf(reader)
+    _check_buildable(config)
+    config = config.with_dtype(dtype.itemsize)
 
     # Built on "meta" so no time goes into random init; the checkpoint then fills every parameter.
     with torch.device("meta"):
@@ -85,11 +87,11 @@ def _resolve(path: str | Path | None) -> tuple[Path, str]:
     return path, path.stem
 
 
-def _open_hf_dir(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, torch.Tensor]], Tokenizer]:
+def _open_hf_dir(path: Path) -> tuple[ModelSpec, Iterable[tuple[str, torch.Tensor]], Tokenizer]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face checkpoint directory")
-    config = ModelConfig.from_hf(json.loads(config_file.read_text()))
+    config = ModelSpec.from_hf_config(json.loads(config_file.read_text()))
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -107,7 +109,18 @@ def _safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _fingerprint(config: ModelConfig, model: LlamaModel) -> str:
+def _check_buildable(config: ModelSpec) -> None:
+    """Raise ValueError naming what `LlamaModel` cannot run: the description also holds models only planned."""
+    if config.architecture not in ARCHITECTURES.values():
+        raise ValueError(f"unsupported architecture {config.architecture!r}: supported are {', '.join(ARCHITECTURES)}")
+    if config.mlp_bias:
+        raise ValueError("mlp_bias=True is not supported")
+    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}: supported are {', '.join(ROPE_TYPES)}")
+
+
+def _fingerprint(config: ModelSpec, model: LlamaModel) -> str:
     h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     for name, p in sorted(model.named_parameters()):
         flat = p.detach().flatten()

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 
 
-def inv_frequencies(config: ModelConfig) -> torch.Tensor:
+def inv_frequencies(config: ModelSpec) -> torch.Tensor:
     """float32 [head_dim // 2], on CPU whatever the default device is (models are built on "meta" when loading)."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim

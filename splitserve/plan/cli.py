@@ -134,7 +134,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     eff = Efficiency()
     if args.calibration is not None:
-        from splitserve.calibrate.run import Calibration
+        from splitserve.calibrate.table import Calibration
 
         cal = Calibration.load(args.calibration)
         hw, eff = cal.hardware, cal.efficiency
@@ -214,7 +214,7 @@ def _emit(args: argparse.Namespace, out, doc: dict, show, write) -> int:  # type
 
 
 def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from splitserve.calibrate.run import calibrate
+    from splitserve.calibrate.profile import calibrate
 
     if args.threads is not None and args.threads < 1:
         raise PlanError("--threads must be >= 1")

@@ -36,7 +36,7 @@ from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
 from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Hardware, Network, hour_price
-from splitserve.sim.models import ModelSpec
+from splitserve.core.model_spec import ModelSpec
 from splitserve.sim.perf import Efficiency, PerfModel
 from splitserve.workload.requests import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
 from splitserve.plan import estimate as est

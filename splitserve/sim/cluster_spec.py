@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from splitserve.sim.hardware import Hardware, Network
-from splitserve.sim.models import ModelSpec
+from splitserve.core.model_spec import ModelSpec
 from splitserve.sim.perf import Efficiency
 
 Role = Literal["colocated", "prefill", "decode"]

@@ -1,16 +1,11 @@
-"""Roofline step-time model: how long one scheduled batch takes on one worker, and what it moves.
+"""Roofline step-time model: how long one scheduled batch takes on one worker.
 
-A worker is one model replica on `tp` GPUs (tensor parallel). Each GPU does 1/tp of every matrix product
-and of attention, and two all-reduces per layer join the shards over the intra-node link. Per layer:
-
-    projections + MLP   FLOPs 2 * tokens * linear_params / tp     bytes: weights / tp + activations
-    attention           FLOPs 4 * q_heads * head_dim * sum over sequences of (new * context + new^2 / 2) / tp
-                        bytes: the K and V of every sequence's context and new tokens (/ tp), read from
-                        the paged cache at its own efficiency
-    all-reduce (tp > 1) 2 x (latency x log2(tp) + 2 (tp-1)/tp * tokens * hidden * bytes / link)
-and once per step the LM head for the sequences that sample. Each operation takes
-max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (peak bandwidth x memory efficiency)); a step is
-their sum plus a fixed overhead, a per-sequence and a per-token overhead (scheduling, launches, sampling).
+A worker is one model replica on `tp` GPUs (tensor parallel). What a step computes and moves, per layer and
+per GPU, is the model's own account (`core.model_spec.StepCounter`); here each operation takes
+max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (peak bandwidth x memory efficiency)), attention reads
+the paged cache at its own efficiency, and with tp > 1 two all-reduces per layer join the shards over the
+intra-node link (latency x log2(tp) + traffic / link each). A step is the layers plus the LM head, plus a
+fixed overhead, a per-sequence and a per-token overhead (scheduling, launches, sampling).
 Decode (few tokens per sequence) is bound by bandwidth, a long prefill by compute: the model shows both.
 
 The efficiencies default to round figures for tuned GPU kernels; `splitserve plan calibrate` fits them (and
@@ -21,10 +16,9 @@ the overheads) to the real engine on the machine at hand. The router's cost mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
+from splitserve.core.model_spec import Batch, ModelSpec, StepCounter, StepWork
 from splitserve.sim.hardware import Hardware
-from splitserve.sim.models import ModelSpec
 
 GPU_RESERVE_BYTES = 1e9  # per GPU, beyond the weights: activations, CUDA context, workspace
 
@@ -58,22 +52,9 @@ class PerfModel:
     """Step times of one worker: `model` on `tp` GPUs of kind `hardware`."""
 
     def __init__(self, model: ModelSpec, hardware: Hardware, tp: int = 1, eff: Efficiency = Efficiency()) -> None:
-        if tp < 1:
-            raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+        self.counter = StepCounter(model, tp)
         self.model, self.hardware, self.tp, self.eff = model, hardware, tp, eff
-        m, wb = model, model.dtype_bytes
-        self.layers = m.num_layers
-        # Per GPU, per layer.
-        self.lin_flops_tok = 2.0 * m.linear_params_per_layer / tp
-        self.lin_weight_bytes = m.linear_params_per_layer * wb / tp
-        # Activations read and written around each product (x, qkv, attn out, gate/up, down), per token.
-        h, i = m.hidden_size, m.intermediate_size
-        self.act_bytes_tok = (4 * h + m.q_dim + 2 * m.kv_dim + 3 * i) * wb / tp
-        self.att_flops_coef = 4.0 * m.q_dim / tp
-        self.kv_bytes_tok_layer = 2.0 * m.kv_dim * m.kv_dtype_bytes / tp
-        self.head_flops_sample = 2.0 * h * m.vocab_size / tp
-        self.head_bytes = h * m.vocab_size * wb / tp
-        self.ar_bytes_tok = h * wb * 2.0 * (tp - 1) / tp  # ring all-reduce traffic per GPU, per token
+        self.layers = model.num_layers
         self.compute_rate = hardware.flops * eff.compute
         self.att_rate = hardware.flops * eff.attention
         self.mem_rate = hardware.mem_bw * eff.memory
@@ -83,56 +64,42 @@ class PerfModel:
 
     # ---------------------------------------------------------------------------------- core formula
 
+    def timed(self, w: StepWork) -> StepCost:
+        """The seconds of a step's work on this worker."""
+        layer = (max(w.linear_flops / self.compute_rate, w.linear_bytes / self.mem_rate)
+                 + max(w.attention_flops / self.att_rate, w.attention_bytes / self.kv_rate))
+        if self.tp > 1:
+            layer += 2 * (self.ar_latency + w.allreduce_bytes / self.link_rate)
+        head = max(w.head_flops / self.compute_rate, w.head_bytes / self.mem_rate)
+        e = self.eff
+        t = (self.layers * layer + head + e.step_overhead_s + e.seq_overhead_s * w.seqs + e.token_overhead_s * w.tokens)
+        return StepCost(t, w.flops, w.bytes)
+
     def cost(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int) -> StepCost:
         """A step computing `tokens` new tokens for `seqs` sequences, `samples` of which sample; attention
         covers `att_pairs` query-key pairs and reads `kv_tokens` tokens of K/V."""
-        lin_f = tokens * self.lin_flops_tok
-        lin_b = self.lin_weight_bytes + tokens * self.act_bytes_tok
-        att_f = att_pairs * self.att_flops_coef
-        att_b = kv_tokens * self.kv_bytes_tok_layer
-        layer = max(lin_f / self.compute_rate, lin_b / self.mem_rate) + max(att_f / self.att_rate, att_b / self.kv_rate)
-        if self.tp > 1:
-            layer += 2 * (self.ar_latency + tokens * self.ar_bytes_tok / self.link_rate)
-        head_f = samples * self.head_flops_sample
-        head_b = self.head_bytes if samples else 0.0
-        head = max(head_f / self.compute_rate, head_b / self.mem_rate)
-        e = self.eff
-        t = (self.layers * layer + head + e.step_overhead_s + e.seq_overhead_s * seqs + e.token_overhead_s * tokens)
-        flops = (self.layers * (lin_f + att_f) + head_f) * self.tp
-        nbytes = (self.layers * (lin_b + att_b) + head_b) * self.tp
-        return StepCost(t, flops, nbytes)
+        return self.timed(self.counter.work(tokens, samples, att_pairs, kv_tokens, seqs))
 
-    def roofline_parts(self, seqs: Iterable[tuple[int, int, bool]]) -> tuple[float, ...]:
+    def roofline_parts(self, seqs: Batch) -> tuple[float, ...]:
         """Seconds at peak (efficiency 1) of one step's parts, for fitting efficiencies: per layer (linear
         compute, linear memory, attention compute, attention memory, all-reduce), then the LM head (compute,
         memory), then (sequences, tokens)."""
-        tokens, samples, pairs, kv, n_seqs = _totals(seqs)
-        hw = self.hardware
-        comm = 2 * (self.ar_latency + tokens * self.ar_bytes_tok / hw.link_bw) if self.tp > 1 else 0.0
+        w, hw = self.counter.batch(seqs), self.hardware
+        comm = 2 * (self.ar_latency + w.allreduce_bytes / hw.link_bw) if self.tp > 1 else 0.0
         return (
-            tokens * self.lin_flops_tok / hw.flops, (self.lin_weight_bytes + tokens * self.act_bytes_tok) / hw.mem_bw,
-            pairs * self.att_flops_coef / hw.flops, kv * self.kv_bytes_tok_layer / hw.mem_bw, comm,
-            samples * self.head_flops_sample / hw.flops, (self.head_bytes if samples else 0.0) / hw.mem_bw,
-            n_seqs, tokens,
+            w.linear_flops / hw.flops, w.linear_bytes / hw.mem_bw,
+            w.attention_flops / hw.flops, w.attention_bytes / hw.mem_bw, comm,
+            w.head_flops / hw.flops, w.head_bytes / hw.mem_bw,
+            w.seqs, w.tokens,
         )
 
-    def step(self, seqs: Iterable[tuple[int, int, bool]]) -> StepCost:
+    def step(self, seqs: Batch) -> StepCost:
         """A batch given as (new tokens, tokens already cached, samples) per sequence."""
-        tokens, samples, pairs, kv, n_seqs = _totals(seqs)
-        return self.cost(tokens, samples, pairs, kv, n_seqs)
+        return self.timed(self.counter.batch(seqs))
 
     def scheduled(self, out) -> StepCost:
         """The cost of a core `SchedulerOutput` (the simulator's hot path)."""
-        tokens = samples = kv = 0
-        pairs = 0.0
-        for s in out.seqs:
-            n, c = s.num_new_tokens, s.start_pos
-            tokens += n
-            kv += c + n
-            pairs += n * c + n * (n + 1) * 0.5
-            if s.sample:
-                samples += 1
-        return self.cost(tokens, samples, pairs, kv, len(out.seqs))
+        return self.timed(self.counter.scheduled(out))
 
     # ---------------------------------------------------------------------------------- questions
 
@@ -171,28 +138,3 @@ class PerfModel:
     @property
     def peak_bandwidth(self) -> float:
         return self.hardware.mem_bw * self.tp
-
-
-def _totals(seqs: Iterable[tuple[int, int, bool]]) -> tuple[int, int, float, int, int]:
-    """(tokens, sampling sequences, attention query-key pairs, KV tokens read, sequences) of a batch given
-    as (new tokens, tokens already cached, samples) per sequence."""
-    tokens = samples = kv = n_seqs = 0
-    pairs = 0.0
-    for n, c, sample in seqs:
-        tokens += n
-        kv += c + n
-        pairs += n * c + n * (n + 1) / 2
-        samples += bool(sample)
-        n_seqs += 1
-    return tokens, samples, pairs, kv, n_seqs
-
-
-# Module-level forms for callers without a PerfModel at hand (the router's cost model).
-
-
-def prefill_time(model: ModelSpec, hardware: Hardware, tokens: int, cached: int = 0, tp: int = 1, eff: Efficiency = Efficiency()) -> float:
-    return PerfModel(model, hardware, tp, eff).prefill_time(tokens, cached)
-
-
-def decode_step_time(model: ModelSpec, hardware: Hardware, batch: int, ctx: float, tp: int = 1, eff: Efficiency = Efficiency()) -> float:
-    return PerfModel(model, hardware, tp, eff).decode_step_time(batch, ctx)

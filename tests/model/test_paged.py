@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from splitserve.model.batch import SeqInput, build_forward_batch
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LlamaModel
 
-CONFIG = ModelConfig(
+CONFIG = ModelSpec(
     vocab_size=50,
     hidden_size=32,
     intermediate_size=48,
@@ -24,8 +24,6 @@ CONFIG = ModelConfig(
     max_position_embeddings=256,
     tie_word_embeddings=True,
     attention_bias=False,
-    bos_token_id=None,
-    eos_token_ids=(1,),
     architecture="llama",
 )
 

@@ -6,17 +6,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from splitserve.core.scheduler import ScheduledSeq, SchedulerOutput
-from splitserve.model.config import ModelConfig
-from splitserve.runtime.worker.utilization import (
-    BANDWIDTH_METRIC, COMPUTE_METRIC, MachinePeaks, UtilizationCollector, UtilizationMeter, machine_peaks, peaks_from_calibration,
-)
+from splitserve.core.model_spec import ModelSpec
+from splitserve.runtime.worker.peaks import MachinePeaks, machine_peaks, peaks_from_calibration
+from splitserve.runtime.worker.utilization import BANDWIDTH_METRIC, COMPUTE_METRIC, UtilizationCollector, UtilizationMeter
 
-# SmolLM2-135M's shape.
-CONFIG = ModelConfig.from_hf({
+# SmolLM2-135M's shape, in float32.
+CONFIG = ModelSpec.from_hf_config({
     "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
     "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-})
+}).with_dtype(4)
 PEAKS = MachinePeaks(flops=1e12, bandwidth=50e9)  # a CPU-like machine: ridge at 20 FLOP/byte
 
 
@@ -25,7 +24,7 @@ def step(*seqs):
 
 
 def meter(clock=lambda: 100.0):
-    return UtilizationMeter(CONFIG, PEAKS, dtype_bytes=4, window_s=10.0, clock=clock)
+    return UtilizationMeter(CONFIG, PEAKS, window_s=10.0, clock=clock)
 
 
 def roofline_seconds(m, out):

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from splitserve.calibrate.run import Calibration, Grid, Point, cpu_hardware, fit, profile_engine
+from splitserve.calibrate.fit import fit
+from splitserve.calibrate.table import Calibration, Point, cpu_hardware
 from splitserve.sim.hardware import PresetError
 from splitserve.sim.models import model
 from splitserve.sim.perf import Efficiency, PerfModel
@@ -46,9 +47,9 @@ def test_calibration_round_trips_through_json(tmp_path):
 
 def test_profiling_runs_the_real_engine_over_the_grid(tmp_path):
     pytest.importorskip("transformers")
+    from splitserve.calibrate.profile import Grid, profile_engine
     from splitserve.model.loader import load_model
     from splitserve.runtime.worker.engine import Engine, EngineConfig
-    from splitserve.calibrate.run import model_spec_of
     from tests.tiny_models import make_tiny_checkpoint
 
     loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))
@@ -62,7 +63,29 @@ def test_profiling_runs_the_real_engine_over_the_grid(tmp_path):
     assert len(points[4].batch) == 4 and all(n == 1 for n, _, _ in points[4].batch)
     assert all(p.seconds > 0 for p in points)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks  # the engine is left idle
-    spec = model_spec_of(loaded)
-    assert spec.num_layers == loaded.config.num_layers and spec.dtype_bytes == 4
-    eff, median, _ = fit(spec, cpu_hardware(50e9, 10e9, 8e9, 1), points)
+    assert loaded.config.dtype_bytes == loaded.config.kv_dtype_bytes == 4  # the dtype it was loaded in
+    eff, median, _ = fit(loaded.config, cpu_hardware(50e9, 10e9, 8e9, 1), points)
     assert median < 1.0
+
+
+def test_a_calibration_is_read_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    points = synthetic_points(Efficiency())
+    eff, med, p90 = fit(SMOL, CPU, points)
+    Calibration(CPU, SMOL, eff, points, med, p90).save(tmp_path / "cal.json")
+    # A finder that refuses torch: the planner's reading of a calibration must not need it.
+    code = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is not importable here')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from splitserve.calibrate.table import Calibration\n"
+        f"print(Calibration.load({str(tmp_path / 'cal.json')!r}).perf().decode_step_time(8, 100))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) > 0

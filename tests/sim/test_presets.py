@@ -39,8 +39,12 @@ def test_hf_config_json_gives_the_same_shape(tmp_path):
     m = models.model(str(tmp_path))
     preset = models.model("llama-3.1-70b")
     assert (m.num_params, m.kv_bytes_per_token()) == (preset.num_params, preset.kv_bytes_per_token())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_local_experts": 8}))
     with pytest.raises(PresetError, match="mixture-of-experts"):
-        models.ModelSpec.from_hf_config({**cfg, "num_local_experts": 8})
+        models.model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 60}))
+    with pytest.raises(PresetError, match="multiple of num_kv_heads"):
+        models.model(str(tmp_path))
 
 
 @pytest.mark.parametrize("call", [lambda: models.model("gpt-17"), lambda: hardware.gpu("tpu-v9"), lambda: hardware.network("carrier-pigeon")])

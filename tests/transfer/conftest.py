@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from splitserve.model.config import ModelConfig
+from splitserve.core.model_spec import ModelSpec
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.transfer import KVLayout, KVReceiver, KVSender
 from splitserve.transfer.channel import Channel, parse_endpoint
@@ -19,10 +19,10 @@ from splitserve.transfer.handshake import client_handshake
 
 SECRET = b"test-secret"
 FINGERPRINT = "tiny-fp"
-TINY = ModelConfig(
+TINY = ModelSpec(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
     rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
-    tie_word_embeddings=True, attention_bias=False, bos_token_id=None, eos_token_ids=(), architecture="llama",
+    tie_word_embeddings=True, attention_bias=False, architecture="llama",
 )
 STALL = 0.5  # receivers in tests give up on silent peers fast; the default (2 s) has its own test
 

@@ -1,8 +1,8 @@
 """Phase utilisation of a worker, live: achieved FLOP/s and bytes/s over the machine's peaks (issue #7).
 
-Each engine step's FLOPs and memory traffic come from the planner's roofline accounting
-(`splitserve.sim.perf.PerfModel.scheduled`, the very numbers `splitserve plan` reports for simulated pools),
-divided by the step's measured seconds and by the calibrated peaks of the machine the worker runs on:
+Each engine step's FLOPs and memory traffic come from the model's own account (`core.model_spec.StepCounter`,
+the very numbers `splitserve plan` reports for simulated pools), divided by the step's measured seconds and
+by this machine's peaks (`peaks.py`):
 
     compute utilisation   = sum(step FLOPs) / sum(step seconds) / peak FLOP/s
     bandwidth utilisation = sum(step bytes) / sum(step seconds) / peak bytes/s
@@ -11,109 +11,26 @@ over the steps of the last `window_s` seconds (while stepping: a prefill worker 
 worker high bandwidth), and `busy` = the fraction of the window spent in steps (multiply to get utilisation
 over wall time, as the simulator reports it).
 
-Peaks: a calibration file from `splitserve plan calibrate` (its hardware's `flops` and `mem_bw`), or
-measured here once (a float32 matrix product and a large tensor copy, `sim.calibrate.measure_peaks`) and
-cached in-process and on disk ($XDG_CACHE_HOME/splitserve/peaks.json, per host and thread count), so that
-the workers of one machine do not all measure at once.
-
 Wiring (a worker): `meter = UtilizationMeter.for_engine(engine)`, `meter.attach(engine)` (or call
 `meter.observe(out, seconds)` after each step), `registry.register(UtilizationCollector(meter))`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
-from splitserve.sim.hardware import Hardware
-from splitserve.sim.models import ModelSpec
-from splitserve.sim.perf import Efficiency, PerfModel, StepCost
+from splitserve.core.model_spec import ModelSpec, StepCounter, StepWork
+from splitserve.core.scheduler import SchedulerOutput
+from splitserve.runtime.worker.peaks import MachinePeaks, machine_peaks
 
 COMPUTE_METRIC = "splitserve_compute_utilization_ratio"
 BANDWIDTH_METRIC = "splitserve_memory_bandwidth_utilization_ratio"
 BUSY_METRIC = "splitserve_engine_busy_ratio"
-
-
-@dataclass(frozen=True)
-class MachinePeaks:
-    flops: float  # FLOP/s
-    bandwidth: float  # bytes/s
-    source: str = ""
-
-
-def _cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "splitserve" / "peaks.json"
-
-
-def peaks_from_calibration(path: str | Path) -> MachinePeaks:
-    """The peaks of a `splitserve plan calibrate` file (its `hardware`), or of a {"flops", "bandwidth"} file."""
-    d = json.loads(Path(path).read_text(encoding="utf-8"))
-    hw = d.get("hardware", d)
-    flops, bw = hw.get("flops"), hw.get("mem_bw", hw.get("bandwidth"))
-    if not (isinstance(flops, (int, float)) and isinstance(bw, (int, float)) and flops > 0 and bw > 0):
-        raise ValueError(f"{path}: no positive hardware.flops and hardware.mem_bw")
-    return MachinePeaks(float(flops), float(bw), f"calibration {path}")
-
-
-@lru_cache(maxsize=None)
-def _measured(threads: int) -> MachinePeaks:
-    key = f"{socket.gethostname()}/{threads}"
-    f = _cache_file()
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))[key]
-        return MachinePeaks(float(d["flops"]), float(d["bandwidth"]), f"measured (cached in {f})")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from splitserve.calibrate.run import measure_peaks
-
-    flops, bw = measure_peaks(threads, seconds=0.3)
-    try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            doc = {}
-        doc[key] = {"flops": flops, "bandwidth": bw, "measured_at": time.time()}
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        tmp.replace(f)
-    except OSError:
-        pass
-    return MachinePeaks(flops, bw, "measured: float32 matmul, tensor copy")
-
-
-def machine_peaks(calibration: str | Path | None = None, threads: int | None = None) -> MachinePeaks:
-    """This machine's peaks: from `calibration` (or $SPLITSERVE_CALIBRATION), else measured once with torch
-    (CPU, `threads` torch threads, default the current setting) and cached."""
-    path = calibration or os.environ.get("SPLITSERVE_CALIBRATION")
-    if path:
-        return peaks_from_calibration(path)
-    if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
-    return _measured(int(threads))
-
-
-def model_spec(config, dtype_bytes: int = 4, name: str = "engine model") -> ModelSpec:
-    """The roofline's view of an engine `ModelConfig` (splitserve/model/config.py)."""
-    if isinstance(config, ModelSpec):
-        return config
-    return ModelSpec(
-        name=name, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim, vocab_size=config.vocab_size, tie_word_embeddings=config.tie_word_embeddings,
-        max_position_embeddings=config.max_position_embeddings, dtype_bytes=dtype_bytes, kv_dtype_bytes=dtype_bytes,
-    )
 
 
 @dataclass(frozen=True)
@@ -127,29 +44,26 @@ class Utilization:
 class UtilizationMeter:
     """Windowed achieved/peak ratios of one worker from its steps' roofline FLOPs and bytes."""
 
-    def __init__(self, config, peaks: MachinePeaks, dtype_bytes: int = 4, window_s: float = 30.0,
+    def __init__(self, model: ModelSpec, peaks: MachinePeaks, window_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, adaptive: bool = True) -> None:
         if not (peaks.flops > 0 and peaks.bandwidth > 0):
             raise ValueError("peaks must be positive")
         self.peaks, self.window_s, self.clock, self.adaptive = peaks, window_s, clock, adaptive
-        hw = Hardware("this machine", peaks.flops, peaks.bandwidth, 1e30, 1e30, 0.0, gpus_per_node=1, source=peaks.source)
-        self.perf = PerfModel(model_spec(config, dtype_bytes), hw, 1, Efficiency())
+        self.counter = StepCounter(model)
         self._steps: deque[tuple[float, float, float, float]] = deque()  # (end time, seconds, flops, bytes)
         self._lock = threading.Lock()
         self.total_flops = self.total_bytes = self.total_s = 0.0
 
     @classmethod
     def for_engine(cls, engine, calibration: str | Path | None = None, window_s: float = 30.0) -> UtilizationMeter:
-        """A meter for an `Engine` (its loaded model's config and dtype) and this machine's peaks."""
-        loaded = engine.loaded
-        nbytes = loaded.dtype.itemsize if hasattr(loaded.dtype, "itemsize") else 4
-        return cls(loaded.config, machine_peaks(calibration), nbytes, window_s)
+        """A meter for an `Engine` (its loaded model, in the dtype it was loaded in) and this machine's peaks."""
+        return cls(engine.loaded.config, machine_peaks(calibration), window_s)
 
-    def cost(self, out) -> StepCost:
-        """FLOPs and bytes of a core `SchedulerOutput` (the planner's roofline accounting)."""
-        return self.perf.scheduled(out)
+    def cost(self, out: SchedulerOutput) -> StepWork:
+        """FLOPs and bytes of one step (the planner's accounting)."""
+        return self.counter.scheduled(out)
 
-    def observe(self, out, seconds: float, now: float | None = None) -> StepCost:
+    def observe(self, out: SchedulerOutput, seconds: float, now: float | None = None) -> StepWork:
         """Record one step: the scheduler's output and its measured seconds."""
         c = self.cost(out)
         self.observe_work(c.flops, c.bytes, seconds, now)
