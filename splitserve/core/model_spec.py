@@ -192,7 +192,7 @@ class StepWork(NamedTuple):
     bytes: float
 
 
-class StepCounter:
+class WorkModel:
     """Counts the work of engine steps of `model` on `tp` GPUs."""
 
     def __init__(self, model: ModelSpec, tp: int = 1) -> None:

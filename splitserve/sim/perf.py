@@ -1,7 +1,7 @@
 """Roofline step-time model: how long one scheduled batch takes on one worker.
 
 A worker is one model replica on `tp` GPUs (tensor parallel). What a step computes and moves, per layer and
-per GPU, is the model's own account (`core.model_spec.StepCounter`); here each operation takes
+per GPU, is the model's own account (`core.model_spec.WorkModel`); here each operation takes
 max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (peak bandwidth x memory efficiency)), attention reads
 the paged cache at its own efficiency, and with tp > 1 two all-reduces per layer join the shards over the
 intra-node link (latency x log2(tp) + traffic / link each). A step is the layers plus the LM head, plus a
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.core.model_spec import Batch, ModelSpec, StepCounter, StepWork
+from splitserve.core.model_spec import Batch, ModelSpec, WorkModel, StepWork
 from splitserve.sim.hardware import Hardware
 
 GPU_RESERVE_BYTES = 1e9  # per GPU, beyond the weights: activations, CUDA context, workspace
@@ -52,7 +52,7 @@ class PerfModel:
     """Step times of one worker: `model` on `tp` GPUs of kind `hardware`."""
 
     def __init__(self, model: ModelSpec, hardware: Hardware, tp: int = 1, eff: Efficiency = Efficiency()) -> None:
-        self.counter = StepCounter(model, tp)
+        self.counter = WorkModel(model, tp)
         self.model, self.hardware, self.tp, self.eff = model, hardware, tp, eff
         self.layers = model.num_layers
         self.compute_rate = hardware.flops * eff.compute

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.core.model_spec import ModelSpec, StepCounter
+from splitserve.core.model_spec import ModelSpec, WorkModel
 from splitserve.core.scheduler import ScheduledSeq, SchedulerOutput
 
 BASE = {
@@ -90,7 +90,7 @@ def test_parameter_count_and_weight_bytes():
 
 def test_step_work_of_a_prefill_and_a_decode():
     c = ModelSpec.from_hf_config(BASE)
-    counter = StepCounter(c)
+    counter = WorkModel(c)
     prefill = counter.batch([(100, 0, True)])
     # Matrix products: 2 FLOPs per weight per token; attention: 4 x q_dim per query-key pair (100 x 101 / 2).
     assert prefill.linear_flops == 2 * 100 * c.linear_params_per_layer
@@ -106,14 +106,14 @@ def test_step_work_of_a_prefill_and_a_decode():
 
 def test_tensor_parallel_splits_the_work_and_adds_all_reduces():
     c = ModelSpec.from_hf_config(BASE)
-    one, two = StepCounter(c).batch([(64, 0, True)]), StepCounter(c, tp=2).batch([(64, 0, True)])
+    one, two = WorkModel(c).batch([(64, 0, True)]), WorkModel(c, tp=2).batch([(64, 0, True)])
     assert two.linear_flops == one.linear_flops / 2 and two.flops == pytest.approx(one.flops)
     assert one.allreduce_bytes == 0 and two.allreduce_bytes == 64 * 64 * 2 * 2 * (2 - 1) / 2
     with pytest.raises(ValueError, match="tensor parallel"):
-        StepCounter(c, tp=0)
+        WorkModel(c, tp=0)
 
 
 def test_a_scheduler_output_counts_as_its_batch():
-    counter = StepCounter(ModelSpec.from_hf_config(BASE))
+    counter = WorkModel(ModelSpec.from_hf_config(BASE))
     out = SchedulerOutput([ScheduledSeq(None, 30, 10, False), ScheduledSeq(None, 99, 1, True)])
     assert counter.scheduled(out) == counter.batch([(10, 30, False), (1, 99, True)])

@@ -1,6 +1,6 @@
 """Phase utilisation of a worker, live: achieved FLOP/s and bytes/s over the machine's peaks (issue #7).
 
-Each engine step's FLOPs and memory traffic come from the model's own account (`core.model_spec.StepCounter`,
+Each engine step's FLOPs and memory traffic come from the model's own account (`core.model_spec.WorkModel`,
 the very numbers `splitserve plan` reports for simulated pools), divided by the step's measured seconds and
 by this machine's peaks (`peaks.py`):
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from splitserve.core.model_spec import ModelSpec, StepCounter, StepWork
+from splitserve.core.model_spec import ModelSpec, WorkModel, StepWork
 from splitserve.core.scheduler import SchedulerOutput
 from splitserve.runtime.worker.peaks import MachinePeaks, machine_peaks
 
@@ -49,7 +49,7 @@ class UtilizationMeter:
         if not (peaks.flops > 0 and peaks.bandwidth > 0):
             raise ValueError("peaks must be positive")
         self.peaks, self.window_s, self.clock, self.adaptive = peaks, window_s, clock, adaptive
-        self.counter = StepCounter(model)
+        self.counter = WorkModel(model)
         self._steps: deque[tuple[float, float, float, float]] = deque()  # (end time, seconds, flops, bytes)
         self._lock = threading.Lock()
         self.total_flops = self.total_bytes = self.total_s = 0.0
