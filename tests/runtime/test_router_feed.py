@@ -1,4 +1,4 @@
-"""RouterFeed.run: every worker polled on its own loop, so a slow one holds back nobody, and a poll that
+"""RouterPoll.run: every worker polled on its own loop, so a slow one holds back nobody, and a poll that
 crashes on a bug is logged and started again."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
-from splitserve.runtime.frontend.router_feed import RouterFeed
+from splitserve.runtime.frontend.router_feed import RouterPoll
 
 
-class ScriptedFeed(RouterFeed):
+class ScriptedFeed(RouterPoll):
     def __init__(self) -> None:
         super().__init__(router=None, http=None)
         self.calls: dict[str, int] = {"fast": 0, "slow": 0, "buggy": 0}
