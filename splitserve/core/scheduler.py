@@ -18,7 +18,6 @@ worker runs requests with `hold_kv`: when they finish their blocks stay referenc
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -78,6 +77,8 @@ class SchedulerLoad:
     reserved: int  # decode side: blocks reserved, KV still arriving
     held: int  # prefill side: finished, blocks kept until the transfer is over
     queued_prefill_tokens: int  # tokens still to compute before the queued and partly-prefilled requests sample
+    running_tokens: int  # context of the running batch: its requests' tokens, summed
+    most_tokens_owed: int  # output tokens the running request furthest from its max_tokens still owes
     free_blocks: int
     total_blocks: int
     prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache, since the start
@@ -111,11 +112,19 @@ class Scheduler:
         self.num_preemptions = 0
 
     def load(self) -> SchedulerLoad:
-        pending = itertools.chain(self._waiting, (r for r in self._running if r.num_tokens - r.num_computed_tokens > 1))
+        # One pass over the batch: the simulator asks after every step of every worker.
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self._waiting)
+        context = owed = 0
+        for r in self._running:
+            n = r.num_tokens
+            context += n
+            if n - r.num_computed_tokens > 1:  # a prompt partly prefilled (chunked)
+                queued += n - r.num_computed_tokens
+            owed = max(owed, r.params.max_tokens - len(r.output_token_ids))
         return SchedulerLoad(
             waiting=len(self._waiting), running=len(self._running), ready=len(self._ready),
-            reserved=self._num_reserved, held=len(self._held),
-            queued_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for r in pending),
+            reserved=self._num_reserved, held=len(self._held), queued_prefill_tokens=queued,
+            running_tokens=context, most_tokens_owed=owed,
             free_blocks=self.pool.num_free_blocks, total_blocks=self.pool.num_blocks,
             prefix_queried_tokens=self.prefix_queried_tokens, prefix_hit_tokens=self.prefix_hit_tokens,
         )

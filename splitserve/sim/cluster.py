@@ -216,9 +216,9 @@ class ClusterSim:
     def _kick(self, w: Worker, now: float) -> None:
         if w.busy:
             return
-        events = w.sched.pool.drain_events()  # drained every step: memory stays flat
-        if events:
-            self.policy.kv_events(w, events, now)
+        # Between steps, as a runtime worker answers the router's poll; its events drained every step,
+        # so memory stays flat.
+        self.policy.report(w, w.sched.pool.drain_events(), now)
         out = w.sched.schedule(now)
         w.preemptions += len(out.preempted)
         if not out.seqs:

@@ -1,9 +1,9 @@
 """Where each simulated request runs: the core Router, the very object the runtime's frontend consults.
 
 The simulator feeds it through the same `RouterFeed` the runtime's poller uses, with the same reports: a
-simulated worker's generation, KV events from its BlockPool, its scheduler's load and its step counters,
-after each of its steps and whenever its pool has new events; link bytes and seconds from each transfer
-its prefill worker sends. Each arrival asks `Router.route` for a colocated worker, or for a decode worker
+simulated worker's generation, KV events from its BlockPool, its scheduler's load, its step counters and
+the link bytes and seconds of the transfers it sent, whenever it is between steps and about to schedule
+(a runtime worker answers the poll between steps too). Each arrival asks `Router.route` for a colocated worker, or for a decode worker
 and a prefill worker (none when the cost model, built from the roofline model with
 `CostModel.from_perf`, says to prefill on the decode worker: conditional disaggregation).
 """
@@ -55,14 +55,9 @@ class RouterPolicy:
 
     # What the simulator reports, as workers report to the runtime's router.
 
-    def kv_events(self, worker: Worker, events: list[KVEvent], now: float) -> None:
-        """The worker's BlockPool stored or removed these prefix blocks."""
-        self._report(worker, events, now)
-
     def observe_step(self, worker: Worker, out: SchedulerOutput, seconds: float, now: float) -> None:
-        """The worker finished a step of `seconds`."""
+        """The worker finished a step of `seconds`; its next report counts it."""
         self.counters[worker.id].count(out, seconds)
-        self._report(worker, worker.sched.pool.drain_events(), now)
 
     def observe_transfer(self, worker: Worker, nbytes: float, seconds: float) -> None:
         """`worker` sent `nbytes` of KV, `seconds` on the wire; its next report carries them."""
@@ -70,7 +65,8 @@ class RouterPolicy:
         link[0] += nbytes
         link[1] += seconds
 
-    def _report(self, w: Worker, events: list[KVEvent], now: float) -> None:
+    def report(self, w: Worker, events: list[KVEvent], now: float) -> None:
+        """The worker is between steps; `events` are its BlockPool's since its last report."""
         pool = w.sched.pool
         link_bytes, link_s = self.link[w.id]
         report = WorkerReport(GENERATION, pool.event_seq, events, None, w.sched.load(), self.counters[w.id],

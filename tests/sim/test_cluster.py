@@ -44,7 +44,7 @@ def run(spec, reqs, **kw):
 @pytest.mark.parametrize(
     "spec",
     [colocated(), colocated(chunk=256), split(), split(p=2, d=1, pipelined=False), split(net=hardware.network("eth-25")),
-     colocated(kv_blocks=300), split(kv_blocks=300)],
+     colocated(kv_blocks=250), split(kv_blocks=300)],
     ids=["colocated", "chunked", "1P1D", "2P1D-unpipelined", "1P1D-25GbE", "colocated-tight-kv", "1P1D-tight-kv"],
 )
 def test_every_request_finishes_with_its_tokens_and_every_block_comes_back(spec):
