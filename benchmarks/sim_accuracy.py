@@ -179,11 +179,10 @@ def busy_ahead(worker, now: float) -> float:
     """Seconds a simulated worker will go on computing from `now` with the work it holds: the rest of its
     step, then the tokens its running sequences still owe, at the modelled pace of their decode steps."""
     left = max(0.0, worker.step_start + worker.step_seconds - now) if worker.busy else 0.0
-    running = worker.sched.running
-    if not running:
+    load = worker.sched.load()
+    if not load.running:
         return left
-    owed = max(r.params.max_tokens - len(r.output_token_ids) for r in running)
-    return left + owed * worker.perf.decode_step_time(len(running), sum(r.num_tokens for r in running) / len(running))
+    return left + load.most_tokens_owed * worker.perf.decode_step_time(load.running, load.running_tokens / load.running)
 VARIANTS = ("neighbour", "run_speed", "a_priori")
 
 

@@ -1,10 +1,12 @@
-"""Router: picks each request's decode worker and prefill worker (or prefill on the decode worker).
+"""Router: picks each request's decode worker and prefill worker (or prefill on the decode worker); in a
+colocated pool (workers that prefill and decode their own requests), the one worker.
 
 Pure: the runtime and the simulator feed it registrations, load reports, KV events and measurements, and
 ask `route`. It never returns a worker that is not registered (or is draining), and says `NoWorker` when a
 pool it needs is empty.
 
-Policies, comparable on one load (`conditional` disaggregation works with any of them):
+Policies, comparable on one load (`conditional` disaggregation works with any of them); a colocated
+worker is picked as a decode worker is:
   round_robin   each pool in turn
   least_loaded  decode: fewest running requests, then most free blocks; prefill: fewest queued prompt tokens
   kv_aware      decode: overlap_weight x prompt blocks it lacks + blocks in use (fewest running breaks ties),
@@ -41,7 +43,8 @@ from splitserve.core.costs import CostModel, Decision
 from splitserve.core.prefix_index import Generation, PrefixIndex
 
 WorkerId = Hashable
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "colocated"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "colocated")
 Policy = Literal["round_robin", "least_loaded", "kv_aware"]
 POLICIES: tuple[Policy, ...] = ("round_robin", "least_loaded", "kv_aware")
 T = TypeVar("T")
@@ -56,7 +59,7 @@ class WorkerState:
     role: Role
     total_blocks: int
     free_blocks: int
-    running: int = 0  # requests decoding (or holding blocks) there
+    running: int = 0  # unfinished requests there (`router_feed.running`)
     queued_prefill_tokens: float = 0.0  # prompt tokens waiting to be computed there, as of `queue_as_of`
     queue_as_of: float = 0.0
     draining: bool = False  # finishes its requests, takes no new ones
@@ -98,8 +101,8 @@ class Router:
         measurements). Its cache is unknown until its first events or a `resync`: a router that restarted
         registers every worker and resyncs each from its snapshot. A late registration of an older
         generation than the router has seen is ignored."""
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if not self._follow(worker_id, generation):
             return
         self.workers[worker_id] = WorkerState(role, total_blocks, total_blocks)
@@ -165,12 +168,15 @@ class Router:
 
     def route(self, num_tokens: int, block_hashes: Sequence[int], now: float) -> RouteDecision:
         """Place a prompt of `num_tokens` tokens whose full blocks hash to `block_hashes`. With no prefill
-        worker, conditional disaggregation prefills on the decode worker; without it, that is `NoWorker`."""
-        decoders = self._pool("decode")
+        worker, conditional disaggregation prefills on the decode worker; without it, that is `NoWorker`.
+        A colocated pool, when it has workers, takes every request: the decision names its worker as the
+        decode worker, and no prefill worker."""
+        colocated = self._pool("colocated")
+        decoders = colocated or self._pool("decode")
         if not decoders:
-            raise NoWorker("no decode worker registered (or all are draining)")
-        prefillers = self._pool("prefill")
-        if not prefillers and not self.conditional:
+            raise NoWorker("no colocated or decode worker registered (or all are draining)")
+        prefillers = [] if colocated else self._pool("prefill")
+        if not prefillers and not self.conditional and not colocated:
             raise NoWorker("no prefill worker registered (or all are draining)")
         bs = self.block_size
         num_blocks = -(-num_tokens // bs)
@@ -182,7 +188,7 @@ class Router:
         d = self._pick_decode(decoders, cached, num_blocks)
         p = self._pick_prefill(prefillers, cached, queued, num_tokens) if prefillers else None
         decision = None
-        if self.conditional:
+        if self.conditional and not colocated:
             decision = self.costs.decide(
                 prompt_tokens=num_tokens, decode_worker=d, decode_cached_tokens=cached[d] * bs,
                 decode_queued_tokens=queued[d], decode_running=self.workers[d].running,

@@ -18,7 +18,6 @@ worker runs requests with `hold_kv`: when they finish their blocks stay referenc
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -67,48 +66,81 @@ class SchedulerOutput:
         return not self.seqs
 
 
+@dataclass(frozen=True)
+class SchedulerLoad:
+    """What a scheduler holds, as of one moment: the one view of its queues that anyone outside it reads
+    (the worker's state report and metrics, the async engine's admission check, the simulator, benchmarks)."""
+
+    waiting: int  # queued to compute: prompts, and requests preempted or resumed for recompute
+    running: int  # in the running batch
+    ready: int  # decode side: KV complete, waiting for a running slot
+    reserved: int  # decode side: blocks reserved, KV still arriving
+    held: int  # prefill side: finished, blocks kept until the transfer is over
+    queued_prefill_tokens: int  # tokens still to compute before the queued and partly-prefilled requests sample
+    running_tokens: int  # context of the running batch: its requests' tokens, summed
+    most_tokens_owed: int  # output tokens the running request furthest from its max_tokens still owes
+    free_blocks: int
+    total_blocks: int
+    prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache, since the start
+    prefix_hit_tokens: int  # of which found cached
+
+    @property
+    def has_work(self) -> bool:
+        """A step would compute something."""
+        return bool(self.waiting or self.running or self.ready)
+
+    @property
+    def idle(self) -> bool:
+        """No request, reservation or held block: nothing is lost if the worker goes away."""
+        return not (self.has_work or self.reserved or self.held)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
         self.config = config
         self.pool = pool
         self.kv = KVCacheManager(pool)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}  # every unfinished request, in whichever state
-        self.ready: deque[Request] = deque()  # decode side: KV complete, waiting for a running slot
-        self.held: dict[str, Request] = {}  # prefill side: finished, blocks kept for the transfer
+        # Private: read them through `load()`.
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._requests: dict[str, Request] = {}  # every unfinished request, in whichever state
+        self._ready: deque[Request] = deque()  # decode side: KV complete, waiting for a running slot
+        self._held: dict[str, Request] = {}  # prefill side: finished, blocks kept for the transfer
+        self._num_reserved = 0  # requests WAITING_FOR_KV
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self.num_preemptions = 0
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_reserved(self) -> int:
-        return sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
-
-    def queued_prefill_tokens(self) -> int:
-        """Tokens still to compute before the queued and partly-prefilled requests sample (routing load)."""
-        pending = itertools.chain(self.waiting, (r for r in self.running if r.num_tokens - r.num_computed_tokens > 1))
-        return sum(r.num_tokens - r.num_computed_tokens for r in pending)
+    def load(self) -> SchedulerLoad:
+        # One pass over the batch: the simulator asks after every step of every worker.
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self._waiting)
+        context = owed = 0
+        for r in self._running:
+            n = r.num_tokens
+            context += n
+            if n - r.num_computed_tokens > 1:  # a prompt partly prefilled (chunked)
+                queued += n - r.num_computed_tokens
+            owed = max(owed, r.params.max_tokens - len(r.output_token_ids))
+        return SchedulerLoad(
+            waiting=len(self._waiting), running=len(self._running), ready=len(self._ready),
+            reserved=self._num_reserved, held=len(self._held), queued_prefill_tokens=queued,
+            running_tokens=context, most_tokens_owed=owed,
+            free_blocks=self.pool.num_free_blocks, total_blocks=self.pool.num_blocks,
+            prefix_queried_tokens=self.prefix_queried_tokens, prefix_hit_tokens=self.prefix_hit_tokens,
+        )
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.ready)
+        """A step would compute something: the engine loop's cheap test, between steps."""
+        return bool(self._waiting or self._running or self._ready)
 
     def add_request(self, req: Request) -> None:
         """Queue a request to be computed here (a prompt, or a request whose KV must be recomputed)."""
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests already waiting")
+        if len(self._waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} requests already waiting")
         self._check_fits(req)
         req.status = RequestStatus.WAITING
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
+        self._requests[req.request_id] = req
+        self._waiting.append(req)
 
     def reserve(self, req: Request) -> int | None:
         """Decode side: take blocks for a prompt whose KV a prefill worker will send. Leading blocks this
@@ -121,15 +153,17 @@ class Scheduler:
             return None
         self._record_hit(req, len(hit))
         req.status = RequestStatus.WAITING_FOR_KV
-        self.requests[req.request_id] = req
+        self._num_reserved += 1
+        self._requests[req.request_id] = req
         return req.num_cached_tokens
 
     def kv_arrived(self, request_id: str, first_token: int, now: float) -> Request | None:
         """Decode side: the whole prompt's KV has landed and the prefill worker sampled `first_token`.
         Returns the request if that token already finishes it (its blocks are then freed)."""
-        req = self.requests[request_id]
+        req = self._requests[request_id]
         if req.status is not RequestStatus.WAITING_FOR_KV:
             raise ValueError(f"request {request_id} is {req.status.value}, not waiting for KV")
+        self._num_reserved -= 1
         req.num_computed_tokens = req.num_prompt_tokens
         req.first_scheduled_time = now
         self.kv.publish(req)
@@ -139,23 +173,25 @@ class Scheduler:
             self._finish(req, reason)
             return req
         req.status = RequestStatus.RUNNING
-        self.ready.append(req)
+        self._ready.append(req)
         return None
 
     def release_held(self, request_id: str) -> None:
         """Prefill side: the transfer is over (sent or failed); the blocks may go."""
-        req = self.held.pop(request_id, None)
+        req = self._held.pop(request_id, None)
         if req is not None:
             self.kv.free(req)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a request now, wherever it is; its blocks go back to the pool."""
-        req = self.requests.get(request_id)
+        req = self._requests.get(request_id)
         if req is None:
-            held = self.held.get(request_id)
+            held = self._held.get(request_id)
             self.release_held(request_id)
             return held
-        for queue in (self.running, self.waiting, self.ready):
+        if req.status is RequestStatus.WAITING_FOR_KV:
+            self._num_reserved -= 1
+        for queue in (self._running, self._waiting, self._ready):
             if req in queue:
                 queue.remove(req)
                 break
@@ -167,11 +203,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(self._running) and budget > 0:
+            req = self._running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, num_new):
-                victim = self.running.pop()
+                victim = self._running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -201,22 +237,22 @@ class Scheduler:
             req.append_token(sampled[req.request_id])
             reason = req.stop_reason(self.config.max_model_len)
             if reason is not None:
-                self.running.remove(req)
+                self._running.remove(req)
                 self._finish(req, reason)
                 finished.append(req)
         return finished
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
         # Requests whose KV arrived from a prefill worker come first: they only need one decode token.
-        while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.ready[0]
+        while self._ready and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            req = self._ready[0]
             if not self.kv.allocate(req, 1):
                 return budget
-            self.running.append(self.ready.popleft())
+            self._running.append(self._ready.popleft())
             out.seqs.append(self._scheduled(req, 1))
             budget -= 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            req = self._waiting[0]
             hit = self.kv.prefix_hit(req)
             num_new = req.num_tokens - req.num_computed_tokens - len(hit) * self.pool.block_size
             if self.config.enable_chunked_prefill:
@@ -225,12 +261,12 @@ class Scheduler:
                 break
             if not self.kv.allocate(req, num_new, hit):
                 break
-            self.waiting.popleft()
+            self._waiting.popleft()
             self._record_hit(req, len(hit))
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._running.append(req)
             out.seqs.append(self._scheduled(req, num_new))
             budget -= num_new
         return budget
@@ -257,12 +293,12 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(req)
+        self._waiting.appendleft(req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        del self.requests[req.request_id]
+        del self._requests[req.request_id]
         if req.hold_kv:
-            self.held[req.request_id] = req
+            self._held[req.request_id] = req
         else:
             self.kv.free(req)

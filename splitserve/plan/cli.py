@@ -77,9 +77,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="USD per GPU-hour, e.g. --price H100=2.5 (repeatable; defaults: " +
                    ", ".join(f"{k}={v:g}" for k, v in DEFAULT_PRICES.items()) + ")")
     g.add_argument("--prices-file", type=Path, help="prices as JSON {\"h100\": 2.5, ...} or name=price lines")
-    g.add_argument("--router", choices=("least_loaded", "kv_aware", "round_robin"),
-                   help="place disaggregated requests with the core Router and this policy (default: the "
-                   "simulator's least-loaded placement)")
+    g.add_argument("--router", choices=("least_loaded", "kv_aware", "round_robin"), default="kv_aware",
+                   help="the core Router's placement policy, as `splitserve serve --router-policy` (default %(default)s)")
     g.add_argument("--no-conditional", dest="conditional", action="store_false",
                    help="with --router: always prefill on the prefill pool (no local prefill on the decode worker)")
 

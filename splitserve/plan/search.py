@@ -34,6 +34,7 @@ import numpy as np
 from splitserve.workload.slo import SLO, attainment, summarize, tpot, ttft
 from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
+from splitserve.sim.placement import RouterPolicy
 from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Hardware, Network, hour_price
 from splitserve.core.model_spec import ModelSpec
@@ -115,9 +116,9 @@ class PlanSpec:
     warmup: float = 0.25
     cooldown: float = 0.9
     mean_output: float = 0.0  # filled in by `plan` from the workload
-    # Disaggregated placement: None = the simulator's least-loaded policy; else the core Router with this
-    # policy, and its conditional disaggregation (prefill on the decode worker when the cost model says so).
-    router: str | None = None
+    # Placement: the core Router with this policy, as `splitserve serve` places (its defaults), and its
+    # conditional disaggregation (prefill on the decode worker when the cost model says so).
+    router: str = "kv_aware"
     conditional: bool = True
     # Issue #7: hardware per pool. `prefill_hardware`/`decode_hardware` (None: `hardware`) fix the
     # disaggregated pools' GPUs; `search_hardware` instead tries every type for each pool (and for colocated).
@@ -354,11 +355,7 @@ def probe_metrics(plan: PlanSpec, res: SimResult, wl: Workload, rate: float) -> 
 
 def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False) -> Probe:
     wl = plan.workload.at(rate, probe_size(plan, rate))
-    policy = None
-    if plan.router is not None and unit.disaggregated:
-        from splitserve.sim.placement import RouterPolicy
-
-        policy = RouterPolicy(plan.router, plan.conditional)
+    policy = RouterPolicy(plan.router, plan.conditional)
     res = ClusterSim(unit, policy).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)
     recs = judged(plan, res.records)
     n = len(recs)
@@ -826,8 +823,7 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "requests_per_probe": spec.workload.num_requests,
         "block_size": spec.block_size,
         "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
-        "placement": "simulator least-loaded" if spec.router is None else
-                     f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
+        "placement": f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
     }
     inputs["prefill_gpu"] = (spec.prefill_hardware or spec.hardware).name
     inputs["decode_gpu"] = (spec.decode_hardware or spec.hardware).name

@@ -1,5 +1,6 @@
 """The wire between the frontend and the workers: every control message type (JSON over HTTP; the KV bytes
-travel elsewhere) and every HTTP call the frontend makes to a worker (`WorkerClient`)."""
+travel elsewhere; a worker's state report is the core `router_feed.WorkerReport`) and every HTTP call the
+frontend makes to a worker (`WorkerClient`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from typing import AsyncIterator
 import httpx
 import msgspec
 
-from splitserve.core.blocks import KVEvent
 from splitserve.core.request import SamplingParams
-from splitserve.runtime.worker.engine import StepCounters
 from splitserve.runtime.engine_client import TokenOutput
 
 
@@ -114,22 +113,6 @@ class WorkerInfo(msgspec.Struct):
     kv_layout: str  # dtype, block size and per-block shape: what KV peers must agree on
     kv_bytes_per_token: int
     num_layers: int
-
-
-class WorkerState(msgspec.Struct):
-    """What the router polls from a worker: load, KV events since a sequence number, measurements."""
-
-    generation: int
-    last_seq: int  # the worker's latest KV event
-    events: list[KVEvent] | None  # None: some were dropped, ask again with snapshot=1
-    snapshot: list[int] | None  # cached block hashes as of last_seq, when asked for
-    free_blocks: int
-    total_blocks: int
-    running: int  # requests holding blocks there: running, admitted after transfer, or reserved
-    queued_prefill_tokens: int
-    counters: StepCounters
-    link_bytes: float  # prefill role: bytes and wire seconds of measured layer sends
-    link_s: float
 
 
 encoder = msgspec.json.Encoder()

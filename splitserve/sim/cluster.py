@@ -36,7 +36,7 @@ from splitserve.core.split_request import (
 from splitserve.core.transfer_time import transfer_end
 from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig
 from splitserve.sim.perf import PerfModel
-from splitserve.sim.placement import LeastLoaded, PlacementPolicy
+from splitserve.sim.placement import RouterPolicy
 from splitserve.sim.result import Phases, PoolStats, SimResult
 from splitserve.sim.state import SAMPLED_TOKEN, SimRequest, Worker
 from splitserve.workload.requests import RequestSpec
@@ -49,13 +49,13 @@ _ONE_TOKEN = Tokens((SAMPLED_TOKEN,))  # a decode step's output: one token, not 
 
 class ClusterSim:
     def __init__(
-        self, spec: ClusterSpec, policy: PlacementPolicy | None = None,
+        self, spec: ClusterSpec, policy: RouterPolicy | None = None,
         step_time: Callable[[Worker, float, SchedulerOutput, float], float] | None = None,
     ) -> None:
         """`step_time(worker, now, step, modelled seconds)`, if given, says how long each step really takes:
         what a machine shared with other work does to a worker (measured, e.g., by benchmarks/sim_accuracy.py)."""
         self.spec = spec
-        self.policy = policy or LeastLoaded()
+        self.policy = policy or RouterPolicy("least_loaded", conditional=False)  # split requests always go remote
         self.step_time = step_time
 
     # ------------------------------------------------------------------ construction
@@ -169,9 +169,9 @@ class ClusterSim:
             self._reject(sr, 400, f"{spec.input_len + spec.output_len} tokens exceed the {self.max_model_len}-token context")
             return
         if not self.spec.disaggregated:
-            self._run_local(self.policy.choose_colocated(self.by_role["colocated"], sr), sr, now)
+            self._run_local(self.policy.place(sr, now)[0], sr, now)
             return
-        d, p = self.policy.place(sr, self.by_role["decode"], self.by_role["prefill"], now)
+        d, p = self.policy.place(sr, now)
         if p is None:
             self._run_local(d, sr, now)
             return
@@ -252,9 +252,9 @@ class ClusterSim:
     def _kick(self, w: Worker, now: float) -> None:
         if w.busy:
             return
-        events = w.sched.pool.drain_events()  # drained every step: memory stays flat
-        if events:
-            self.policy.kv_events(w, events)
+        # Between steps, as a runtime worker answers the router's poll; its events drained every step,
+        # so memory stays flat.
+        self.policy.report(w, w.sched.pool.drain_events(), now)
         out = w.sched.schedule(now)
         w.preemptions += len(out.preempted)
         if not out.seqs:
@@ -331,7 +331,7 @@ class ClusterSim:
                 first_layer_end=p.step_start + p.perf.layer_time(p.step_seconds), link_free=max(p.nic_free, d.nic_free),
             )
             p.nic_free = d.nic_free = end
-            self.policy.observe_transfer(nbytes, nbytes / bw)
+            self.policy.observe_transfer(p, nbytes, nbytes / bw)
         self.xfer_exposed.append(end - now)
         self._push(end, _XFER, sr)
 
@@ -428,15 +428,15 @@ class ClusterSim:
         )
 
 
-def simulate(spec: ClusterSpec, requests: Sequence[RequestSpec], policy: PlacementPolicy | None = None, **kw) -> SimResult:
+def simulate(spec: ClusterSpec, requests: Sequence[RequestSpec], policy: RouterPolicy | None = None, **kw) -> SimResult:
     return ClusterSim(spec, policy).run(requests, **kw)
 
 
 def check_conservation(sim: ClusterSim) -> None:
     """After a complete run: every block back in its pool (cached or free), nothing held, queued or reserved."""
     for w in sim.workers:
-        s = w.sched
-        if s.requests or s.held or s.waiting or s.running or s.ready or w.pending:
-            raise AssertionError(f"worker {w.id} ({w.role}) still has requests")
-        if s.pool.num_free_blocks != s.pool.num_blocks:
-            raise AssertionError(f"worker {w.id} ({w.role}): {s.pool.num_blocks - s.pool.num_free_blocks} blocks still referenced")
+        load = w.sched.load()
+        if not load.idle or w.pending:
+            raise AssertionError(f"worker {w.id} ({w.role}) still has requests: {load}")
+        if load.free_blocks != load.total_blocks:
+            raise AssertionError(f"worker {w.id} ({w.role}): {load.total_blocks - load.free_blocks} blocks still referenced")

@@ -1,141 +1,77 @@
-"""Where each simulated request runs: the placement policies the simulator consults.
+"""Where each simulated request runs: the core Router, the very object the runtime's frontend consults.
 
-`RouterPolicy` is the core Router as the simulator's placement policy: the very object the runtime's frontend consults.
-
-The simulator feeds it what workers feed it in the runtime: registrations, KV events from every worker's
-BlockPool, load reports after every step, and measurements (prefill per-token cost, decode step time, link
-speed); each arrival asks `Router.route` for a decode worker and a prefill worker, or none when the cost
-model (`core.costs`, built from the roofline model with `CostModel.from_perf`) says to prefill on the
-decode worker (conditional disaggregation).
+The simulator feeds it through the same `RouterFeed` the runtime's poller uses, with the same reports: a
+simulated worker's generation, KV events from its BlockPool, its scheduler's load, its step counters and
+the link bytes and seconds of the transfers it sent, whenever it is between steps and about to schedule
+(a runtime worker answers the poll between steps too). Each arrival asks `Router.route` for a colocated worker, or for a decode worker
+and a prefill worker (none when the cost model, built from the roofline model with
+`CostModel.from_perf`, says to prefill on the decode worker: conditional disaggregation).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from splitserve.core.blocks import KVEvent
 from splitserve.core.costs import CostModel
 from splitserve.core.router import Policy, Router
-
+from splitserve.core.router_feed import RouterFeed, StepCounters, WorkerReport
 from splitserve.core.scheduler import SchedulerOutput
 from splitserve.sim.cluster_spec import ClusterSpec
 from splitserve.sim.state import SimRequest, Worker
 
+GENERATION = 1  # a simulated worker never restarts
 
-class PlacementPolicy:
-    """Where each request runs. The simulator calls these; a policy may read the workers' state (scheduler,
-    free blocks, queued prefill tokens, outstanding requests, perf model) but must not change it.
 
-    `prefill_locally` is conditional disaggregation: return True to prefill this request on its decode
-    worker instead of the prefill pool (a short uncached suffix, a saturated prefill pool). The router's
-    cost model (issue #5) will decide it from `perf.PerfModel.prefill_time` and `perf.transfer_time`."""
+class RouterPolicy:
+    """The Router as the simulator's placement. Its defaults are `splitserve serve`'s."""
 
-    def choose_colocated(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def choose_decode(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def choose_prefill(self, workers: Sequence[Worker], req: SimRequest) -> Worker:
-        raise NotImplementedError
-
-    def prefill_locally(self, req: SimRequest, decode: Worker, prefill_workers: Sequence[Worker]) -> bool:
-        return False
-
-    def place(self, req: SimRequest, decode_workers: Sequence[Worker], prefill_workers: Sequence[Worker], now: float) -> tuple[Worker, Worker | None]:
-        """Disaggregated placement in one call: (decode worker, prefill worker or None to prefill locally).
-        The prefill worker is only used once the decode worker has reserved the blocks; a policy whose
-        decision covers both at once (the core Router) overrides this."""
-        d = self.choose_decode(decode_workers, req)
-        if self.prefill_locally(req, d, prefill_workers):
-            return d, None
-        return d, self.choose_prefill(prefill_workers, req)
-
-    # What the simulator reports, as workers report to the runtime's router (no-ops here).
+    def __init__(self, policy: Policy = "kv_aware", conditional: bool = True, **cost_kwargs: float) -> None:
+        self.policy, self.conditional, self.cost_kwargs = policy, conditional, cost_kwargs
+        self.local = self.remote = 0  # placements prefilled where they decode / on a prefill worker
 
     def attach(self, spec: ClusterSpec, workers: Sequence[Worker]) -> None:
         """The workers are built; called once per run before the first arrival."""
-
-    def kv_events(self, worker: Worker, events: list) -> None:
-        """The worker's BlockPool stored or removed these prefix blocks."""
-
-    def observe_step(self, worker: Worker, out: SchedulerOutput, seconds: float, now: float) -> None:
-        """The worker finished a step of `seconds`."""
-
-    def observe_transfer(self, nbytes: float, seconds: float) -> None:
-        """`nbytes` of KV spent `seconds` on the wire."""
-
-
-class LeastLoaded(PlacementPolicy):
-    """Fewest outstanding requests (colocated, decode; ties: most free blocks); fewest queued prompt tokens
-    (prefill). Never prefills locally."""
-
-    def choose_colocated(self, workers, req):
-        return min(workers, key=lambda w: (w.outstanding, w.queued_prefill_tokens, -w.free_blocks, w.id))
-
-    def choose_decode(self, workers, req):
-        return min(workers, key=lambda w: (w.outstanding + len(w.pending), -w.free_blocks, w.id))
-
-    def choose_prefill(self, workers, req):
-        return min(workers, key=lambda w: (w.queued_prefill_tokens, w.outstanding, w.id))
-
-
-class LocalBelow(LeastLoaded):
-    """Least loaded, but prompts with fewer than `tokens` uncached tokens are prefilled on the decode worker
-    (a stand-in for the router's cost-model decision)."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-
-    def prefill_locally(self, req, decode, prefill_workers):
-        return req.spec.input_len < self.tokens
-
-
-GENERATION = 1
-
-
-class RouterPolicy(PlacementPolicy):
-    def __init__(self, policy: Policy = "kv_aware", conditional: bool = True, **cost_kwargs: float) -> None:
-        self.policy, self.conditional, self.cost_kwargs = policy, conditional, cost_kwargs
-        self.router: Router | None = None
-        self.local = self.remote = 0  # placements made, for reports and tests
-
-    def attach(self, spec: ClusterSpec, workers: Sequence[Worker]) -> None:
-        if not spec.disaggregated:
-            raise ValueError("the router places requests on prefill and decode pools: use it with a disaggregated cluster")
-        d0 = next(w for w in workers if w.role == "decode")
-        costs = CostModel.from_perf(d0.perf, d0.link_bw, pipelined=spec.pipelined, link_latency_s=spec.network.latency_s,
-                                    **self.cost_kwargs)
+        w0 = workers[0]  # a colocated cluster has no link: its cost model only serves the placement's loads
+        latency = spec.network.latency_s if spec.network else 0.0
+        costs = CostModel.from_perf(w0.perf, w0.link_bw, pipelined=spec.pipelined, link_latency_s=latency, **self.cost_kwargs)
         self.router = Router(self.policy, spec.block_size, costs, conditional=self.conditional)
-        for w in workers:
-            self.router.register(w.id, w.role, GENERATION, w.sched.pool.num_blocks)
+        self.feed = RouterFeed(self.router)
         self.workers = {w.id: w for w in workers}
+        self.counters = {w.id: StepCounters() for w in workers}
+        self.link = {w.id: [0.0, 0.0] for w in workers}  # bytes and wire seconds each worker has sent
+        for w in workers:
+            self.feed.join(w.id, w.role, GENERATION, w.sched.pool.num_blocks)
 
-    def place(self, req: SimRequest, decode_workers: Sequence[Worker], prefill_workers: Sequence[Worker], now: float):
+    def place(self, req: SimRequest, now: float) -> tuple[Worker, Worker | None]:
+        """(colocated or decode worker, prefill worker or None to prefill there)."""
         decision = self.router.route(req.spec.input_len, req.hashes, now)
-        d = self.workers[decision.decode]
-        p = self.workers[decision.prefill] if decision.prefill is not None else None
-        if p is None:
+        if decision.prefill is None:
             self.local += 1
         else:
             self.remote += 1
-        return d, p
+        p = self.workers[decision.prefill] if decision.prefill is not None else None
+        return self.workers[decision.decode], p
 
-    def kv_events(self, worker: Worker, events: list) -> None:
-        if not self.router.on_events(worker.id, GENERATION, events):
-            pool = worker.sched.pool
+    # What the simulator reports, as workers report to the runtime's router.
+
+    def observe_step(self, worker: Worker, out: SchedulerOutput, seconds: float, now: float) -> None:
+        """The worker finished a step of `seconds`; its next report counts it."""
+        self.counters[worker.id].count(out, seconds)
+
+    def observe_transfer(self, worker: Worker, nbytes: float, seconds: float) -> None:
+        """`worker` sent `nbytes` of KV, `seconds` on the wire; its next report carries them."""
+        link = self.link[worker.id]
+        link[0] += nbytes
+        link[1] += seconds
+
+    def report(self, w: Worker, events: list[KVEvent], now: float) -> None:
+        """The worker is between steps; `events` are its BlockPool's since its last report."""
+        pool = w.sched.pool
+        link_bytes, link_s = self.link[w.id]
+        report = WorkerReport(GENERATION, pool.event_seq, events, None, w.sched.load(), self.counters[w.id],
+                              link_bytes, link_s)
+        if not self.feed.report(w.id, report, now):
             seq, hashes = pool.snapshot()
-            self.router.resync(worker.id, GENERATION, seq, hashes)
-
-    def observe_step(self, worker: Worker, out, seconds: float, now: float) -> None:
-        r = self.router
-        prefill_tokens = sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1)
-        total = sum(s.num_new_tokens for s in out.seqs)
-        if prefill_tokens:
-            r.observe_prefill(worker.id, prefill_tokens, seconds * prefill_tokens / total)
-        elif worker.role == "decode":
-            r.observe_decode_step(worker.id, seconds)
-        r.update_load(worker.id, free_blocks=worker.free_blocks, running=worker.outstanding,
-                      queued_prefill_tokens=worker.queued_prefill_tokens, now=now)
-
-    def observe_transfer(self, nbytes: float, seconds: float) -> None:
-        self.router.observe_transfer(nbytes, seconds)
+            self.feed.report(w.id, WorkerReport(GENERATION, seq, None, list(hashes), report.load, report.counters,
+                                                link_bytes, link_s), now)

@@ -62,10 +62,10 @@ def step(*new_tokens: int):
 
 def worker(role: str, running: tuple[tuple[int, int, int], ...] = ()):
     """A simulated worker's state as step_time reads it; `running`: (prompt, generated, max_tokens) each."""
-    reqs = [SimpleNamespace(params=SimpleNamespace(max_tokens=m), output_token_ids=[0] * g, num_tokens=p + g)
-            for p, g, m in running]
+    load = SimpleNamespace(running=len(running), running_tokens=sum(p + g for p, g, _ in running),
+                           most_tokens_owed=max((m - g for _, g, m in running), default=0))
     perf = SimpleNamespace(decode_step_time=lambda batch, ctx: 0.001 * batch + 1e-5 * ctx)
-    return SimpleNamespace(role=role, busy=False, step_start=0.0, step_seconds=0.0, sched=SimpleNamespace(running=reqs), perf=perf)
+    return SimpleNamespace(role=role, busy=False, step_start=0.0, step_seconds=0.0, sched=SimpleNamespace(load=lambda: load), perf=perf)
 
 
 def test_busy_ahead_counts_the_step_in_flight_and_the_tokens_still_owed():

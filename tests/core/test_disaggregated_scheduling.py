@@ -23,7 +23,7 @@ def serve_split(p, d, p_model, d_model, prompt, n, rid):
     assert cached is not None and d_req.status is RequestStatus.WAITING_FOR_KV
     p_req = Request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True), 0.0, hold_kv=True)
     run(p, [p_req], p_model)
-    assert p_req.request_id in p.held and p_req.block_ids, "prefill freed blocks still being sent"
+    assert p.load().held == 1 and p_req.block_ids, "prefill freed blocks still being sent"
     transfer(p_model, d_model, p_req, d_req, cached // bs, bs)
     p.release_held(rid)
     assert d.kv_arrived(rid, p_req.output_token_ids[0], now=1.0) is None
@@ -44,7 +44,7 @@ def test_split_output_equals_reference_and_prefix_is_not_sent_twice():
     assert cached == 12  # three full blocks of the shared prefix were already on the decode worker
     assert second.output_token_ids == reference(prompt + [1, 2], 5)
     for s in (p, d):
-        assert s.pool.num_free_blocks == s.pool.num_blocks and not s.held and not s.requests
+        assert s.pool.num_free_blocks == s.pool.num_blocks and s.load().idle
 
 
 def test_reservation_refused_when_blocks_are_short_and_abort_releases_everything():

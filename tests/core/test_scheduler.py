@@ -51,7 +51,7 @@ def run(sched: Scheduler, reqs: list[Request], model: FakeModel | None = None, m
     while sched.has_work():
         out = sched.schedule(now=float(steps))
         assert out.num_tokens <= sched.config.max_num_batched_tokens
-        assert len(sched.running) <= sched.config.max_num_seqs
+        assert sched.load().running <= sched.config.max_num_seqs
         sched.update(out, model.step(out))
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
@@ -178,3 +178,33 @@ def test_any_workload_is_exact_and_balances_blocks(prompts, max_tokens, num_bloc
         assert outs[r.request_id] == reference(r.prompt_token_ids, r.params.max_tokens)
     assert pool.num_free_blocks == pool.num_blocks
     assert all(c == 0 for c in pool.ref_counts)
+
+
+def test_load_counts_each_queue_and_idle_means_nothing_left():
+    """The one read of the scheduler's state: every request is counted in exactly one place, from
+    reservation through the KV's arrival, decoding and the prefill side's held blocks, to idle."""
+    d = Scheduler(SchedulerConfig(max_model_len=32), BlockPool(16, 4))
+    r = Request("r", list(range(9)), SamplingParams(max_tokens=3, ignore_eos=True), 0.0)
+    assert d.load().idle
+    d.reserve(r)
+    load = d.load()
+    assert (load.reserved, load.waiting, load.running, load.ready) == (1, 0, 0, 0) and not load.has_work and not load.idle
+    assert load.free_blocks == 16 - 3 and load.total_blocks == 16
+    d.kv_arrived("r", 5, now=0.0)
+    load = d.load()
+    assert (load.reserved, load.ready) == (0, 1) and load.has_work
+    d.update(out := d.schedule(1.0), {"r": 6})
+    assert d.load().running == 1 and out.num_tokens == 1
+    d.reserve(Request("x", [1, 2, 3], SamplingParams(max_tokens=2), 0.0))
+    d.abort("x")
+    d.abort("r")
+    assert d.load().idle and d.load().free_blocks == 16
+
+    p = Scheduler(SchedulerConfig(max_model_len=32), BlockPool(16, 4))
+    p.add_request(Request("h", list(range(10)), SamplingParams(max_tokens=1), 0.0, hold_kv=True))
+    assert p.load().queued_prefill_tokens == 10 and p.load().waiting == 1
+    p.update(out := p.schedule(0.0), {"h": 1})
+    load = p.load()
+    assert (load.held, load.waiting, load.running, load.queued_prefill_tokens) == (1, 0, 0, 0) and not load.idle
+    p.release_held("h")
+    assert p.load().idle

@@ -1,4 +1,4 @@
-"""RouterFeed.run: every worker polled on its own loop, so a slow one holds back nobody, and a poll that
+"""RouterPoll.run: every worker polled on its own loop, so a slow one holds back nobody, and a poll that
 crashes on a bug is logged and started again."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
-from splitserve.runtime.frontend.router_feed import RouterFeed
+from splitserve.runtime.frontend.router_feed import RouterPoll
 
 
-class ScriptedFeed(RouterFeed):
+class ScriptedFeed(RouterPoll):
     def __init__(self) -> None:
         super().__init__(router=None, http=None)
         self.calls: dict[str, int] = {"fast": 0, "slow": 0, "buggy": 0}
@@ -38,3 +38,66 @@ def test_each_worker_polls_on_its_own_and_a_crashed_poll_restarts(caplog):
     assert feed.calls["fast"] >= 5
     assert feed.calls["buggy"] >= 3
     assert "polling buggy failed" in caplog.text
+
+
+def test_the_poller_and_a_direct_feed_leave_the_router_in_the_same_state():
+    """The runtime's poller hands each `/internal/state` (JSON, through a bounded event log that drops old
+    events) to the core feed; the simulator hands the same reports to it directly. Same reports, same Router."""
+    from dataclasses import replace
+
+    import httpx
+
+    from splitserve.core.blocks import BlockPool
+    from splitserve.core.costs import CostModel
+    from splitserve.core.request import Request, SamplingParams
+    from splitserve.core.router import Router
+    from splitserve.core.router_feed import RouterFeed, StepCounters, WorkerReport
+    from splitserve.core.scheduler import Scheduler, SchedulerConfig
+    from splitserve.runtime.wire import encoder
+    from splitserve.runtime.worker.kv_event_log import KVEventLog
+
+    def new_router() -> Router:
+        costs = CostModel(kv_bytes_per_token=100, num_layers=4, link_bytes_per_s=1e9, prefill_s_per_token=1e-4, decode_step_s=0.01)
+        return Router("kv_aware", 4, costs)
+
+    sched = Scheduler(SchedulerConfig(max_model_len=64, max_num_seqs=4), BlockPool(48, 4))
+    log = KVEventLog(sched.pool, capacity=8)  # small: a slow poll finds a gap and fetches a snapshot
+    counters = StepCounters()
+
+    def state(after: int, snapshot: bool) -> WorkerReport:
+        log.collect()
+        return WorkerReport(7, log.last_seq, None if snapshot else log.since(after),
+                            sorted(sched.pool.cached_hashes()) if snapshot else None, sched.load(), replace(counters), 0.0, 0.0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        q = request.url.params
+        return httpx.Response(200, content=encoder.encode(state(int(q["after"]), q["snapshot"] == "1")))
+
+    direct, polled = RouterFeed(new_router()), RouterPoll(new_router(), httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    worker = SimpleNamespace(url="http://w", info=SimpleNamespace(role="decode", generation=7, num_blocks=48))
+
+    def feed_directly(now: float) -> None:
+        after = direct.after("http://w")
+        if not direct.report("http://w", state(after, False), now):
+            direct.report("http://w", state(after, True), now)
+
+    async def main() -> None:
+        direct.join("http://w", "decode", 7, 48)
+        feed_directly(0.0)
+        await polled.join(worker)
+        for i in range(12):
+            sched.add_request(Request(str(i), [i % 3] * 12 + [i, i], SamplingParams(max_tokens=3, ignore_eos=True), 0.0))
+            out = sched.schedule(float(i))
+            counters.count(out, 0.01 * (1 + out.num_tokens))
+            sched.update(out, {s.request.request_id: 5 for s in out.seqs if s.sample})
+            if i % 4 == 3:  # now and then both read the worker, after several steps' events
+                feed_directly(float(i))
+                await polled.refresh(worker)
+                polled.feed.router.workers["http://w"].queue_as_of = float(i)  # the poller reads the wall clock
+
+    asyncio.run(main())
+    a, b = direct.router, polled.feed.router
+    assert a.index.cached("http://w") == b.index.cached("http://w") == sched.pool.cached_hashes() != frozenset()
+    assert a.index.position("http://w") == b.index.position("http://w")
+    assert a.workers == b.workers
+    assert a.costs.prefill_fit("http://w") == b.costs.prefill_fit("http://w") != (0.0, a.costs.prefill_s_per_token)

@@ -32,7 +32,7 @@ from splitserve.core.split_request import (
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
-from splitserve.runtime.frontend.router_feed import RouterFeed
+from splitserve.runtime.frontend.router_feed import RouterPoll
 from splitserve.runtime.wire import (
     DecodeRequest, GenerateRequest, Params, PrefillRequest, PrefillResult, StreamEvent, Ticket, WorkerClient, WorkerError,
 )
@@ -70,7 +70,7 @@ class PoolClient:
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
         self.admission = AdmissionQueue(config.max_waiting)
         self.router: Router | None = None  # made when the first worker tells the KV geometry
-        self.feed: RouterFeed | None = None
+        self.feed: RouterPoll | None = None
         self._rr = itertools.count()
         self._stats: dict[str, EngineStats] = {}
         self.health_errors: list[str] = []  # workers refused at registration, and why
@@ -95,7 +95,7 @@ class PoolClient:
         self.max_model_len = min(lens)
         return w
 
-    def _router_for(self, w: WorkerClient) -> RouterFeed:
+    def _router_for(self, w: WorkerClient) -> RouterPoll:
         if self.feed is None:
             c = self.config
             costs = CostModel(
@@ -104,7 +104,7 @@ class PoolClient:
                 decode_step_s=c.decode_step_s,
             )
             self.router = Router(c.policy, w.info.block_size, costs, c.overlap_weight, c.conditional)
-            self.feed = RouterFeed(self.router, self.http)
+            self.feed = RouterPoll(self.router, self.http)
         return self.feed
 
     async def drain_worker(self, url: str, timeout_s: float = 600.0) -> bool:

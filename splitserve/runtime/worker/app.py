@@ -26,9 +26,8 @@ from splitserve.runtime.engine_client import EngineStatsCollector
 from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole
 from splitserve.runtime.worker.kv_event_log import KVEventLog
 from splitserve.runtime.worker.utilization import UtilizationCollector, UtilizationMeter
-from splitserve.runtime.wire import (
-    DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, WorkerState, encoder,
-)
+from splitserve.core.router_feed import WorkerReport
+from splitserve.runtime.wire import DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, encoder
 from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
 
@@ -55,7 +54,6 @@ class Worker:
         self.generation = time.time_ns()
         self.kv_log = KVEventLog(engine.pool)
         self.metrics = WorkerMetrics(role)
-        self.metrics.registry.register(EngineStatsCollector(engine.stats))
         self.utilization = UtilizationMeter.for_engine(engine)
         self.utilization.attach(engine)
         self.metrics.registry.register(UtilizationCollector(self.utilization))
@@ -76,6 +74,7 @@ class Worker:
             self.prefill_role = PrefillRole(self.async_engine, self.sender, self.metrics, pipelined)
         else:
             self.async_engine = AsyncEngine(engine)
+        self.metrics.registry.register(EngineStatsCollector(self.async_engine.stats))
 
     def _hooks_for(self, out):  # type: ignore[no-untyped-def]
         return self.prefill_role.hooks_for(out)  # type: ignore[union-attr]
@@ -113,30 +112,24 @@ class Worker:
             num_layers=e.loaded.config.num_layers,
         )
 
-    async def state(self, after: int, snapshot: bool) -> WorkerState:
+    async def state(self, after: int, snapshot: bool) -> WorkerReport:
         def read(e: Engine) -> tuple:
             # On the engine thread, between steps: the log, the snapshot and the load agree.
             self.kv_log.collect()
-            s = e.scheduler
-            holding = s.num_running + len(s.ready) + s.num_reserved
-            return (
-                self.kv_log.last_seq, sorted(e.pool.cached_hashes()) if snapshot else None, e.pool.num_free_blocks,
-                holding, s.queued_prefill_tokens(), dataclasses.replace(e.counters),
-            )
+            hashes = sorted(e.pool.cached_hashes()) if snapshot else None
+            return self.kv_log.last_seq, hashes, e.load(), dataclasses.replace(e.counters)
 
-        last_seq, hashes, free, running, queued, counters = await self.async_engine.call(read)
+        last_seq, hashes, load, counters = await self.async_engine.call(read)
         link = self.prefill_role
-        return WorkerState(
+        return WorkerReport(
             generation=self.generation, last_seq=last_seq,
-            events=None if snapshot else self.kv_log.since(after), snapshot=hashes,
-            free_blocks=free, total_blocks=self.engine.pool.num_blocks, running=running, queued_prefill_tokens=queued,
-            counters=counters, link_bytes=link.link_bytes if link else 0.0, link_s=link.link_s if link else 0.0,
+            events=None if snapshot else self.kv_log.since(after), snapshot=hashes, load=load, counters=counters,
+            link_bytes=link.link_bytes if link else 0.0, link_s=link.link_s if link else 0.0,
         )
 
     def idle(self) -> bool:
         """No request, reservation or block in transit: the worker may exit without losing anything."""
-        s = self.engine.scheduler
-        return not (s.has_work() or s.requests or s.held)
+        return self.async_engine.load().idle
 
     def health(self) -> tuple[bool, dict]:
         errors = list(self.receiver.last_handshake_errors) if self.receiver else []
@@ -169,7 +162,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if worker.decode_role is not None:
-            worker.metrics.reservations_waiting.set(engine.engine.scheduler.num_reserved)
+            worker.metrics.reservations_waiting.set(engine.load().reserved)
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/internal/abort")

@@ -1,7 +1,8 @@
 """Drives an Engine in real time on its own thread and serves it to asyncio code as an EngineClient.
 
 Every scheduler mutation (add, abort, reserve, step) happens on the engine thread, between steps: an
-abort can never free blocks that a running forward pass is still writing.
+abort can never free blocks that a running forward pass is still writing. Other threads read the
+scheduler's load as the engine thread last published it (after each turn of its loop), never its queues.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from typing import AsyncIterator, Callable, TypeVar
 
 from splitserve.core.request import SamplingParams
-from splitserve.core.scheduler import QueueFull
-from splitserve.runtime.worker.engine import Engine, HooksFactory
+from splitserve.core.scheduler import QueueFull, SchedulerLoad
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.runtime.worker.engine import Engine, HooksFactory, engine_stats
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ class AsyncEngine:
         self.tokenizer = engine.loaded.tokenizer
         self.max_model_len = engine.max_model_len
         self.hooks_for = hooks_for
+        self.kv_cache: PagedKVCache = engine.kv_cache  # the roles' transfers read and write its blocks
+        self.num_layers = engine.loaded.config.num_layers
+        # The load as of the engine thread's last turn, with the adds it had applied by then: replaced
+        # whole, so any thread reads one consistent pair.
+        self._published: tuple[SchedulerLoad, int] = (engine.load(), 0)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | Exception]]] = {}
         # Adds sent to the engine thread vs applied there: each counter has one writer, so no lock is needed.
@@ -60,8 +67,12 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
+    def load(self) -> SchedulerLoad:
+        """The scheduler's load as of the engine thread's last turn (callable from any thread)."""
+        return self._published[0]
+
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return engine_stats(self.load())
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the engine thread between steps (callable from any thread)."""
@@ -92,7 +103,8 @@ class AsyncEngine:
             raise EngineUnavailable("engine is not running")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
-        waiting = self.engine.scheduler.num_waiting + self._adds_sent - self._adds_applied
+        load, applied = self._published
+        waiting = load.waiting + self._adds_sent - applied
         if waiting >= self.engine.config.max_waiting:
             raise EngineOverloaded(retry_after=self._retry_after(waiting))
         admit = admit or (lambda e: e.add_request(request_id, prompt_token_ids, params, time.monotonic()))
@@ -124,6 +136,10 @@ class AsyncEngine:
         """End a request from any thread with a given reason (e.g. its KV transfer failed)."""
         self.submit(lambda: self._abort(request_id, reason, error))
 
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the transfer is over; the request's held blocks may go (from any thread)."""
+        self.submit(lambda: self.engine.release_held(request_id))
+
     def emit(self, out: TokenOutput | Exception, request_id: str | None = None) -> None:
         """Deliver an output (or an error that ends the stream) to the request's stream, from any thread."""
         stream = self._streams.get(request_id or out.request_id)
@@ -148,6 +164,13 @@ class AsyncEngine:
         else:
             if out is not None:
                 self.emit(out)
+
+    def kv_arrived(self, request_id: str, first_token: int) -> None:
+        """Decode side, on the engine thread: the request's KV is complete; admit it to decode (or end it,
+        if its first token already does)."""
+        out = self.engine.kv_arrived(request_id, first_token, time.monotonic())
+        if out is not None:
+            self.emit(out)
 
     def _abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
         if self.before_abort is not None:
@@ -175,6 +198,7 @@ class AsyncEngine:
                 pass
             for out in self.engine.step(time.monotonic(), self.hooks_for):
                 self.emit(out)
+            self._published = (self.engine.load(), self._adds_applied)
 
 
 def _settle(fut: asyncio.Future, result: object, exc: BaseException | None) -> None:

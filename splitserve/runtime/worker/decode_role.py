@@ -72,9 +72,7 @@ class DecodeRole:
             if reserved is not None:
                 self._kv_wait[ticket_id] = time.monotonic() - reserved
                 self.metrics.kv_wait.observe(self._kv_wait[ticket_id])
-            out = self.engine.engine.kv_arrived(ticket_id, first_token, time.monotonic())
-            if out is not None:
-                self.engine.emit(out)
+            self.engine.kv_arrived(ticket_id, first_token)
 
         self.engine.submit(arrived)
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 from splitserve.core.blocks import BlockPool
 from splitserve.core.request import Request, SamplingParams
-from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from splitserve.core.router_feed import StepCounters
+from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerLoad, SchedulerOutput
 from splitserve.model.batch import SeqInput, build_forward_batch
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LayerHooks
@@ -27,18 +28,6 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 HooksFactory = Callable[[SchedulerOutput], LayerHooks | None]
-
-
-@dataclass
-class StepCounters:
-    """Cumulative work and busy time, by phase: the router turns their deltas into per-token prefill cost
-    and decode step time. A step with any prompt tokens counts as prefill."""
-
-    prefill_steps: int = 0
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_steps: int = 0
-    decode_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +65,7 @@ class Engine:
             self.pool,
         )
         self.sampler = Sampler()
-        self.counters = StepCounters()
+        self.counters = StepCounters()  # the router turns their growth into measurements
         # Called with each computed step and its seconds (the utilisation meter, the step log).
         self.step_observers: list[Callable[[SchedulerOutput, float], None]] = []
         log.info(
@@ -143,7 +132,7 @@ class Engine:
             log.exception("model step failed")
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
         elapsed = time.perf_counter() - started
-        self._count(out, elapsed)
+        self.counters.count(out, elapsed)
         for observe in self.step_observers:
             try:
                 observe(out, elapsed)
@@ -152,17 +141,6 @@ class Engine:
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]
-
-    def _count(self, out: SchedulerOutput, seconds: float) -> None:
-        prompt_tokens = sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1 or s.start_pos < s.request.num_prompt_tokens)
-        c = self.counters
-        if prompt_tokens:
-            c.prefill_steps += 1
-            c.prefill_tokens += prompt_tokens
-            c.prefill_s += seconds
-        else:
-            c.decode_steps += 1
-            c.decode_s += seconds
 
     def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> list[int]:
         seqs = [
@@ -188,9 +166,16 @@ class Engine:
             queue_time=(req.first_scheduled_time - req.arrival_time) if first and req.first_scheduled_time is not None else None,
         )
 
+    def load(self) -> SchedulerLoad:
+        """The scheduler's load now: call it on the thread that steps the engine."""
+        return self.scheduler.load()
+
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        return EngineStats(
-            s.num_running, s.num_waiting, self.pool.num_free_blocks, self.pool.num_blocks,
-            s.prefix_queried_tokens, s.prefix_hit_tokens, s.queued_prefill_tokens(),
-        )
+        return engine_stats(self.load())
+
+
+def engine_stats(load: SchedulerLoad) -> EngineStats:
+    return EngineStats(
+        load.running, load.waiting, load.free_blocks, load.total_blocks,
+        load.prefix_queried_tokens, load.prefix_hit_tokens, load.queued_prefill_tokens,
+    )

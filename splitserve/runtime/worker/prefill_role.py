@@ -81,7 +81,7 @@ class PrefillRole:
                 sends.append((og, s.request.block_ids[og.first_block : og.first_block + og.num_blocks]))
         if not sends:
             return None
-        return SendHooks(sends, self.engine.engine.kv_cache, self.engine.engine.loaded.config.num_layers, self.pipelined)
+        return SendHooks(sends, self.engine.kv_cache, self.engine.num_layers, self.pipelined)
 
     def before_abort(self, request_id: str) -> None:
         og = self._outgoing.pop(request_id, None)
@@ -138,8 +138,7 @@ class PrefillRole:
                 log.warning("transfer for %s failed: %s", rid, og.send.error)
         finally:
             self._outgoing.pop(rid, None)
-            self.engine.submit(lambda: self.engine.engine.release_held(rid))
-
+            self.engine.release_held(rid)
 
     def _measure_link(self, og: Outgoing) -> None:
         # The last layer leaves once it is computed and the one before it is out; it has landed at the ack.
