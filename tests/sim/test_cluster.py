@@ -123,9 +123,9 @@ def test_a_split_cluster_can_prefill_on_the_decode_worker():
     reqs = load(n=60, isl=512)
     router = RouterPolicy("least_loaded", conditional=True, remote_overhead_s=0.03)
     sim, res = run(split(), reqs, policy=router)
-    local = [sr for sr in sim.reqs.values() if sr.prefill is None]
+    local = [sr for sr in sim.reqs.values() if sr.split is None]  # prefilled where it decodes
     assert 0 < len(local) == router.local < len(reqs)
-    remote_tokens = sum(sr.spec.input_len for sr in sim.reqs.values() if sr.prefill is not None)
+    remote_tokens = sum(sr.spec.input_len for sr in sim.reqs.values() if sr.split is not None)
     assert res.transfer_bytes == pytest.approx(remote_tokens * M8.kv_bytes_per_token())
     assert all(r.ok for r in res.records)
     check_conservation(sim)
