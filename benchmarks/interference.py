@@ -49,7 +49,7 @@ from splitserve.workload import slo as metrics
 from splitserve.workload.slo import SLO
 from splitserve.bench.results import summary_dict
 from splitserve.bench.runner import BenchConfig, BenchResult, SweepConfig, TraceLoad, run_bench
-from splitserve.runtime.launch import free_port
+from splitserve.runtime.process import free_port
 from splitserve.workload.requests import Scaling, at_rate, from_trace, read_trace
 
 RESULTS = Path("results")

@@ -19,8 +19,9 @@ from splitserve.cluster.admin import attach_actor_pools
 from splitserve.cluster.cli import LOCAL
 from splitserve.cluster.resources import parse_resources
 from splitserve.cluster.worker_actor import WorkerActor
-from splitserve.runtime.launch import _serve_pools, setup_logging, worker_argv
+from splitserve.runtime.config import worker_argv
 from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.launch import serve_pools, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
             attach_actor_pools(app, pools, {"prefill": args.prefill or 1, "decode": args.decode or 1}, on_startup_failed)
 
         try:
-            code = _serve_pools(args, [], [], on_app=install)
+            code = serve_pools(args, [], on_app=install)
         except SystemExit:
             # After a failed start the server stops on the SIGTERM it raised, which comes back here.
             if not failure:
