@@ -61,7 +61,7 @@ import numpy as np
 from benchmarks.netns import Service
 from benchmarks.poller import Poller
 from splitserve.bench.prompts import PromptBuilder
-from splitserve.bench.runner import BenchConfig, BenchResult, TraceLoad, run_bench
+from splitserve.bench import BenchConfig, BenchResult, TraceLoad, run_bench
 from splitserve.bench.vocab import Vocab, find_vocab
 from splitserve.core.blocks import NO_PARENT, BlockPool, KVEvent, hash_blocks
 from splitserve.core.costs import CostModel

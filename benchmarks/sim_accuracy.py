@@ -67,7 +67,7 @@ import numpy as np
 
 from benchmarks.netns import Service
 from splitserve.workload.slo import SLO, Summary, summarize, tpot, ttft
-from splitserve.bench.runner import BenchConfig, TraceLoad, run_bench
+from splitserve.bench import BenchConfig, TraceLoad, run_bench
 from splitserve.runtime.process import free_port
 from splitserve.runtime.worker.step_log import read_step_log
 from splitserve.calibrate.run import Calibration, calibrate
