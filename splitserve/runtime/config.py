@@ -1,4 +1,4 @@
-"""The flags of `serve` and `worker`, and what they configure: the engine, the KV transfer, the pools.
+"""The flags of `serve` and `worker`, and the engine's configuration they make.
 
 Also the way back, config → flags: `serve` starts each worker as `splitserve worker` with the engine the
 user asked for (`worker_argv`). Torch-free, like everything a parser needs: `splitserve --help`, `bench`
@@ -10,10 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the pool client pulls in the frontend; only `pool_config` needs it, at run time
-    from splitserve.runtime.frontend.pool_client import PoolConfig
 
 GiB = 1 << 30
 ENGINE_GROUP = "engine"
@@ -113,21 +109,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
-    )
-
-
-def pool_config(args: argparse.Namespace) -> PoolConfig:
-    """The frontend's routing and transfer-failure settings, from `serve`'s flags."""
-    from splitserve.runtime.frontend.pool_client import PoolConfig
-
-    return PoolConfig(
-        policy=args.router_policy,
-        conditional=not args.no_conditional,
-        overlap_weight=args.overlap_weight,
-        link_gbps=args.link_gbps,
-        on_transfer_failure=args.on_transfer_failure,
-        deadline_base_s=args.transfer_deadline,
-        deadline_per_token_s=args.transfer_deadline_per_token,
     )
 
 

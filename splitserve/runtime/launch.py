@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from splitserve.runtime.config import engine_config, pool_config, worker_argv, worker_command
-from splitserve.runtime.frontend.pool_client import PoolEngine
+from splitserve.runtime.config import engine_config, worker_argv, worker_command
+from splitserve.runtime.frontend.pool_client import PoolConfig, PoolEngine
 from splitserve.runtime.process import dies_with_parent, free_port, stop_processes, terminate_on_signals, wait_healthy
 from splitserve.runtime.wire import WorkerError
 from splitserve.runtime.worker.async_engine import AsyncEngine
@@ -132,13 +132,26 @@ def serve_pools(
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    engine = PoolEngine(tokenizer, args.served_model_name or name, pool_config(args))
+    engine = PoolEngine(tokenizer, args.served_model_name or name, _pool_config(args))
     app = create_app(engine, served_model_name=args.served_model_name)
     attach_pool(app, engine, worker_urls)
     if on_app is not None:
         on_app(app, engine)
     run_server(app, args.host, args.port, args.log_level)
     return 0
+
+
+def _pool_config(args: argparse.Namespace) -> PoolConfig:
+    """The frontend's routing and transfer-failure settings, from `serve`'s flags (runtime/config.py)."""
+    return PoolConfig(
+        policy=args.router_policy,
+        conditional=not args.no_conditional,
+        overlap_weight=args.overlap_weight,
+        link_gbps=args.link_gbps,
+        on_transfer_failure=args.on_transfer_failure,
+        deadline_base_s=args.transfer_deadline,
+        deadline_per_token_s=args.transfer_deadline_per_token,
+    )
 
 
 class WorkerUrl(BaseModel):
