@@ -48,8 +48,8 @@ from benchmarks.netns import Service
 from splitserve.workload import slo as metrics
 from splitserve.workload.slo import SLO
 from splitserve.bench.results import summary_dict
-from splitserve.bench.runner import BenchConfig, BenchResult, SweepConfig, TraceLoad, run_bench
-from splitserve.runtime.launch import free_port
+from splitserve.bench import BenchConfig, BenchResult, SweepConfig, TraceLoad, run_bench
+from splitserve.runtime.process import free_port
 from splitserve.workload.requests import Scaling, at_rate, from_trace, read_trace
 
 RESULTS = Path("results")

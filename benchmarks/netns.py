@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-from splitserve.runtime.launch import _die_with_parent, stop_processes, wait_healthy
+from splitserve.runtime.process import dies_with_parent, stop_processes, wait_healthy
 
 PREFIX = "ssbench"
 A_ADDR, B_ADDR = "10.200.0.1", "10.200.0.2"
@@ -201,7 +201,7 @@ class Service:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=dies_with_parent())
 
     def wait_healthy(self, url: str, timeout_s: float = 300.0) -> None:
         with entered(self.ns):

@@ -61,13 +61,13 @@ import numpy as np
 from benchmarks.netns import Service
 from benchmarks.poller import Poller
 from splitserve.bench.prompts import PromptBuilder
-from splitserve.bench.runner import BenchConfig, BenchResult, TraceLoad, run_bench
+from splitserve.bench import BenchConfig, BenchResult, TraceLoad, run_bench
 from splitserve.bench.vocab import Vocab, find_vocab
 from splitserve.core.blocks import NO_PARENT, BlockPool, KVEvent, hash_blocks
 from splitserve.core.costs import CostModel
 from splitserve.core.router import POLICIES, Router
 from splitserve.model.loader import BUNDLED_NAME
-from splitserve.runtime.launch import free_port
+from splitserve.runtime.process import free_port
 from splitserve.runtime.frontend.pool_client import PoolConfig
 from splitserve.workload.requests import Scaling, Trace, TraceRow, Workload, at_rate, read_trace
 

@@ -67,8 +67,8 @@ import numpy as np
 
 from benchmarks.netns import Service
 from splitserve.workload.slo import SLO, Summary, summarize, tpot, ttft
-from splitserve.bench.runner import BenchConfig, TraceLoad, run_bench
-from splitserve.runtime.launch import free_port
+from splitserve.bench import BenchConfig, TraceLoad, run_bench
+from splitserve.runtime.process import free_port
 from splitserve.runtime.worker.step_log import read_step_log
 from splitserve.calibrate.profile import calibrate
 from splitserve.calibrate.table import Calibration

@@ -41,8 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.netns import Service
 from benchmarks.poller import Poller
-from splitserve.bench.runner import BenchConfig, run_bench
-from splitserve.runtime.launch import free_port
+from splitserve.bench import BenchConfig, run_bench
+from splitserve.runtime.process import free_port
 from splitserve.runtime.worker.utilization import BANDWIDTH_METRIC, BUSY_METRIC, COMPUTE_METRIC
 from splitserve.workload.requests import LengthDist, SyntheticSpec
 

@@ -1,71 +1,17 @@
 """`splitserve` command line: serve, bench, plan."""
 
+# Only the parser is built at start, from torch-free modules; a command imports what it runs when it
+# runs, so `splitserve --help`, `bench` and `plan` never load torch (tests/test_torch_free_start.py).
+
 from __future__ import annotations
 
 import argparse
 import sys
 
+from splitserve.bench.cli import add_parser as add_bench
 from splitserve.cluster.cli import add_ray_args, add_scale_parser, serve_ray
-from splitserve.runtime.worker.engine import GiB, EngineConfig
-
-
-ENGINE_GROUP = "engine"
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(ENGINE_GROUP)
-    g.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--served-model-name", default=None, help="name clients use in `model` (default: from the checkpoint)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the KV cache")
-    g.add_argument("--num-blocks", type=int, default=None, help="KV blocks (overrides --kv-cache-gib)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: model's, at most 8192)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running requests")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
-    g.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-waiting", type=int, default=256, help="queue cap; beyond it requests get 429")
-    g.add_argument("--step-log-dir", default=None, metavar="DIR",
-                   help="append every engine step (start, seconds, batch) to DIR/steps-ROLE-PID.jsonl")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        kv_cache_bytes=int(args.kv_cache_gib * GiB),
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.chunked_prefill,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_waiting=args.max_waiting,
-    )
-
-
-def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
-    """The engine options of `args` as command-line words, to start a worker with the same engine."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_engine_args(probe)
-    argv: list[str] = []
-    for action in probe._actions:
-        value = getattr(args, action.dest, None)
-        if action.dest in skip or value is None or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
-    return argv
-
-
-def _add_transfer_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("KV transfer")
-    g.add_argument("--transfer", choices=["tcp", "shm"], default="tcp", help="KV transport (shm: same host only)")
-    g.add_argument("--no-layer-pipelining", dest="layer_pipelining", action="store_false",
-                   help="send KV after the last layer instead of layer by layer (the baseline)")
-    g.add_argument("--secret-file", default=None, help="per-deployment secret authenticating KV connections (default: generated)")
+from splitserve.plan.cli import add_parser as add_plan
+from splitserve.runtime.config import add_serve_args, add_worker_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,53 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP service (router + worker pools)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
-    pools = serve.add_argument_group("deployment (default: 1 prefill + 1 decode with >= 2 cores, else --in-process)")
-    pools.add_argument("--prefill", type=int, default=0, help="prefill worker processes")
-    pools.add_argument("--decode", type=int, default=0, help="decode worker processes")
-    pools.add_argument("--colocated", type=int, default=0, help="colocated worker processes (the baseline)")
-    pools.add_argument("--in-process", action="store_true", help="one colocated engine inside the frontend process")
-    pools.add_argument("--attach", nargs="+", metavar="URL", default=None,
-                       help="serve over workers already running (`splitserve worker`) at these URLs; start none")
-    pools.add_argument("--pin", action="store_true", help="pin each worker to its own core")
-    routing = serve.add_argument_group("routing")
-    routing.add_argument("--router-policy", choices=["round_robin", "least_loaded", "kv_aware"], default="kv_aware")
-    routing.add_argument("--no-conditional", action="store_true",
-                         help="always prefill on a prefill worker (default: the cost model may choose the decode worker)")
-    routing.add_argument("--overlap-weight", type=float, default=1.0, help="kv_aware: weight of uncached prompt blocks")
-    routing.add_argument("--link-gbps", type=float, default=10.0, help="KV link speed prior, until transfers measure it")
-    pools.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute",
-                       help="a failed KV transfer: prefill again on the decode worker, or fail the request")
-    pools.add_argument("--transfer-deadline", type=float, default=10.0,
-                       help="seconds a decode worker holds a reservation for KV to arrive (plus --transfer-deadline-per-token)")
-    pools.add_argument("--transfer-deadline-per-token", type=float, default=0.01)
-    pools.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for workers' health")
-    _add_transfer_args(serve)
-    add_engine_args(serve)
+    add_serve_args(serve)
     add_ray_args(serve)
     serve.set_defaults(handler=_serve)
 
     worker = sub.add_parser("worker", help="one worker process (normally started by `serve`)")
-    worker.add_argument("--role", choices=["prefill", "decode", "colocated"], required=True)
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, default=8100)
-    worker.add_argument("--log-level", default="info")
-    worker.add_argument("--cpu", type=int, default=None, help="pin to this core")
-    worker.add_argument("--router", default=None, metavar="URL",
-                        help="join the deployment whose frontend/router is at URL (and drain through it on SIGTERM)")
-    worker.add_argument("--advertise", default=None, metavar="URL",
-                        help="the URL the router reaches this worker at (default: http://HOST:PORT)")
-    _add_transfer_args(worker)
-    add_engine_args(worker)
+    add_worker_args(worker)
     worker.set_defaults(handler=_worker)
 
-    from splitserve.bench.cli import add_parser as add_bench
-
     add_bench(sub)
-    from splitserve.plan.cli import add_parser as add_plan
-
     add_plan(sub)
     add_scale_parser(sub)
     return parser

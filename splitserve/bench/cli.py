@@ -13,11 +13,12 @@ from typing import Sequence
 
 from rich.console import Console
 
-from splitserve.workload.slo import SLO
+from splitserve.bench.config import BenchConfig, BenchConfigError, SweepConfig, TraceLoad
 from splitserve.bench.report import compare, print_result
 from splitserve.bench.results import ResultFileError
-from splitserve.bench.runner import USER_ERRORS, BenchConfig, BenchConfigError, SweepConfig, TraceLoad, run_bench
+from splitserve.bench.runner import USER_ERRORS, run_bench
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec
+from splitserve.workload.slo import SLO
 
 PROG = "splitserve bench"
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - must follow the backend choice
 import numpy as np  # noqa: E402
 
 from splitserve.workload import slo as metrics  # noqa: E402
-from splitserve.bench.runner import BenchResult, Run  # noqa: E402
+from splitserve.bench.results import BenchResult, Run  # noqa: E402
 
 CDF_METRICS = (("TTFT", metrics.ttft), ("TPOT", metrics.tpot), ("E2E latency", metrics.e2e))
 
@@ -76,7 +76,7 @@ def plot_sweep(result: BenchResult, path: Path) -> None:
         att.scatter([r] * len(ys), ys, color="tab:blue", alpha=0.4, s=14)
     medians = [_median(run.summary.attainment for run in groups[r]) for r in rates]
     att.plot(rates, medians, "-o", color="tab:blue", label="median")
-    att.axhline(result.sweep.target, color="grey", linestyle="--", linewidth=1, label="target")
+    att.axhline(result.config.attainment, color="grey", linestyle="--", linewidth=1, label="target")
     if result.sweep.goodput is not None:
         att.axvline(result.sweep.goodput, color="tab:green", linewidth=1, label=f"goodput {result.sweep.goodput:.3g}")
     att.set_xlabel("request rate (req/s)")

@@ -1,4 +1,4 @@
-"""What a person reads: the summary table, the sweep table, two runs side by side; and the output folder.
+"""What a person reads: the summary table, the sweep table, two runs side by side.
 
 Everything here works on the result document (results.result_dict, or a file read back), so a table
 printed at the end of a run and one printed later from its JSON are the same table.
@@ -12,25 +12,10 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from splitserve.bench.results import read_json, result_dict, write_json
-from splitserve.bench.runner import BenchResult
+from splitserve.bench.results import BenchResult, read_json, result_dict
 
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency"))
 QUANTILES = ("mean", "p50", "p90", "p99")
-
-
-def write_outputs(result: BenchResult, out_dir: Path) -> list[Path]:
-    """result.json and the plots; returns the files written."""
-    from splitserve.bench.plots import plot_cdfs, plot_sweep  # matplotlib is slow to import: only when asked
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "result.json", out_dir / "latency_cdf.png"]
-    write_json(result, written[0])
-    plot_cdfs(result, written[1])
-    if result.sweep is not None:
-        written.append(out_dir / "sweep.png")
-        plot_sweep(result, written[2])
-    return written
 
 
 def print_result(result: BenchResult, console: Console) -> None:

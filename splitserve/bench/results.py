@@ -1,16 +1,63 @@
-"""The result file: config, per-request records and summaries as one JSON document, and reading it back."""
+"""A bench result: its runs (one, or a sweep's trials) and goodput; as one JSON document, and read back."""
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from splitserve.bench.runner import BenchResult, Run
+from splitserve.bench.config import BenchConfig
+from splitserve.bench.vocab import Vocab
+from splitserve.workload.goodput import Goodput
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.requests import Workload
+from splitserve.workload.slo import Summary
 
 FORMAT = "splitserve-bench/1"
+
+
+@dataclass
+class Run:
+    rate: float | None  # the rate a sweep asked for; None for a plain run
+    trial: int
+    workload: Workload
+    records: list[RequestRecord]
+    summary: Summary
+
+
+@dataclass(frozen=True)
+class RateTrials:
+    """A rate a sweep probed: its trials' SLO attainments, judged by their median (which one unlucky trial
+    cannot move)."""
+
+    rate: float
+    attainments: tuple[float, ...]
+    median: float
+    passed: bool
+
+    @classmethod
+    def judged(cls, rate: float, attainments: tuple[float, ...], target: float) -> RateTrials:
+        median = statistics.median(attainments)
+        return cls(rate, attainments, median, median >= target)
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    model: str
+    vocab: Vocab
+    salt: int
+    runs: list[Run]
+    sweep: Goodput[RateTrials] | None = None
+
+    @property
+    def summary(self) -> Summary:
+        """The run's summary (for a sweep: the last trial's)."""
+        return self.runs[-1].summary
 
 
 class ResultFileError(Exception):
@@ -31,7 +78,7 @@ def result_dict(result: BenchResult) -> dict[str, Any]:
         "target": {"url": result.config.url, "model": result.model, "tokenizer": result.vocab.source},
         "prompt_salt": result.salt,
         "summary": summary_dict(result.runs[-1]) if single else None,
-        "sweep": None if single else dataclasses.asdict(result.sweep),
+        "sweep": None if single else {**dataclasses.asdict(result.sweep), "target": result.config.attainment},
         "runs": [
             {
                 "rate": run.rate,

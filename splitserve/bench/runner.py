@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from rich.console import Console
 
 from splitserve.bench.client import EndpointError, Target, resolve_model, run_load
-from splitserve.workload.slo import SLO, Summary, summarize
+from splitserve.bench.config import BenchConfig, BenchConfigError, TraceLoad, check_config
+from splitserve.bench.output import write_outputs
 from splitserve.bench.progress import RunProgress
 from splitserve.bench.prompts import PromptBuilder
-from splitserve.workload.record import RequestRecord
-from splitserve.workload.goodput import SweepError, SweepResult, check_sweep, find_goodput
-from splitserve.bench.vocab import Vocab, VocabError, find_vocab
+from splitserve.bench.results import BenchResult, RateTrials, Run
+from splitserve.bench.vocab import VocabError, find_vocab
+from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import (
-    Scaling,
     SyntheticSpec,
     Trace,
-    TraceFormat,
     Workload,
     WorkloadError,
     at_rate,
@@ -31,81 +29,16 @@ from splitserve.workload.requests import (
     read_trace,
     synthetic,
 )
-
-
-class BenchConfigError(ValueError):
-    """Options that cannot work together; the message says which."""
-
+from splitserve.workload.slo import summarize
 
 # Exceptions that mean bad input, not a bug: report the message, not a traceback.
-USER_ERRORS = (BenchConfigError, SweepError, WorkloadError, EndpointError, VocabError)
-
-
-@dataclass(frozen=True)
-class TraceLoad:
-    path: str
-    format: TraceFormat = "auto"
-    scaling: Scaling = Scaling()
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    rate_lo: float
-    rate_hi: float
-    trials: int = 3
-    resolution: float | None = None  # req/s; None: 1/16 of the range (four bisection steps)
-
-    @property
-    def step(self) -> float:
-        return self.resolution if self.resolution is not None else (self.rate_hi - self.rate_lo) / 16
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    load: TraceLoad | SyntheticSpec
-    url: str = "http://127.0.0.1:8000"
-    model: str | None = None  # None: the first model the server lists
-    tokenizer: str | None = None  # None: the model name as a local path or Hugging Face cache entry
-    concurrency: int | None = None  # None: open loop on the workload's arrival times
-    slo: SLO = SLO()
-    attainment: float = 0.9  # the fraction of requests that must meet the SLO at the goodput (sweeps)
-    sweep: SweepConfig | None = None
-    timeout_s: float = 300.0  # per request
-    deadline_s: float | None = None  # per run (each sweep trial is a run)
-    ignore_eos: bool = True
-    salt: int | None = None  # prompt-token salt; None: fresh per invocation, so reruns miss the prefix cache
-    progress: bool = False
-    out_dir: Path | None = None
-
-
-@dataclass
-class Run:
-    rate: float | None  # the rate a sweep asked for; None for a plain run
-    trial: int
-    workload: Workload
-    records: list[RequestRecord]
-    summary: Summary
-
-
-@dataclass
-class BenchResult:
-    config: BenchConfig
-    model: str
-    vocab: Vocab
-    salt: int
-    runs: list[Run]
-    sweep: SweepResult | None = None
-
-    @property
-    def summary(self) -> Summary:
-        """The run's summary (for a sweep: the last trial's)."""
-        return self.runs[-1].summary
+USER_ERRORS = (BenchConfigError, WorkloadError, EndpointError, VocabError)
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResult:
     """Measure the target; writes `config.out_dir` when set. Bad input raises an exception whose message is
     fit for the user: one of `USER_ERRORS`."""
-    _validate(config)
+    check_config(config)
     if config.out_dir is not None:
         config.out_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after a long run
     trace = read_trace(config.load.path, config.load.format) if isinstance(config.load, TraceLoad) else None
@@ -146,18 +79,14 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
             measure(None, 0)
         else:
             s = config.sweep
-            sweep = find_goodput(
-                lambda rate, trial: measure(rate, trial).summary.attainment,
-                s.rate_lo,
-                s.rate_hi,
-                target=config.attainment,
-                trials=s.trials,
-                resolution=s.step,
-            )
+
+            def trials(rate: float) -> RateTrials:
+                attainments = tuple(measure(rate, trial).summary.attainment for trial in range(s.trials))
+                return RateTrials.judged(rate, attainments, config.attainment)
+
+            sweep = search_goodput(trials, lambda t: t.passed, Bracket(s.rate_lo, s.rate_hi, s.step))
     result = BenchResult(config, model, vocab, salt, runs, sweep)
     if config.out_dir is not None:
-        from splitserve.bench.report import write_outputs  # imported here: report imports this module
-
         write_outputs(result, config.out_dir)
     return result
 
@@ -170,20 +99,3 @@ def _workload(load: TraceLoad | SyntheticSpec, trace: Trace | None, rate: float 
         return from_trace(trace, load.scaling)
     return at_rate(trace, replace(load.scaling, seed=load.scaling.seed + trial), rate)
 
-
-def _validate(c: BenchConfig) -> None:
-    if c.concurrency is not None and c.concurrency < 1:
-        raise BenchConfigError(f"concurrency must be >= 1, got {c.concurrency}")
-    if not c.timeout_s > 0 or (c.deadline_s is not None and not c.deadline_s > 0):
-        raise BenchConfigError("timeout and deadline must be positive")
-    for name, v in (("TTFT", c.slo.ttft_s), ("TPOT", c.slo.tpot_s)):
-        if v is not None and not v > 0:
-            raise BenchConfigError(f"the {name} SLO must be a positive number of seconds, got {v}")
-    if c.sweep is None:
-        return
-    if not c.slo.set:
-        raise BenchConfigError("a goodput sweep needs an SLO: give --slo-ttft and/or --slo-tpot")
-    if c.concurrency is not None:
-        raise BenchConfigError("a rate sweep needs open-loop load: drop --concurrency")
-    s = c.sweep
-    check_sweep(s.rate_lo, s.rate_hi, c.attainment, s.trials, s.step)

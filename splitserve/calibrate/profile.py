@@ -28,7 +28,8 @@ from splitserve.calibrate.fit import fit
 from splitserve.calibrate.table import Batch, Calibration, Point, cpu_hardware
 from splitserve.core.request import SamplingParams
 from splitserve.model.loader import load_model
-from splitserve.runtime.worker.engine import Engine, EngineConfig
+from splitserve.runtime.config import EngineConfig
+from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.worker.peaks import measure_peaks, step_clock
 
 

@@ -29,7 +29,8 @@ def serve_ray(args: argparse.Namespace) -> int:
         raise SystemExit("--ray needs Ray: pip install 'splitserve[ray]' (or: pip install -r requirements-ray.txt)") from None
     from splitserve.cluster.ray_launcher import serve_on_ray
 
-    return serve_on_ray(args)
+    local = {"address": "local", "include_dashboard": False}  # a new Ray instance on this machine
+    return serve_on_ray(args, local if args.ray == LOCAL else {"address": args.ray})
 
 
 def add_scale_parser(sub: argparse._SubParsersAction) -> None:

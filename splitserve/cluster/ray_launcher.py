@@ -16,11 +16,11 @@ from ray.actor import ActorHandle
 
 from splitserve.cluster.actor_pool import ROLES, ActorPools
 from splitserve.cluster.admin import attach_actor_pools
-from splitserve.cluster.cli import LOCAL
 from splitserve.cluster.resources import parse_resources
 from splitserve.cluster.worker_actor import WorkerActor
-from splitserve.runtime.launch import _serve_pools, setup_logging, worker_argv
+from splitserve.runtime.config import worker_argv
 from splitserve.runtime.frontend.pool_client import PoolClient
+from splitserve.runtime.launch import serve_pools, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 DRAIN_GRACE_S = 630.0
 
 
-def serve_on_ray(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; 2 if the pools could not start."""
+def serve_on_ray(args: argparse.Namespace, ray_init: dict) -> int:
+    """Serve until SIGINT/SIGTERM on the Ray cluster `ray.init(**ray_init)` joins; 2 if the pools could not start."""
     setup_logging(args.log_level)
     _check_flags(args)
     try:
@@ -37,10 +37,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"--prefill-resources / --decode-resources: {exc}") from None
     secret = Path(args.secret_file).read_bytes().strip() if args.secret_file else secrets.token_hex(32).encode()
-    if args.ray == LOCAL:
-        ray.init(address="local", include_dashboard=False)
-    else:
-        ray.init(address=args.ray)
+    ray.init(**ray_init)
     try:
         router_url = _router_url(args)
         actor_class = ray.remote(WorkerActor)
@@ -61,7 +58,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
             attach_actor_pools(app, pools, {"prefill": args.prefill or 1, "decode": args.decode or 1}, on_startup_failed)
 
         try:
-            code = _serve_pools(args, [], [], on_app=install)
+            code = serve_pools(args, [], on_app=install)
         except SystemExit:
             # After a failed start the server stops on the SIGTERM it raised, which comes back here.
             if not failure:

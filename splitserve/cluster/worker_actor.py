@@ -8,35 +8,34 @@ through it before exiting. Ray only places, supervises and reports on it.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
-import socket
 import subprocess
-import sys
 
 import ray
 
-PR_SET_PDEATHSIG = 1
+from splitserve.runtime.config import worker_command
+from splitserve.runtime.process import dies_with_parent, free_port
 
 
 class WorkerActor:
     def __init__(self, role: str, router_url: str, secret: bytes, worker_argv: list[str]) -> None:
         ip = ray.util.get_node_ip_address()
-        port = _free_port(ip)
+        port = free_port(ip)
         self._url = f"http://{ip}:{port}"
         # The secret reaches the child through a pipe, so it never lies in a file on a node.
         read_end, write_end = os.pipe()
         os.write(write_end, secret)
         os.close(write_end)
-        cmd = [
-            sys.executable, "-m", "splitserve", "worker", "--role", role, "--host", ip, "--port", str(port),
-            "--advertise", self._url, "--router", router_url, "--secret-file", f"/dev/fd/{read_end}", *worker_argv,
-        ]
+        cmd = worker_command(
+            role, ip, port, f"/dev/fd/{read_end}", ["--advertise", self._url, "--router", router_url, *worker_argv]
+        )
         # Its own session: a Ctrl-C at the driver's terminal must not reach it past the driver, which
-        # stops workers in order (a local Ray instance shares that terminal).
+        # stops workers in order (a local Ray instance shares that terminal). SIGKILL when the actor dies,
+        # not the launcher's SIGTERM: when Ray has lost the actor, the router has already dropped the
+        # worker, so a drain would wait on a router that no longer knows it; it must just go.
         self._proc = subprocess.Popen(
-            cmd, pass_fds=(read_end,), preexec_fn=_killed_with_parent, start_new_session=True
+            cmd, pass_fds=(read_end,), preexec_fn=dies_with_parent(signal.SIGKILL), start_new_session=True
         )
         os.close(read_end)
 
@@ -61,15 +60,3 @@ class WorkerActor:
         self._proc.kill()
         return await self.run()
 
-
-def _free_port(host: str) -> int:
-    # Not launch.free_port: importing the launcher loads torch, seconds and 300 MB per actor for nothing.
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _killed_with_parent() -> None:
-    # SIGKILL, not the launcher's SIGTERM: when Ray has lost the actor, the router has already dropped the
-    # worker, so a drain would wait on a router that no longer knows it; it must just go.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splitserve.plan.search import ModeResult, PlanError, PlanResult
-from splitserve.plan.sweep import SweepPoint, SweepResult
+from splitserve.plan.sweep import AxisPoint, AxisSweep
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -41,7 +41,7 @@ def plan_json(result: PlanResult) -> dict:
     return {"kind": "plan", **_clean(result)}
 
 
-def sweep_json(result: SweepResult) -> dict:
+def sweep_json(result: AxisSweep) -> dict:
     d = _clean(result)
     for p in d["points"]:
         p["verdict"] = p["result"]["verdict"] if p["result"] else "none"
@@ -59,7 +59,7 @@ def _plan_from(d: dict) -> PlanResult:
                       d["reasons"], d.get("candidates", []), d.get("wall_s", 0.0), modes["heterogeneous"], d.get("costs", []))
 
 
-def load(path: str | Path) -> PlanResult | SweepResult:
+def load(path: str | Path) -> PlanResult | AxisSweep:
     """A plan or sweep document written by `--json` or `--out`."""
     p = Path(path)
     try:
@@ -67,9 +67,9 @@ def load(path: str | Path) -> PlanResult | SweepResult:
         if d.get("kind") == "plan":
             return _plan_from(d)
         if d.get("kind") == "sweep":
-            pts = [SweepPoint(x["value"], x["x"], _plan_from(x["result"]) if x["result"] else None, x.get("error"))
+            pts = [AxisPoint(x["value"], x["x"], _plan_from(x["result"]) if x["result"] else None, x.get("error"))
                    for x in d["points"]]
-            return SweepResult(d["axis"], d["label"], pts, d.get("inputs", {}), d.get("wall_s", 0.0))
+            return AxisSweep(d["axis"], d["label"], pts, d.get("inputs", {}), d.get("wall_s", 0.0))
     except FileNotFoundError:
         raise PlanError(f"result file not found: {p}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -143,7 +143,7 @@ def print_plan(result: PlanResult, console: Console | None = None) -> None:
     c.print(f"[dim]{len(result.candidates)} configurations simulated in {result.wall_s:.1f} s[/]")
 
 
-def print_sweep(result: SweepResult, console: Console | None = None) -> None:
+def print_sweep(result: AxisSweep, console: Console | None = None) -> None:
     c = console or Console()
     t = Table(title=f"verdict along {result.axis}")
     for col in (result.axis, "best colocated", "req/s/GPU", "best disaggregated", "req/s/GPU", "disagg / coloc", "verdict"):
@@ -230,7 +230,7 @@ def plan_figure(result: PlanResult) -> bytes:
     return data
 
 
-def sweep_figure(result: SweepResult) -> bytes:
+def sweep_figure(result: AxisSweep) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +302,7 @@ def plan_html(result: PlanResult, png: bytes | None = None) -> str:
     return _html_page(f"splitserve plan {i['model']}", body)
 
 
-def sweep_html(result: SweepResult, png: bytes | None = None) -> str:
+def sweep_html(result: AxisSweep, png: bytes | None = None) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(p.value)}</td><td>{html.escape(p.result.colocated.config if p.result and p.result.colocated else '-')}</td>"
         f"<td>{p.colocated_per_gpu:.3g}</td><td>{html.escape(p.result.disaggregated.config if p.result and p.result.disaggregated else '-')}</td>"
@@ -331,7 +331,7 @@ def write_plan(result: PlanResult, out: Path) -> list[Path]:
     return files
 
 
-def write_sweep(result: SweepResult, out: Path) -> list[Path]:
+def write_sweep(result: AxisSweep, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     png = sweep_figure(result)
     name = f"sweep-{result.axis}"

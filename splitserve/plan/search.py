@@ -39,6 +39,7 @@ from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Hardware, Network, hour_price
 from splitserve.core.model_spec import ModelSpec
 from splitserve.sim.perf import Efficiency, PerfModel
+from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
 from splitserve.plan import estimate as est
 
@@ -406,50 +407,30 @@ class Evaluated:
         return f"{which} ({f.ttft_miss:.0%} of requests miss TTFT, {f.tpot_miss:.0%} miss TPOT at {f.rate:.3g} req/s per unit)"
 
 
-def find_goodput(
-    measure: Callable[[float], Probe], guess: float, resolution: float, max_steps: int = 6, passed: Probe | None = None
-) -> tuple[float, list[Probe]]:
-    """Highest rate whose probe passes (attainment at target, stable): bracket geometrically around `guess`
-    (or upwards from an already `passed` probe), then bisect."""
-    probes: list[Probe] = [passed] if passed is not None else []
+# The bracket around a closed-form guess moves at most this many times (x2 up, /3 down) before bisecting.
+BRACKET_STEPS = 6
 
-    def ok(rate: float) -> bool:
-        p = measure(rate)
-        probes.append(p)
-        return p.passed
 
+def goodput_bracket(guess: float, resolution: float, passed: Probe | None = None) -> Bracket:
+    """Where a unit's goodput is sought: around the closed-form `guess` (or upwards from a probe that already
+    `passed`), bisected on a log scale to a relative `resolution`: the guess is good to a factor, not to
+    a req/s."""
     guess = guess if guess > 0 and math.isfinite(guess) else 1.0
-    lo, hi = guess * 0.7, guess * 1.3
-    if passed is not None:
-        lo, hi = passed.rate, max(guess, passed.rate * 1.3)
-    if passed is not None or ok(lo):
-        for _ in range(max_steps):
-            if not ok(hi):
-                break
-            lo, hi = hi, hi * 2
-        else:
-            return lo, probes
-    else:
-        for _ in range(max_steps):
-            hi, lo = lo, lo / 3
-            if ok(lo):
-                break
-        else:
-            return 0.0, probes
-    while (hi - lo) / hi > resolution:
-        mid = math.sqrt(lo * hi)
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, probes
+    lo, hi = (passed.rate, max(guess, passed.rate * 1.3)) if passed is not None else (guess * 0.7, guess * 1.3)
+    return Bracket(lo, hi, resolution, relative=True, grow_steps=BRACKET_STEPS, shrink_steps=BRACKET_STEPS)
 
 
 def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None) -> Evaluated:
+    """The highest rate whose probe passes (attainment at target, stable), with the probes that found it."""
     guess = c.estimate if c.estimate > 0 else 0.05
-    goodput, probes = find_goodput(lambda r: run_probe(plan, c.unit, r), guess, plan.resolution, passed=passed)
-    passed = [p for p in probes if p.passed]
-    best = max(passed, key=lambda p: p.rate) if passed else None
+
+    def measure(rate: float) -> Probe:
+        return passed if passed is not None and rate == passed.rate else run_probe(plan, c.unit, rate)
+
+    found = search_goodput(measure, lambda p: p.passed, goodput_bracket(guess, plan.resolution, passed))
+    goodput, probes = found.lower, list(found.probes)
+    passing = [p for p in probes if p.passed]
+    best = max(passing, key=lambda p: p.rate) if passing else None
     fails = [p for p in probes if not p.passed and p.rate > (best.rate if best else 0)]
     first_fail = min(fails, key=lambda p: p.rate) if fails else None
     if best is not None and best.metrics is None:

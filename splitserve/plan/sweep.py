@@ -30,7 +30,7 @@ LABELS = {
 
 
 @dataclass
-class SweepPoint:
+class AxisPoint:
     value: str
     x: float  # numeric position for plots
     result: PlanResult | None
@@ -52,10 +52,10 @@ class SweepPoint:
 
 
 @dataclass
-class SweepResult:
+class AxisSweep:
     axis: str
     label: str
-    points: list[SweepPoint]
+    points: list[AxisPoint]
     inputs: dict = field(default_factory=dict)
     wall_s: float = 0.0
 
@@ -102,7 +102,7 @@ def point_spec(spec: PlanSpec, axis: str, value: str) -> tuple[PlanSpec, float]:
     raise PlanError(f"unknown sweep axis {axis!r}; axes: {', '.join(AXES)}")
 
 
-def sweep(spec: PlanSpec, axis: str, values: Sequence[str] | None = None, progress: Callable[[str], None] | None = None) -> SweepResult:
+def sweep(spec: PlanSpec, axis: str, values: Sequence[str] | None = None, progress: Callable[[str], None] | None = None) -> AxisSweep:
     if axis not in AXES:
         raise PlanError(f"unknown sweep axis {axis!r}; axes: {', '.join(AXES)}")
     values = list(values or DEFAULTS[axis])
@@ -113,8 +113,8 @@ def sweep(spec: PlanSpec, axis: str, values: Sequence[str] | None = None, progre
         if progress:
             progress(f"{axis} = {v}")
         try:
-            points.append(SweepPoint(v, x, plan(s)))
+            points.append(AxisPoint(v, x, plan(s)))
         except PlanError as e:  # an SLO nobody meets at this point is a result of the sweep, not a failure
-            points.append(SweepPoint(v, x, None, str(e)))
-    return SweepResult(axis, LABELS[axis], points, wall_s=time.perf_counter() - t0)
+            points.append(AxisPoint(v, x, None, str(e)))
+    return AxisSweep(axis, LABELS[axis], points, wall_s=time.perf_counter() - t0)
 

@@ -10,34 +10,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-import httpx
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from splitserve.runtime.config import engine_config, worker_argv, worker_command
+from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
+from splitserve.runtime.process import dies_with_parent, free_port, stop_processes, terminate_on_signals, wait_healthy
+from splitserve.runtime.wire import WorkerError
 from splitserve.runtime.worker.async_engine import AsyncEngine
 from splitserve.runtime.worker.engine import Engine
-from splitserve.runtime.frontend.pool_client import PoolClient
-from splitserve.runtime.wire import WorkerError
 
 log = logging.getLogger("splitserve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PR_SET_PDEATHSIG = 1
 
 
 def setup_logging(level: str) -> None:
@@ -45,7 +40,6 @@ def setup_logging(level: str) -> None:
 
 
 def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
-    from splitserve.cli import engine_config
     from splitserve.model.loader import load_model
     from splitserve.runtime.worker.step_log import StepLog
 
@@ -63,7 +57,7 @@ def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
 def serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if args.attach:
-        return _serve_pools(args, [url.rstrip("/") for url in args.attach], [])
+        return serve_pools(args, [url.rstrip("/") for url in args.attach])
     pools = _pool_sizes(args)
     if pools is None:
         return _serve_in_process(args)
@@ -102,62 +96,62 @@ def _serve_in_process(args: argparse.Namespace) -> int:
 def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
     secret_file = _secret_file(args.secret_file)
     roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["colocated"] * n_colocated
-    procs: list[tuple[str, subprocess.Popen]] = []
-    _terminate_on_signals(procs)
+    urls: list[str] = []
+    procs: list[subprocess.Popen] = []
+    terminate_on_signals(procs)
     try:
         for i, role in enumerate(roles):
             port = free_port(args.host)
             cpu = i % (os.cpu_count() or 1) if args.pin else None
             threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
-            procs.append((f"http://{args.host}:{port}", _spawn_worker(args, role, port, secret_file, cpu, threads)))
-        for url, proc in procs:
+            procs.append(_spawn_worker(args, role, port, secret_file, cpu, threads))
+            urls.append(f"http://{args.host}:{port}")
+        for url, proc in zip(urls, procs):
             wait_healthy(url, proc, args.startup_timeout)
         log.info("workers up: %d prefill, %d decode, %d colocated", n_prefill, n_decode, n_colocated)
-        return _serve_pools(args, [url for url, _ in procs], [p for _, p in procs])
+        return serve_pools(args, urls)
     except RuntimeError as exc:
         log.error("cannot start: %s", exc)
         return 2
     finally:
-        stop_processes([p for _, p in procs])
+        stop_processes(procs)
         if args.secret_file is None:
             Path(secret_file).unlink(missing_ok=True)
 
 
-def _serve_pools(
-    args: argparse.Namespace,
-    worker_urls: list[str],
-    procs: list[subprocess.Popen],
-    on_app: Callable[[FastAPI, PoolClient], None] | None = None,
+def serve_pools(
+    args: argparse.Namespace, worker_urls: list[str], on_app: Callable[[FastAPI, PoolClient], None] | None = None
 ) -> int:
     """The frontend over running workers. `on_app` may add to the app before it serves (the Ray launcher
     adds its pools' lifecycle and /admin/scale)."""
     from splitserve.model.loader import load_tokenizer
     from splitserve.runtime.frontend.app import create_app, run_server
-    from splitserve.runtime.frontend.pool_client import PoolConfig
 
     try:
         tokenizer, name = load_tokenizer(args.model)
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    engine = PoolClient(
-        tokenizer, args.served_model_name or name,
-        PoolConfig(
-            policy=args.router_policy,
-            conditional=not args.no_conditional,
-            overlap_weight=args.overlap_weight,
-            link_gbps=args.link_gbps,
-            on_transfer_failure=args.on_transfer_failure,
-            deadline_base_s=args.transfer_deadline,
-            deadline_per_token_s=args.transfer_deadline_per_token,
-        ),
-    )
+    engine = PoolClient(tokenizer, args.served_model_name or name, _pool_config(args))
     app = create_app(engine, served_model_name=args.served_model_name)
     attach_pool(app, engine, worker_urls)
     if on_app is not None:
         on_app(app, engine)
     run_server(app, args.host, args.port, args.log_level)
     return 0
+
+
+def _pool_config(args: argparse.Namespace) -> PoolConfig:
+    """The frontend's routing and transfer-failure settings, from `serve`'s flags (runtime/config.py)."""
+    return PoolConfig(
+        policy=args.router_policy,
+        conditional=not args.no_conditional,
+        overlap_weight=args.overlap_weight,
+        link_gbps=args.link_gbps,
+        on_transfer_failure=args.on_transfer_failure,
+        deadline_base_s=args.transfer_deadline,
+        deadline_per_token_s=args.transfer_deadline_per_token,
+    )
 
 
 class WorkerUrl(BaseModel):
@@ -213,71 +207,11 @@ def attach_pool(app: FastAPI, engine: PoolClient, worker_urls: list[str]) -> Non
 def _spawn_worker(
     args: argparse.Namespace, role: str, port: int, secret_file: str, cpu: int | None, threads: int
 ) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "splitserve", "worker", "--role", role, "--host", args.host, "--port", str(port),
-        "--secret-file", secret_file, *worker_argv(args, threads),
-    ]
+    cmd = worker_command(role, args.host, port, secret_file, worker_argv(args, threads))
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     log.info("starting %s worker on port %d%s", role, port, f" (cpu {cpu})" if cpu is not None else "")
-    return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
-
-
-def worker_argv(args: argparse.Namespace, threads: int) -> list[str]:
-    """A deployment's worker options beyond role, address and secret: transfer, logging, engine."""
-    from splitserve.cli import engine_argv
-
-    argv = ["--transfer", args.transfer, "--threads", str(threads), "--log-level", args.log_level,
-            *engine_argv(args, skip=("threads",))]
-    if not args.layer_pipelining:
-        argv.append("--no-layer-pipelining")
-    return argv
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _terminate_on_signals(procs: list) -> None:
-    def handler(signum: int, frame: object) -> None:
-        stop_processes([p for _, p in procs])
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"worker {url} exited with code {proc.returncode} while starting")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"worker {url} not healthy after {timeout_s:.0f} s")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return subprocess.Popen(cmd, preexec_fn=dies_with_parent())
 
 
 def _secret_file(path: str | None) -> str:

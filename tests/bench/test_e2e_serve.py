@@ -17,7 +17,7 @@ from rich.console import Console
 from splitserve.workload.slo import SLO
 from splitserve.bench.report import compare
 from splitserve.bench.results import read_json
-from splitserve.bench.runner import BenchConfig, SweepConfig, TraceLoad, run_bench
+from splitserve.bench import BenchConfig, SweepConfig, TraceLoad, run_bench
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec
 from tests.bench.conftest import AZURE, MOONCAKE, REPO
 from tests.bench.fake_server import free_port

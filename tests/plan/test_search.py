@@ -6,9 +6,10 @@ import pytest
 
 from splitserve.workload.slo import SLO
 from splitserve.plan import estimate as est
-from splitserve.plan.search import PlanError, PlanSpec, Probe, WorkloadDef, enumerate_candidates, find_goodput, plan, shortlist
+from splitserve.plan.search import PlanError, PlanSpec, Probe, WorkloadDef, enumerate_candidates, goodput_bracket, plan, shortlist
 from splitserve.sim import hardware, models
 from splitserve.sim.perf import PerfModel
+from splitserve.workload.goodput import search_goodput
 from splitserve.workload.requests import LengthDist, RequestSpec, SyntheticSpec
 
 H100 = hardware.gpu("h100")
@@ -53,17 +54,25 @@ def test_the_screen_finds_the_binding_constraint():
     assert est.prefill_worker(pm, t, SLO(0.2, 0.05), 1e12).rate == 0.0
 
 
-def test_find_goodput_brackets_and_bisects():
+def test_the_goodput_search_brackets_the_guess_and_bisects():
     true = 7.3
 
     def measure(rate):
         return Probe(rate, 1.0 if rate <= true else 0.5, 0.0, 0.0, False, passed=rate <= true)
 
+    def passed(p):
+        return p.passed
+
     for guess in (0.5, 7.0, 40.0):
-        g, probes = find_goodput(measure, guess, 0.03)
-        assert true * 0.96 <= g <= true, (guess, g)
-        assert len(probes) <= 14
-    assert find_goodput(lambda r: Probe(r, 0.0, 1.0, 0.0, True), 1.0, 0.05)[0] == 0.0
+        found = search_goodput(measure, passed, goodput_bracket(guess, 0.03))
+        assert true * 0.96 <= found.lower <= true, (guess, found)
+        assert len(found.probes) <= 14
+    assert search_goodput(lambda r: Probe(r, 0.0, 1.0, 0.0, True), passed, goodput_bracket(1.0, 0.05)).lower == 0.0
+    # From a probe that already passed (branch and bound): the bracket starts at it and only goes up.
+    done = Probe(5.0, 1.0, 0.0, 0.0, False, passed=True)
+    found = search_goodput(measure, passed, goodput_bracket(6.0, 0.03, done))
+    assert found.probes[0].rate == 5.0 and min(p.rate for p in found.probes) == 5.0
+    assert true * 0.96 <= found.lower <= true
 
 
 def test_a_target_rate_asks_for_more_gpus_when_it_grows():

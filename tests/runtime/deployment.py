@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from splitserve.runtime.launch import free_port
+from splitserve.runtime.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

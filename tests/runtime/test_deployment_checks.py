@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from splitserve.runtime.launch import free_port, stop_processes, wait_healthy
+from splitserve.runtime.process import free_port, stop_processes, wait_healthy
 from tests.runtime.deployment import REPO
 from tests.tiny_models import make_tiny_checkpoint
 

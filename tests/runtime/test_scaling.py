@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from splitserve.runtime.launch import free_port, stop_processes
+from splitserve.runtime.process import free_port, stop_processes
 from tests.runtime.deployment import REPO, Deployment
 from tests.tiny_models import make_tiny_checkpoint
 

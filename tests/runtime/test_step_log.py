@@ -66,7 +66,8 @@ def test_a_file_that_is_not_a_step_log_is_refused(tmp_path):
 
 
 def test_serve_hands_the_step_log_dir_to_its_workers(tmp_path):
-    from splitserve.cli import build_parser, engine_argv
+    from splitserve.cli import build_parser
+    from splitserve.runtime.config import engine_argv
 
     args = build_parser().parse_args(["serve", "--prefill", "1", "--decode", "1", "--step-log-dir", str(tmp_path)])
     argv = engine_argv(args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from splitserve.core.blocks import BlockPool
@@ -20,27 +19,15 @@ from splitserve.model.batch import SeqInput, build_forward_batch
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LayerHooks
 from splitserve.model.loader import LoadedModel
+from splitserve.runtime.config import EngineConfig
 from splitserve.runtime.engine_client import EngineStats, TokenOutput
 from splitserve.runtime.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
-GiB = 1 << 30
-
 HooksFactory = Callable[[SchedulerOutput], LayerHooks | None]
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # default: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 1 * GiB
-    max_model_len: int | None = None  # default: the model's, capped at 8192
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = False
-    enable_prefix_caching: bool = True
-    max_waiting: int = 256
 
 
 class Engine:

@@ -1,0 +1,77 @@
+"""What to measure and how: the load, the target, the SLO, and the goodput sweep if any."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitserve.workload.requests import Scaling, SyntheticSpec, TraceFormat
+from splitserve.workload.slo import SLO
+
+
+class BenchConfigError(ValueError):
+    """Options that cannot work together; the message says which."""
+
+
+@dataclass(frozen=True)
+class TraceLoad:
+    path: str
+    format: TraceFormat = "auto"
+    scaling: Scaling = Scaling()
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A goodput sweep: the rate searched in [rate_lo, rate_hi], each probed rate judged by the median
+    attainment of `trials` runs."""
+
+    rate_lo: float
+    rate_hi: float
+    trials: int = 3
+    resolution: float | None = None  # req/s; None: 1/16 of the range (four bisection steps)
+
+    @property
+    def step(self) -> float:
+        return self.resolution if self.resolution is not None else (self.rate_hi - self.rate_lo) / 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    load: TraceLoad | SyntheticSpec
+    url: str = "http://127.0.0.1:8000"
+    model: str | None = None  # None: the first model the server lists
+    tokenizer: str | None = None  # None: the model name as a local path or Hugging Face cache entry
+    concurrency: int | None = None  # None: open loop on the workload's arrival times
+    slo: SLO = SLO()
+    attainment: float = 0.9  # the fraction of requests that must meet the SLO at the goodput (sweeps)
+    sweep: SweepConfig | None = None
+    timeout_s: float = 300.0  # per request
+    deadline_s: float | None = None  # per run (each sweep trial is a run)
+    ignore_eos: bool = True
+    salt: int | None = None  # prompt-token salt; None: fresh per invocation, so reruns miss the prefix cache
+    progress: bool = False
+    out_dir: Path | None = None
+
+
+def check_config(c: BenchConfig) -> None:
+    """Raise BenchConfigError for options that cannot work, before any request is sent."""
+    if c.concurrency is not None and c.concurrency < 1:
+        raise BenchConfigError(f"concurrency must be >= 1, got {c.concurrency}")
+    if not c.timeout_s > 0 or (c.deadline_s is not None and not c.deadline_s > 0):
+        raise BenchConfigError("timeout and deadline must be positive")
+    for name, v in (("TTFT", c.slo.ttft_s), ("TPOT", c.slo.tpot_s)):
+        if v is not None and not v > 0:
+            raise BenchConfigError(f"the {name} SLO must be a positive number of seconds, got {v}")
+    if c.sweep is None:
+        return
+    if not c.slo.set:
+        raise BenchConfigError("a goodput sweep needs an SLO: give --slo-ttft and/or --slo-tpot")
+    if c.concurrency is not None:
+        raise BenchConfigError("a rate sweep needs open-loop load: drop --concurrency")
+    s = c.sweep
+    if not 0 < s.rate_lo < s.rate_hi:
+        raise BenchConfigError(f"a sweep needs 0 < rate-lo < rate-hi, got {s.rate_lo:g} and {s.rate_hi:g}")
+    if not 0 < c.attainment <= 1:
+        raise BenchConfigError(f"the attainment target must be a fraction in (0, 1], got {c.attainment:g}")
+    if s.trials < 1 or not s.step > 0:
+        raise BenchConfigError("a sweep needs at least one trial and a positive resolution")
