@@ -163,20 +163,21 @@ class Router:
 
     # ------------------------------------------------------------------------------ routing
 
-    def route_tokens(self, token_ids: Sequence[int], now: float) -> RouteDecision:
-        return self.route(len(token_ids), hash_blocks(token_ids, self.block_size), now)
+    def route_tokens(self, token_ids: Sequence[int], now: float, *, whole: bool = False) -> RouteDecision:
+        return self.route(len(token_ids), hash_blocks(token_ids, self.block_size), now, whole=whole)
 
-    def route(self, num_tokens: int, block_hashes: Sequence[int], now: float) -> RouteDecision:
+    def route(self, num_tokens: int, block_hashes: Sequence[int], now: float, *, whole: bool = False) -> RouteDecision:
         """Place a prompt of `num_tokens` tokens whose full blocks hash to `block_hashes`. With no prefill
         worker, conditional disaggregation prefills on the decode worker; without it, that is `NoWorker`.
         A colocated pool, when it has workers, takes every request: the decision names its worker as the
-        decode worker, and no prefill worker."""
+        decode worker, and no prefill worker. `whole`: the request is computed whole where it decodes (a
+        recompute after a failed split), so no prefill worker is chosen."""
         colocated = self._pool("colocated")
         decoders = colocated or self._pool("decode")
         if not decoders:
             raise NoWorker("no colocated or decode worker registered (or all are draining)")
-        prefillers = [] if colocated else self._pool("prefill")
-        if not prefillers and not self.conditional and not colocated:
+        prefillers = [] if colocated or whole else self._pool("prefill")
+        if not prefillers and not self.conditional and not colocated and not whole:
             raise NoWorker("no prefill worker registered (or all are draining)")
         bs = self.block_size
         num_blocks = -(-num_tokens // bs)

@@ -13,26 +13,6 @@ from splitserve.core.request import SamplingParams
 from splitserve.runtime.engine_client import TokenOutput
 
 
-class Params(msgspec.Struct, frozen=True):
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    @classmethod
-    def of(cls, p: SamplingParams) -> "Params":
-        return cls(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, tuple(p.stop_token_ids), p.ignore_eos)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=self.seed, stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
-        )
-
-
 class Ticket(msgspec.Struct, frozen=True):
     """Where a prefill worker sends a request's KV: the decode worker's endpoint and reserved blocks."""
 
@@ -46,21 +26,21 @@ class Ticket(msgspec.Struct, frozen=True):
 class GenerateRequest(msgspec.Struct):
     request_id: str
     prompt: list[int]
-    params: Params
+    params: SamplingParams  # the core's own settings: msgspec carries the dataclass as it is
     output_token_ids: list[int] = []  # tokens already produced elsewhere (recompute after a failed transfer)
 
 
 class DecodeRequest(msgspec.Struct):
     request_id: str
     prompt: list[int]
-    params: Params
+    params: SamplingParams
     deadline_s: float
 
 
 class PrefillRequest(msgspec.Struct):
     request_id: str
     prompt: list[int]
-    params: Params
+    params: SamplingParams
     ticket: Ticket
 
 
@@ -72,32 +52,14 @@ class PrefillResult(msgspec.Struct):
 
 
 class StreamEvent(msgspec.Struct, omit_defaults=True):
-    """One line of a worker's NDJSON token stream."""
+    """One line of a worker's NDJSON stream: an increment of the request's output, exactly as the engine made
+    it (`out`), and on the decode role's stream the answer to a reservation (its `ticket`, sent with the
+    output that says how much of the prompt is cached there, or `no_room`) and the KV wait."""
 
-    tokens: list[int] = []
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    queue_time: float | None = None
-    error: str | None = None
+    out: TokenOutput | None = None
     ticket: Ticket | None = None  # decode role: the first event, once blocks are reserved
     no_room: bool = False  # decode role: no blocks now; nothing was reserved
-    kv_wait_s: float | None = None  # decode role: reservation to complete KV
-
-    @classmethod
-    def of(cls, out: TokenOutput, kv_wait_s: float | None = None) -> "StreamEvent":
-        return cls(
-            tokens=out.new_token_ids, finished=out.finished, finish_reason=out.finish_reason,
-            num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
-            queue_time=out.queue_time, error=out.error, kv_wait_s=kv_wait_s,
-        )
-
-    def output(self, request_id: str) -> TokenOutput:
-        return TokenOutput(
-            request_id, list(self.tokens), self.finished, self.finish_reason, self.num_prompt_tokens,
-            self.num_cached_tokens, self.queue_time, self.error,
-        )
+    kv_wait_s: float | None = None  # decode role, with the first tokens: reservation to complete KV
 
 
 class WorkerInfo(msgspec.Struct):

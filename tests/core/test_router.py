@@ -198,3 +198,14 @@ def test_admission_queue_is_bounded_and_retry_after_follows_the_drain_rate():
     assert q.retry_after(now=11.0) == pytest.approx(30.0)  # stalled: 1 departure in 10 s
     with pytest.raises(ValueError):
         AdmissionQueue(1).leave(0.0)
+
+
+def test_a_request_computed_whole_goes_to_a_decode_worker_even_without_conditional_placement():
+    """A recompute after a failed split: placed by the same policies, never on a prefill worker."""
+    r = router(conditional=False)
+    cache(r, "d1", PROMPT)
+    d = r.route_tokens(PROMPT, now=0.0, whole=True)
+    assert d.prefill is None and d.decode == "d1"  # kv_aware: where the prompt is cached
+    assert router(prefill=(), conditional=False).route_tokens(PROMPT, now=0.0, whole=True).prefill is None
+    with pytest.raises(NoWorker, match="decode"):
+        router(decode=()).route_tokens(PROMPT, now=0.0, whole=True)

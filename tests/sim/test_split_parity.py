@@ -14,6 +14,7 @@ from splitserve.core.request import SamplingParams
 from splitserve.core.router import Router
 from splitserve.core.split_request import Emit, Release, Reserve, Retry, SendPrompt, SplitRequest
 from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
+from splitserve.runtime.engine_client import TokenOutput
 from splitserve.runtime.wire import PrefillResult, StreamEvent, Ticket
 from splitserve.sim import hardware, models
 from splitserve.sim.cluster import ClusterSim
@@ -66,12 +67,12 @@ class FakeWorker:
             self.no_room -= 1
             yield StreamEvent(no_room=True)
             return
-        yield StreamEvent(ticket=Ticket(body.request_id, "kv", [0], 0, 10.0))
+        yield StreamEvent(TokenOutput(body.request_id, []), ticket=Ticket(body.request_id, "kv", [0], 0, 10.0))
         await self.kv.wait()  # the prefill worker's KV and first token landed
         for i in range(1, self.tokens):
             last = i == self.tokens - 1
-            yield StreamEvent(tokens=[SAMPLED_TOKEN], finished=last, finish_reason="length" if last else None,
-                              kv_wait_s=0.01 if i == 1 else None)
+            out = TokenOutput(body.request_id, [SAMPLED_TOKEN], last, "length" if last else None)
+            yield StreamEvent(out, kv_wait_s=0.01 if i == 1 else None)
         await asyncio.Event().wait()  # a one-token request: the client ends it, never this worker
 
     async def prefill(self, body, timeout: float) -> PrefillResult:

@@ -13,7 +13,6 @@ its actions become HTTP calls, and membership (a lost or suspect worker) stays w
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, Engi
 from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
 from splitserve.runtime.frontend.router_feed import RouterPoll
 from splitserve.runtime.wire import (
-    DecodeRequest, GenerateRequest, Params, PrefillRequest, PrefillResult, StreamEvent, Ticket, WorkerClient, WorkerError,
+    DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, StreamEvent, Ticket, WorkerClient, WorkerError,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ class PoolClient:
         self.admission = AdmissionQueue(config.max_waiting)
         self.router: Router | None = None  # made when the first worker tells the KV geometry
         self.feed: RouterPoll | None = None
-        self._rr = itertools.count()
         self._stats: dict[str, EngineStats] = {}
         self.health_errors: list[str] = []  # workers refused at registration, and why
 
@@ -88,8 +86,7 @@ class PoolClient:
             self.health_errors.append(str(exc))
             log.error("%s", exc)
             raise
-        if w.info.role != "colocated":
-            await self._router_for(w).join(w)
+        await self._router_for(w).join(w)
         self.pools[w.info.role].append(w)
         lens = [p.info.max_model_len for pool in self.pools.values() for p in pool]
         self.max_model_len = min(lens)
@@ -113,7 +110,7 @@ class PoolClient:
         w = self._find(url)
         if w is None:
             return True
-        if self.router is not None and w.info.role != "colocated":
+        if self.router is not None:
             self.router.drain(w.url)
         w.draining = True
         end = time.monotonic() + timeout_s
@@ -152,7 +149,7 @@ class PoolClient:
         if w is None:
             return
         self.pools[w.info.role].remove(w)
-        if self.feed is not None and w.info.role != "colocated":
+        if self.feed is not None:
             self.feed.leave(w)
         self._stats.pop(w.url, None)
 
@@ -218,7 +215,7 @@ class PoolClient:
         try:
             if self.pools["colocated"]:
                 rec.path = "colocated"
-                w = self._pick("colocated")
+                w = self._whole(prompt)
                 rec.decode_worker = w.url
                 stream = self._local(w, rid, prompt, params, [], rec)
             else:
@@ -242,14 +239,18 @@ class PoolClient:
                 rec.decode_s = rec.e2e_s - rec.ttft_s
             self.phases.add(rec)
 
-    def _pick(self, role: str) -> WorkerClient:
-        pool = [w for w in self.pools[role] if not w.draining]
-        if not pool:
-            raise EngineUnavailable(f"no {role} worker")
-        # Fewest requests in flight; ties broken round-robin so idle workers share the load.
-        start = next(self._rr) % len(pool)
-        rotated = pool[start:] + pool[:start]
-        return min(rotated, key=lambda w: w.in_flight)
+    def _whole(self, prompt: list[int]) -> WorkerClient:
+        """The worker that computes a request whole (a colocated one, or a decode worker for a recompute),
+        placed by the router like every other request."""
+        assert self.router is not None
+        try:
+            decision = self.router.route_tokens(prompt, time.monotonic(), whole=True)
+        except NoWorker as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        w = self._find(decision.decode)
+        if w is None:  # the router names a worker the pools lack only while it joins or leaves
+            raise EngineUnavailable(f"worker {decision.decode} is joining or leaving; try again")
+        return w
 
     def _deadline(self, prompt: list[int]) -> float:
         return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
@@ -343,7 +344,7 @@ class PoolClient:
             if not self.pools["decode"]:
                 yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; no decode worker left")
                 return
-            d = self._pick("decode")
+            d = self._whole(calls.prompt)
         async for out in self._local(d, calls.rid, calls.prompt, calls.params, list(act.produced), rec, suffix="/recompute"):
             yield out
 
@@ -352,16 +353,20 @@ class PoolClient:
         rec: PhaseRecord, suffix: str = "",
     ) -> AsyncIterator[TokenOutput]:
         """The whole request (or its remainder after `produced`) computed on one worker."""
-        body = GenerateRequest(rid + suffix, prompt, Params.of(params), produced)
+        body = GenerateRequest(rid + suffix, prompt, params, produced)
         w.in_flight += 1
         try:
             async for ev in w.stream("/internal/generate", body, self.config.stream_read_timeout_s):
-                if ev.finish_reason == "rejected" and not produced and rec.output_tokens == 0:
-                    raise EngineOverloaded(retry_after=1.0, message=ev.error or "overloaded")
-                if ev.queue_time is not None and rec.queue_s is None:
-                    rec.queue_s = ev.queue_time
-                yield ev.output(rid)
-                if ev.finished:
+                out = ev.out
+                if out is None:
+                    continue
+                if out.finish_reason == "rejected" and not produced and rec.output_tokens == 0:
+                    raise EngineOverloaded(retry_after=1.0, message=out.error or "overloaded")
+                if out.queue_time is not None and rec.queue_s is None:
+                    rec.queue_s = out.queue_time
+                out.request_id = rid  # the worker's id carries a suffix on a recompute
+                yield out
+                if out.finished:
                     return
             yield TokenOutput(rid, [], True, "error", len(prompt), error=f"worker {w.url} ended the stream early")
         except WorkerError as exc:
@@ -402,17 +407,17 @@ class _Calls:
         self.emitted = False
 
     async def reserve(self, d: WorkerClient) -> Event:
-        body = DecodeRequest(self.rid, self.prompt, Params.of(self.params), self.pool._deadline(self.prompt))
+        body = DecodeRequest(self.rid, self.prompt, self.params, self.pool._deadline(self.prompt))
         events = d.stream("/internal/decode", body, self.pool.config.stream_read_timeout_s)
         try:
             ev = await anext(events)
         except (WorkerError, StopAsyncIteration) as exc:
             return PeerFailed("decode", f"decode worker {d.url} failed to reserve: {exc}")
-        if ev.ticket is None:
+        if ev.ticket is None or ev.out is None:
             await events.aclose()
-            return Refused(ev.error or None)
+            return Refused(ev.out.error if ev.out is not None else None)
         self.d, self.d_events, self.ticket = d, events, ev.ticket
-        return Reserved(ev.num_cached_tokens)
+        return Reserved(ev.out.num_cached_tokens)
 
     def send_prompt(self, p: WorkerClient, d: WorkerClient) -> None:
         assert self.ticket is not None and self.d_events is not None
@@ -422,7 +427,7 @@ class _Calls:
         # The decode side enforces the deadline and says why it gave up; the extra second lets its verdict
         # arrive before ours, and httpx's own timeout comes later still.
         self.first_token_by = time.monotonic() + self.ticket.deadline_s + 1.0
-        body = PrefillRequest(self.rid, self.prompt, Params.of(self.params), self.ticket)
+        body = PrefillRequest(self.rid, self.prompt, self.params, self.ticket)
         self.p_task = asyncio.ensure_future(p.prefill(body, timeout=self.ticket.deadline_s + 2.0))
         self.p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
         self.p = p
@@ -456,11 +461,15 @@ class _Calls:
         ev: StreamEvent = d_next.result()
         if ev.kv_wait_s is not None:
             self.queued.append(KvComplete(ev.kv_wait_s))
-        if ev.finish_reason == "transfer_failed":
-            self.queued.append(TransferFailed(ev.error or "transfer failed"))
+        out = ev.out
+        if out is None:
+            self.queued.append(PeerFailed("decode", f"decode worker {self.d.url} sent no output after its ticket"))
             return
-        self.queued.append(Tokens(tuple(ev.tokens), ev.finish_reason if ev.finished else None, ev.error))
-        if not ev.finished:
+        if out.finish_reason == "transfer_failed":
+            self.queued.append(TransferFailed(out.error or "transfer failed"))
+            return
+        self.queued.append(Tokens(tuple(out.new_token_ids), out.finish_reason if out.finished else None, out.error))
+        if not out.finished:
             self.d_next = asyncio.ensure_future(anext(self.d_events))
 
     def output(self, split: SplitRequest, act: Emit) -> TokenOutput:

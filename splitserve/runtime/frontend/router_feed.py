@@ -45,7 +45,7 @@ class RouterPoll:
         polls: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                current = {w.url: w for role in ("prefill", "decode") for w in pools[role]}
+                current = {w.url: w for pool in pools.values() for w in pool}
                 for url in polls.keys() - current.keys():
                     polls.pop(url).cancel()
                 for url, w in current.items():

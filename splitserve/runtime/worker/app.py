@@ -21,8 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from splitserve.runtime.worker.async_engine import AsyncEngine
 from splitserve.runtime.worker.decode_role import DecodeRole
 from splitserve.runtime.worker.engine import Engine
-from splitserve.runtime.engine_client import EngineOverloaded, EngineUnavailable
-from splitserve.runtime.engine_client import EngineStatsCollector
+from splitserve.runtime.engine_client import EngineOverloaded, EngineStatsCollector, EngineUnavailable, TokenOutput
 from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole
 from splitserve.runtime.worker.kv_event_log import KVEventLog
 from splitserve.runtime.worker.utilization import UtilizationCollector, UtilizationMeter
@@ -174,7 +173,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
     @app.post("/internal/generate")
     async def generate(request: Request) -> StreamingResponse:
         req = msgspec.json.decode(await request.body(), type=GenerateRequest)
-        params = req.params.sampling()
+        params = req.params
 
         def admit(e: Engine) -> None:
             e.add_request(req.request_id, req.prompt, params, time.monotonic(), output_token_ids=req.output_token_ids)
@@ -185,7 +184,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
             return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": f"{exc.retry_after:.0f}"})
         except EngineUnavailable as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
-        return _ndjson(_events(stream))
+        return _ndjson(_events(req.request_id, stream))
 
     if worker.decode_role is not None:
         decode_role = worker.decode_role
@@ -232,14 +231,14 @@ def create_worker_app(worker: Worker) -> FastAPI:
     return app
 
 
-async def _events(stream: AsyncIterator) -> AsyncIterator[StreamEvent]:
+async def _events(request_id: str, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[StreamEvent]:
     try:
         async for out in stream:
-            yield StreamEvent.of(out)
+            yield StreamEvent(out)
     except EngineOverloaded as exc:
-        yield StreamEvent(finished=True, finish_reason="rejected", error=str(exc))
+        yield StreamEvent(TokenOutput(request_id, [], True, "rejected", error=str(exc)))
     except Exception as exc:  # admission refused or the engine failed: say so on the stream
-        yield StreamEvent(finished=True, finish_reason="error", error=str(exc))
+        yield StreamEvent(TokenOutput(request_id, [], True, "error", error=str(exc)))
 
 
 async def _count_no_room(events: AsyncIterator[StreamEvent], metrics: WorkerMetrics) -> AsyncIterator[StreamEvent]:

@@ -38,20 +38,20 @@ class DecodeRole:
 
     async def decode(self, req: DecodeRequest) -> AsyncIterator[StreamEvent]:
         rid = req.request_id
-        params = req.params.sampling()
+        params = req.params
         try:
             stream = self.engine.generate(rid, req.prompt, params, admit=lambda e: self._reserve(e, req))
             async for out in stream:
                 ticket = self._tickets.get(rid)
                 if not out.new_token_ids and not out.finished and ticket is not None:
-                    yield StreamEvent(ticket=ticket, num_cached_tokens=out.num_cached_tokens)
+                    yield StreamEvent(out, ticket=ticket)
                     continue
-                yield StreamEvent.of(out, self._kv_wait.pop(rid, None))
+                yield StreamEvent(out, kv_wait_s=self._kv_wait.pop(rid, None))
         except NoRoom:
             yield StreamEvent(no_room=True)
 
     def _reserve(self, engine: Engine, req: DecodeRequest) -> TokenOutput:
-        r = engine.reserve(req.request_id, req.prompt, req.params.sampling(), time.monotonic())
+        r = engine.reserve(req.request_id, req.prompt, req.params, time.monotonic())
         if r is None:
             raise NoRoom()
         first_block = r.num_cached_tokens // engine.config.block_size

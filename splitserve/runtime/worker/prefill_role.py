@@ -93,7 +93,7 @@ class PrefillRole:
         send = await asyncio.to_thread(self.sender.start_ticket, ticket.endpoint, ticket.ticket_id, len(ticket.block_ids))
         og = Outgoing(send, ticket.first_block, len(ticket.block_ids), ticket.deadline_s)
         self._outgoing[rid] = og
-        params = replace(req.params.sampling(), max_tokens=1)
+        params = replace(req.params, max_tokens=1)
         stream = self.engine.generate(
             rid, req.prompt, params,
             admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
