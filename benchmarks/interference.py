@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.netns import Service
+from benchmarks.netns import Service, credentials
 from splitserve.workload import slo as metrics
 from splitserve.workload.slo import SLO
 from splitserve.bench.results import summary_dict
@@ -102,7 +102,8 @@ def run_deployment(name: str, args: argparse.Namespace, scaling: Scaling, fixed_
             load=TraceLoad(str(args.trace), "azure", fixed_scaling),
             deadline_s=args.fixed_requests / args.rate + args.drain, out_dir=out / name / "fixed", **base))
         # Where the frontend sent each request (past the warm-up): 1P1D's router may prefill on the decode worker.
-        records = httpx.get(url + "/debug/requests", params={"limit": 10_000}).json()[1:]
+        with credentials().client() as operator:
+            records = operator.get(url + "/debug/requests", params={"limit": 10_000}).json()[1:]
         paths = Counter(r["path"] for r in records)
         print(f"[{name}] rate {args.rate:g}: attainment {fixed.summary.attainment:.2f}, "
               f"TTFT p90 {_s(fixed.summary.ttft.p90)}, TPOT p90 {_s(fixed.summary.tpot.p90)}, paths {dict(paths)}",

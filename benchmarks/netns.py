@@ -17,17 +17,24 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 
+import httpx
+
+from splitserve.runtime.auth import SignedCalls
 from splitserve.runtime.process import dies_with_parent, stop_processes, wait_healthy
 
 PREFIX = "ssbench"
@@ -187,15 +194,49 @@ def tcp_throughput(src_ns: str, dst_ns: str, dst_host: str, nbytes: int = 64 << 
     return received[0] / elapsed
 
 
+class Credentials:
+    """One deployment secret and one operator token for every service a benchmark starts (files in a private
+    temporary folder), and an httpx client proving both: for /debug/* and /admin/* on a frontend, and the
+    workers' /internal/* API."""
+
+    def __init__(self) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="splitserve-bench-credentials-"))  # mode 0700
+        atexit.register(shutil.rmtree, folder, True)
+        self.secret = secrets.token_hex(32).encode()
+        self.admin_token = secrets.token_hex(16)
+        self.secret_file, self.admin_token_file = folder / "secret", folder / "admin-token"
+        self.secret_file.write_bytes(self.secret)
+        self.admin_token_file.write_text(self.admin_token)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(auth=SignedCalls(self.secret), headers={"authorization": f"Bearer {self.admin_token}"},
+                            **kwargs)  # type: ignore[arg-type]
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """`argv` of a `serve` or `worker` command, with this benchmark's secret and operator token."""
+        extra: list[str] = []
+        if argv[:1] in (["serve"], ["worker"]) and "--secret-file" not in argv:
+            extra += ["--secret-file", str(self.secret_file)]
+        if argv[:1] == ["serve"] and "--admin-token-file" not in argv:
+            extra += ["--admin-token-file", str(self.admin_token_file)]
+        return [*argv, *extra]
+
+
+@functools.cache
+def credentials() -> Credentials:
+    return Credentials()
+
+
 class Service:
-    """One long-running command (`python -m splitserve ...`) in a namespace, logging to a file."""
+    """One long-running command (`python -m splitserve ...`) in a namespace, logging to a file. A `serve` or
+    `worker` runs with the benchmark's `credentials()`."""
 
     def __init__(self, name: str, argv: list[str], ns: str | None, log_dir: Path) -> None:
         self.name = name
         self.ns = ns
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "splitserve", *argv]
+        cmd = [sys.executable, "-m", "splitserve", *credentials().argv(argv)]
         if ns is not None:
             cmd = ["ip", "netns", "exec", ns, *cmd]  # ip execs the command: our child is the service itself
         env = {**os.environ, "PYTHONPATH": str(REPO)}

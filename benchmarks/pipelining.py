@@ -43,7 +43,7 @@ from typing import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.netns import A_ADDR, B_ADDR, Link, Service, entered, install_cleanup, tcp_throughput
+from benchmarks.netns import A_ADDR, B_ADDR, Link, Service, credentials, entered, install_cleanup, tcp_throughput
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import find_vocab
 from splitserve.core.model_spec import ModelSpec
@@ -234,7 +234,7 @@ def run_link(name: str, args: argparse.Namespace, prompt: Callable[[int], list[i
             dep = Deployment(link, rate_bps is None, pipelined, args.model, secret_file, log_dir / name)
             samples: dict[int, list[dict]] = {n: [] for n in args.lengths}
             try:
-                with entered(link.b), httpx.Client(timeout=30.0) as client:
+                with entered(link.b), credentials().client(timeout=30.0) as client:
                     measure(dep, client, prompt(256), args.timeout)  # warm-up: KV connection, first-touch pages
                     for rep in range(args.reps):  # lengths inside reps: slow drifts in load hit every length
                         for n in args.lengths:
@@ -352,18 +352,14 @@ def main() -> None:
     def prompt(n: int) -> list[int]:
         return builder.build(next(index), RequestSpec(0.0, n, OUTPUT_TOKENS))
 
-    log_dir = Path(tempfile.mkdtemp(prefix="splitserve-pipelining-"))  # mode 0700: the secret stays ours
-    secret_file = log_dir / "secret"
-    secret_file.write_text(secrets.token_hex(32))
+    log_dir = Path(tempfile.mkdtemp(prefix="splitserve-pipelining-"))
+    secret_file = credentials().secret_file
     layers = model_layers(args.model)
     cases: dict = {}
     measured_links: dict = {}
     started = time.time()
-    try:
-        for name in links:
-            run_link(name, args, prompt, layers, str(secret_file), log_dir, cases, measured_links)
-    finally:
-        secret_file.unlink()
+    for name in links:
+        run_link(name, args, prompt, layers, str(secret_file), log_dir, cases, measured_links)
 
     fraction, gain = headline(cases, *HEADLINE)
     fraction_decode, gain_decode = headline(cases, *HEADLINE, key="kv_done_after_ttft_s")

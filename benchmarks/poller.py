@@ -8,6 +8,8 @@ import time
 
 import httpx
 
+from benchmarks.netns import credentials
+
 
 class Poller:
     def __init__(self, interval_s: float, timeout_s: float = 60.0) -> None:
@@ -29,7 +31,7 @@ class Poller:
         self._thread.join()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout_s) as client:
+        with credentials().client(timeout=self.timeout_s) as client:
             while not self._stop.is_set():
                 self.poll(client)
                 self._stop.wait(self.interval_s)

@@ -58,7 +58,7 @@ from typing import Callable, NamedTuple, Sequence
 import httpx
 import numpy as np
 
-from benchmarks.netns import Service
+from benchmarks.netns import Service, credentials
 from benchmarks.poller import Poller
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench import BenchConfig, BenchResult, TraceLoad, run_bench
@@ -541,13 +541,15 @@ def replay_policy(
     server = Service(f"serve-{policy}", serve_argv(policy, port, args.num_blocks), None, REPLAY_DIR / "logs")
     try:
         server.wait_healthy(url)
-        workers = httpx.get(url + "/debug/workers", timeout=30.0).json()
+        with credentials().client(timeout=30.0) as operator:
+            workers = operator.get(url + "/debug/workers").json()
         # No warm-up request: the phase log must hold exactly the replay, and every policy starts equally cold.
         with WorkerProbe([w["url"] for w in workers if w["role"] == "prefill"]) as probe:
             result = run_bench(BenchConfig(
                 load=TraceLoad(str(REPLAY_TRACE), "mooncake", scaling), url=url, salt=PROMPT_SALT,
                 timeout_s=args.replay_timeout, deadline_s=drain_s, out_dir=REPLAY_DIR / policy))
-        r = httpx.get(url + "/debug/requests", params={"limit": PHASE_LOG}, timeout=30.0)
+        with credentials().client(timeout=30.0) as operator:
+            r = operator.get(url + "/debug/requests", params={"limit": PHASE_LOG})
         r.raise_for_status()
         phases = r.json()
     finally:

@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.netns import Service
+from benchmarks.netns import Service, credentials
 from benchmarks.poller import Poller
 from splitserve.bench import BenchConfig, run_bench
 from splitserve.runtime.process import free_port
@@ -163,7 +163,8 @@ def main() -> None:
     stages = []
     try:
         server.wait_healthy(url)
-        workers = {w["role"]: w["url"] for w in httpx.get(url + "/debug/workers").json()}
+        with credentials().client() as operator:
+            workers = {w["role"]: w["url"] for w in operator.get(url + "/debug/workers").json()}
         httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120).raise_for_status()
         with Scraper(workers) as scraper:
             for c in args.concurrency:

@@ -38,6 +38,8 @@ def add_scale_parser(sub: argparse._SubParsersAction) -> None:
     scale.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's frontend")
     scale.add_argument("--prefill", type=int, default=None, help="prefill workers wanted (default: unchanged)")
     scale.add_argument("--decode", type=int, default=None, help="decode workers wanted (default: unchanged)")
+    scale.add_argument("--admin-token-file", required=True, metavar="FILE",
+                       help="the operator token the deployment was started with (serve --admin-token-file)")
     scale.add_argument("--timeout", type=float, default=900.0,
                        help="seconds to wait: new workers must join, surplus ones finish their requests")
     scale.set_defaults(handler=_scale)
@@ -46,4 +48,4 @@ def add_scale_parser(sub: argparse._SubParsersAction) -> None:
 def _scale(args: argparse.Namespace) -> int:
     from splitserve.cluster.scale_client import scale
 
-    return scale(args.url, args.prefill, args.decode, args.timeout)
+    return scale(args.url, args.prefill, args.decode, args.timeout, args.admin_token_file)

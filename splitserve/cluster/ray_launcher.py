@@ -58,7 +58,7 @@ def serve_on_ray(args: argparse.Namespace, ray_init: dict) -> int:
             attach_actor_pools(app, pools, {"prefill": args.prefill or 1, "decode": args.decode or 1}, on_startup_failed)
 
         try:
-            code = serve_pools(args, [], on_app=install)
+            code = serve_pools(args, [], secret, on_app=install)
         except SystemExit:
             # After a failed start the server stops on the SIGTERM it raised, which comes back here.
             if not failure:

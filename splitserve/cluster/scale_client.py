@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import httpx
 
 
-def scale(url: str, prefill: int | None, decode: int | None, timeout_s: float) -> int:
+def scale(url: str, prefill: int | None, decode: int | None, timeout_s: float, admin_token_file: str) -> int:
     """Prints the pool sizes reached; 0 when the deployment reached the sizes asked for."""
     body = {role: n for role, n in (("prefill", prefill), ("decode", decode)) if n is not None}
     if not body:
         print("nothing to do: give --prefill N and/or --decode M", file=sys.stderr)
         return 2
     try:
-        r = httpx.post(url.rstrip("/") + "/admin/scale", json=body, timeout=timeout_s)
+        token = Path(admin_token_file).read_text().strip()
+    except OSError as exc:
+        print(f"cannot read {admin_token_file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        r = httpx.post(url.rstrip("/") + "/admin/scale", json=body, timeout=timeout_s,
+                       headers={"authorization": f"Bearer {token}"})
     except httpx.HTTPError as exc:
         print(f"cannot reach {url}: {exc}", file=sys.stderr)
         return 1

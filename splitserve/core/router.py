@@ -171,14 +171,18 @@ class Router:
         worker, conditional disaggregation prefills on the decode worker; without it, that is `NoWorker`.
         A colocated pool, when it has workers, takes every request: the decision names its worker as the
         decode worker, and no prefill worker. `whole`: the request is computed whole where it decodes (a
-        recompute after a failed split), so no prefill worker is chosen."""
+        recompute after a failed split), so no prefill worker is chosen. A pool left empty (its workers
+        dead or draining) degrades the deployment instead of failing it: with no prefill worker the decode
+        worker prefills, with no decode worker a prefill worker computes the request whole."""
         colocated = self._pool("colocated")
         decoders = colocated or self._pool("decode")
         if not decoders:
-            raise NoWorker("no colocated or decode worker registered (or all are draining)")
+            # Degraded: no decode worker left, so a prefill worker computes the request whole.
+            decoders, whole = self._pool("prefill"), True
+        if not decoders:
+            raise NoWorker("no colocated, decode or prefill worker registered (or all are draining)")
+        # Degraded without prefill workers: the decode worker prefills, conditional placement or not.
         prefillers = [] if colocated or whole else self._pool("prefill")
-        if not prefillers and not self.conditional and not colocated and not whole:
-            raise NoWorker("no prefill worker registered (or all are draining)")
         bs = self.block_size
         num_blocks = -(-num_tokens // bs)
         # A worker reuses whole blocks and always computes at least the last prompt token.

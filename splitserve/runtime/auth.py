@@ -33,7 +33,7 @@ TIME_HEADER = "x-splitserve-time"
 NONCE_HEADER = "x-splitserve-nonce"
 SIGNATURE_HEADER = "x-splitserve-signature"
 DEFAULT_WINDOW_S = 60.0  # clock skew and delivery delay tolerated between the frontend and a worker
-MAX_SIGNED_BODY = 64 * 1024 * 1024  # a control-plane body is a prompt's ids and settings: far below this
+MAX_SIGNED_BODY = 8 * 1024 * 1024  # a control-plane body is a prompt's ids and settings: a 128k prompt is ~1 MB
 
 
 def signature(secret: bytes, method: str, target: str, body: bytes, timestamp: str, nonce: str) -> str:
@@ -112,7 +112,8 @@ def bearer_ok(headers: Mapping[str, str], tokens: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """Requests whose path starts with `prefix` need one of the listed proofs (an empty rule: none)."""
+    """Requests whose path starts with `prefix` need one of the listed proofs; a rule that lists none
+    closes the prefix to everyone (an operator endpoint on a server started without an operator token)."""
 
     prefix: str
     signed: bool = False  # the deployment's signature
@@ -140,8 +141,11 @@ class Guard:
             return
         path: str = scope["path"]
         rule = next((r for r in self.rules if path.startswith(r.prefix)), None)
-        if rule is None or not (rule.signed or rule.tokens):
+        if rule is None:
             await self.app(scope, receive, send)
+            return
+        if not (rule.signed or rule.tokens):
+            await _unauthorized(send, f"{rule.prefix}* is closed on this server (it was started without an operator token)", rule.realm)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if rule.tokens and bearer_ok(headers, rule.tokens):

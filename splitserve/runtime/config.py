@@ -52,6 +52,16 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
                        help="seconds a decode worker holds a reservation for KV to arrive (plus --transfer-deadline-per-token)")
     pools.add_argument("--transfer-deadline-per-token", type=float, default=0.01)
     pools.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for workers' health")
+    security = serve.add_argument_group("security (README: Security)")
+    security.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                          help="require `Authorization: Bearer KEY` on /v1/* (repeat for several keys; "
+                               "also read from SPLITSERVE_API_KEY)")
+    security.add_argument("--admin-token-file", default=None, metavar="FILE",
+                          help="operator token for /admin/* and /debug/* (without it, only the deployment's own "
+                               "workers may call /admin/*, and /debug/* is closed)")
+    security.add_argument("--ssl-keyfile", default=None, help="serve the public port over TLS with this key ...")
+    security.add_argument("--ssl-certfile", default=None, help="... and this certificate")
+    security.add_argument("--max-body-mb", type=float, default=4.0, help="request bodies over this are refused with 413")
     add_transfer_args(serve)
     add_engine_args(serve)
 
@@ -75,7 +85,9 @@ def add_transfer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transfer", choices=["tcp", "shm"], default="tcp", help="KV transport (shm: same host only)")
     g.add_argument("--no-layer-pipelining", dest="layer_pipelining", action="store_false",
                    help="send KV after the last layer instead of layer by layer (the baseline)")
-    g.add_argument("--secret-file", default=None, help="per-deployment secret authenticating KV connections (default: generated)")
+    g.add_argument("--secret-file", default=None,
+                   help="per-deployment secret: signs every control-plane call and authenticates KV connections "
+                        "(serve: default generated; a worker and serve --attach need it)")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -23,8 +23,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from splitserve.runtime.auth import Guard, Rule, Verifier
 from splitserve.runtime.config import engine_config, worker_argv, worker_command
 from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
+from splitserve.runtime.supervisor import Supervisor
 from splitserve.runtime.process import dies_with_parent, free_port, stop_processes, terminate_on_signals, wait_healthy
 from splitserve.runtime.wire import WorkerError
 from splitserve.runtime.worker.async_engine import AsyncEngine
@@ -37,6 +39,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: the frontend's background polls of each worker (10 a second per
+    # worker) filled 1.8 MB of log in 10 minutes. Its warnings and errors still show.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
@@ -57,7 +62,9 @@ def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
 def serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if args.attach:
-        return serve_pools(args, [url.rstrip("/") for url in args.attach])
+        if args.secret_file is None:
+            raise SystemExit("serve --attach needs --secret-file: the attached workers' deployment secret signs every call to them")
+        return serve_pools(args, [url.rstrip("/") for url in args.attach], read_secret(args.secret_file))
     pools = _pool_sizes(args)
     if pools is None:
         return _serve_in_process(args)
@@ -87,7 +94,9 @@ def _serve_in_process(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return 2
     try:
-        run_server(create_app(engine, served_model_name=args.served_model_name), args.host, args.port, args.log_level)
+        app = create_app(engine, served_model_name=args.served_model_name, max_body_bytes=_max_body(args))
+        _guard(app, args, None)
+        run_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     finally:
         engine.shutdown()
     return 0
@@ -96,34 +105,44 @@ def _serve_in_process(args: argparse.Namespace) -> int:
 def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
     secret_file = _secret_file(args.secret_file)
     roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["colocated"] * n_colocated
-    urls: list[str] = []
+    ports = [free_port(args.host) for _ in roles]
+    urls = [f"http://{args.host}:{port}" for port in ports]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
+    cpus = [i % (os.cpu_count() or 1) if args.pin else None for i in range(len(roles))]
     procs: list[subprocess.Popen] = []
     terminate_on_signals(procs)
+    supervisor: Supervisor | None = None
     try:
-        for i, role in enumerate(roles):
-            port = free_port(args.host)
-            cpu = i % (os.cpu_count() or 1) if args.pin else None
-            threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
+        for role, port, cpu in zip(roles, ports, cpus):
             procs.append(_spawn_worker(args, role, port, secret_file, cpu, threads))
-            urls.append(f"http://{args.host}:{port}")
         for url, proc in zip(urls, procs):
             wait_healthy(url, proc, args.startup_timeout)
         log.info("workers up: %d prefill, %d decode, %d colocated", n_prefill, n_decode, n_colocated)
-        return serve_pools(args, urls)
+        # A worker that dies starts again on its port and rejoins through the frontend, as any worker joins.
+        scheme = "https" if args.ssl_certfile else "http"
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        router = f"{scheme}://{host}:{args.port}"
+        supervisor = Supervisor(
+            procs, lambda i: _spawn_worker(args, roles[i], ports[i], secret_file, cpus[i], threads, router)
+        ).start()
+        return serve_pools(args, urls, read_secret(secret_file))
     except RuntimeError as exc:
         log.error("cannot start: %s", exc)
         return 2
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         stop_processes(procs)
         if args.secret_file is None:
             Path(secret_file).unlink(missing_ok=True)
 
 
 def serve_pools(
-    args: argparse.Namespace, worker_urls: list[str], on_app: Callable[[FastAPI, PoolClient], None] | None = None
+    args: argparse.Namespace, worker_urls: list[str], secret: bytes,
+    on_app: Callable[[FastAPI, PoolClient], None] | None = None,
 ) -> int:
-    """The frontend over running workers. `on_app` may add to the app before it serves (the Ray launcher
-    adds its pools' lifecycle and /admin/scale)."""
+    """The frontend over running workers of the deployment whose calls `secret` signs. `on_app` may add to
+    the app before it serves (the Ray launcher adds its pools' lifecycle and /admin/scale)."""
     from splitserve.model.loader import load_tokenizer
     from splitserve.runtime.frontend.app import create_app, run_server
 
@@ -132,13 +151,44 @@ def serve_pools(
     except (FileNotFoundError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    engine = PoolClient(tokenizer, args.served_model_name or name, _pool_config(args))
-    app = create_app(engine, served_model_name=args.served_model_name)
+    engine = PoolClient(tokenizer, args.served_model_name or name, secret, _pool_config(args))
+    app = create_app(engine, served_model_name=args.served_model_name, max_body_bytes=_max_body(args))
     attach_pool(app, engine, worker_urls)
     if on_app is not None:
         on_app(app, engine)
-    run_server(app, args.host, args.port, args.log_level)
+    _guard(app, args, Verifier(secret))
+    run_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0
+
+
+def _guard(app: FastAPI, args: argparse.Namespace, verifier: Verifier | None) -> None:
+    """Who may call what on the public port: API keys (if any) for /v1/*; the operator token for /debug/*;
+    the operator token or the deployment's signature (a worker joining or draining itself) for /admin/*."""
+    admin = (read_secret(args.admin_token_file).decode(),) if args.admin_token_file else ()
+    keys = tuple(args.api_key or ()) + ((os.environ["SPLITSERVE_API_KEY"],) if os.environ.get("SPLITSERVE_API_KEY") else ())
+    if not admin:
+        log.info("no --admin-token-file: /debug/* is closed, and only this deployment's workers may call /admin/*")
+    rules = [Rule("/debug/", tokens=admin), Rule("/admin/", signed=verifier is not None, tokens=admin)]
+    if keys:
+        rules.append(Rule("/v1/", tokens=keys))
+    app.add_middleware(Guard, rules=rules, verifier=verifier)
+
+
+def _max_body(args: argparse.Namespace) -> int:
+    if args.max_body_mb <= 0:
+        raise SystemExit(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    return int(args.max_body_mb * 1024 * 1024)
+
+
+def read_secret(path: str) -> bytes:
+    """A secret or token from its file (surrounding whitespace dropped); refused when missing or empty."""
+    try:
+        value = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise SystemExit(f"cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise SystemExit(f"{path} is empty: a secret or token file must hold the value")
+    return value
 
 
 def _pool_config(args: argparse.Namespace) -> PoolConfig:
@@ -205,11 +255,15 @@ def attach_pool(app: FastAPI, engine: PoolClient, worker_urls: list[str]) -> Non
 
 
 def _spawn_worker(
-    args: argparse.Namespace, role: str, port: int, secret_file: str, cpu: int | None, threads: int
+    args: argparse.Namespace, role: str, port: int, secret_file: str, cpu: int | None, threads: int,
+    router: str | None = None,
 ) -> subprocess.Popen:
+    """One worker process; with `router`, it registers itself there (a restart after it died)."""
     cmd = worker_command(role, args.host, port, secret_file, worker_argv(args, threads))
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
+    if router is not None:
+        cmd += ["--router", router]
     log.info("starting %s worker on port %d%s", role, port, f" (cpu {cpu})" if cpu is not None else "")
     return subprocess.Popen(cmd, preexec_fn=dies_with_parent())
 
@@ -237,10 +291,10 @@ def run_worker(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    secret = Path(args.secret_file).read_bytes().strip() if args.secret_file else b""
-    if not secret:
-        log.error("a worker needs --secret-file with the deployment's secret (it authenticates KV transfers)")
+    if not args.secret_file:
+        log.error("a worker needs --secret-file with the deployment's secret (it signs control-plane calls and authenticates KV transfers)")
         return 2
+    secret = read_secret(args.secret_file)
     try:
         worker = Worker(
             args.role, build_engine(args, args.role), secret, host=args.host, transport=args.transfer,
@@ -251,8 +305,11 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     worker.start()
     url = args.advertise or f"http://{args.host}:{args.port}"
-    config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level)
-    server = WorkerServer(config, url, args.router, idle=worker.idle)
+    # No access log: a worker's callers are the frontend's polls and calls, not people (those show in the
+    # frontend's own log).
+    config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False)
+    server = WorkerServer(config, url, args.router, idle=worker.idle, secret=secret)
     try:
         server.run()
     finally:

@@ -4,6 +4,7 @@ frontend makes to a worker (`WorkerClient`)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import AsyncIterator
 
 import httpx
@@ -21,6 +22,13 @@ class Ticket(msgspec.Struct, frozen=True):
     block_ids: list[int]  # destination blocks still to fill, in prompt order
     first_block: int  # index of the first of them in the prompt's blocks (earlier ones are cached there)
     deadline_s: float  # seconds from issue until the decode worker gives the reservation up
+    # The prompt the blocks were reserved for (`prompt_digest`): a prefill worker sends KV only for that exact
+    # token chain, so the decode worker's prefix cache can never hold one prompt's KV under another's hashes.
+    prompt_digest: str
+
+
+def prompt_digest(prompt: list[int]) -> str:
+    return hashlib.blake2b(msgspec.json.encode(prompt), digest_size=16).hexdigest()
 
 
 class GenerateRequest(msgspec.Struct):
@@ -96,9 +104,12 @@ class WorkerClient:
     async def connect(cls, url: str, http: httpx.AsyncClient) -> "WorkerClient":
         try:
             r = await http.get(url.rstrip("/") + "/internal/info", timeout=5.0)
-            r.raise_for_status()
         except httpx.HTTPError as exc:
             raise WorkerError(f"worker at {url} unreachable: {exc}") from exc
+        if r.status_code == 401:
+            raise WorkerError(f"worker at {url} refused this frontend's signature: it holds another deployment secret")
+        if r.status_code != 200:
+            raise WorkerError(f"worker at {url} answered {r.status_code}: {r.text[:300]}")
         return cls(url, http, msgspec.json.decode(r.content, type=WorkerInfo))
 
     async def prefill(self, body: msgspec.Struct, timeout: float) -> PrefillResult:
@@ -140,8 +151,8 @@ class WorkerClient:
         except httpx.HTTPError:
             pass  # the worker is gone: nothing of the request survives there
 
-    async def healthy(self) -> bool:
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
-            return (await self.http.get(self.url + "/health", timeout=2.0)).status_code == 200
+            return (await self.http.get(self.url + "/health", timeout=timeout_s)).status_code == 200
         except httpx.HTTPError:
             return False

@@ -175,7 +175,6 @@ class ClusterSim:
         if p is None:
             self._run_local(d, sr, now)
             return
-        d.outstanding += 1
         sr.req = sr.make(spec.output_len, now)
         sr.split = SplitRequest(sr.req.params, _NO_EOS, spec.input_len, self.max_model_len)
         self._do(sr, sr.split.handle(Routed(d, p), now), now)
@@ -187,8 +186,6 @@ class ClusterSim:
         except QueueFull:
             self._reject(sr, 429, "queue full")
             return
-        w.outstanding += 1
-        w.queued_prefill_tokens += sr.spec.input_len
         self._kick(w, now)
 
     def _do(self, sr: SimRequest, actions: list[Action], now: float) -> None:
@@ -211,7 +208,6 @@ class ClusterSim:
                 w = act.worker
                 w.sched.abort(sr.id)
                 if act.side == "decode":
-                    w.outstanding -= 1
                     if w.pending and not w.busy:
                         self._drain_pending(w, now)
                 self._kick(w, now)
@@ -234,8 +230,6 @@ class ClusterSim:
             self._do(sr, sr.split.handle(Abort(), now), now)
             self._reject(sr, 429, "prefill queue full")
             return
-        p.outstanding += 1
-        p.queued_prefill_tokens += sr.spec.input_len
         self._kick(p, now)
 
     def _drain_pending(self, d: Worker, now: float) -> None:
@@ -289,7 +283,6 @@ class ClusterSim:
             if rec.first_token_s is None:
                 rec.first_token_s = now
                 sr.prefill_start = s.request.first_scheduled_time
-                w.queued_prefill_tokens -= sr.spec.input_len
                 if self.slo is not None and self.slo.ttft_s is not None and now - rec.sent_s > self.slo.ttft_s:
                     self._fail(sr)
             elif sr.second is None and w.role != "prefill":
@@ -308,7 +301,6 @@ class ClusterSim:
                 self._do(sr, sr.split.handle(first, now), now)
                 self._start_transfer(w, sr, now)
             else:
-                w.outstanding -= 1
                 if sr.split is not None:
                     self._do(sr, sr.split.handle(Tokens((SAMPLED_TOKEN,), req.status.value), now), now)
                 else:
@@ -339,7 +331,6 @@ class ClusterSim:
         split = sr.split
         p, d = split.prefill, split.decode
         p.sched.release_held(sr.id)
-        p.outstanding -= 1
         self._kick(p, now)
         if split.done:  # the first token ended the request, and D let its blocks go then
             return

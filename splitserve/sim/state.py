@@ -88,8 +88,6 @@ class Worker:
         self.step_seconds = 0.0
         self.nic_free = 0.0
         self.pending: deque[SimRequest] = deque()  # decode side: waiting for blocks to reserve
-        self.outstanding = 0  # requests assigned and not finished here
-        self.queued_prefill_tokens = 0  # prompt tokens assigned and not yet prefilled
         self.busy_s = self.flops = self.bytes = 0.0
         self.steps = self.seq_steps = self.tokens = self.preemptions = 0
 

@@ -148,12 +148,16 @@ def test_a_burst_of_remote_prefills_does_not_pile_up_forever_in_the_routers_esti
     assert later == pytest.approx(backlog + len(long) * PER_TOK - 1.0)
 
 
-def test_without_prefill_workers_conditional_routes_local_and_plain_policies_refuse():
-    assert router(prefill=()).route_tokens(PROMPT, now=0.0).prefill is None
-    with pytest.raises(NoWorker, match="prefill"):
-        router(prefill=(), conditional=False).route_tokens(PROMPT, now=0.0)
-    with pytest.raises(NoWorker, match="decode"):
-        router(decode=()).route_tokens(PROMPT, now=0.0)
+def test_an_empty_pool_degrades_the_deployment_instead_of_failing_it():
+    # No prefill worker: the decode worker prefills, conditional placement or not.
+    for conditional in (True, False):
+        d = router(prefill=(), conditional=conditional).route_tokens(PROMPT, now=0.0)
+        assert d.prefill is None and d.decode in ("d0", "d1")
+    # No decode worker: a prefill worker computes the request whole.
+    d = router(decode=()).route_tokens(PROMPT, now=0.0)
+    assert d.prefill is None and d.decode in ("p0", "p1")
+    with pytest.raises(NoWorker, match="no colocated, decode or prefill worker"):
+        router(prefill=(), decode=()).route_tokens(PROMPT, now=0.0)
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "kv_aware"])
@@ -207,5 +211,3 @@ def test_a_request_computed_whole_goes_to_a_decode_worker_even_without_condition
     d = r.route_tokens(PROMPT, now=0.0, whole=True)
     assert d.prefill is None and d.decode == "d1"  # kv_aware: where the prompt is cached
     assert router(prefill=(), conditional=False).route_tokens(PROMPT, now=0.0, whole=True).prefill is None
-    with pytest.raises(NoWorker, match="decode"):
-        router(decode=()).route_tokens(PROMPT, now=0.0, whole=True)

@@ -115,7 +115,7 @@ def test_prefill_and_decode_on_different_nodes_match_colocated(sim, checkpoint):
         assert {r["path"] for r in dep.requests()} == {"split"}
         # The KV went prefill node -> decode node over splitserve's TCP transport, to the address the
         # decode worker advertised.
-        endpoint = httpx.get(d["url"] + "/internal/info", timeout=5).json()["transfer_endpoint"]
+        endpoint = dep.operator.get(d["url"] + "/internal/info", timeout=5).json()["transfer_endpoint"]
         assert endpoint.startswith("tcp://127.0.0.1:")
         metrics = httpx.get(p["url"] + "/metrics", timeout=5).text
         sent = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("splitserve_kv_transfer_bytes_total"))
@@ -123,8 +123,9 @@ def test_prefill_and_decode_on_different_nodes_match_colocated(sim, checkpoint):
         assert_no_blocks_held(dep)
 
 
-def scale(url: str, decode: int) -> None:
-    cmd = [sys.executable, "-m", "splitserve", "scale", "--url", url, "--decode", str(decode)]
+def scale(dep: Deployment, decode: int) -> None:
+    cmd = [sys.executable, "-m", "splitserve", "scale", "--url", dep.url, "--decode", str(decode),
+           "--admin-token-file", str(dep.admin_token_file)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(f"decode {decode}"), done.stdout
@@ -136,12 +137,12 @@ def test_decode_pool_scales_up_and_down_under_load_losing_nothing(sim, checkpoin
         with ray_deployment(sim, checkpoint, decode=1) as dep, StreamingLoad(dep.url, clients=4, max_tokens=16) as load:
             (first,) = dep.workers("decode")
             wait_for(lambda: load.done() >= 4, 60, "the load to run")
-            scale(dep.url, 2)  # returns once the new worker has joined through the router
+            scale(dep, 2)  # returns once the new worker has joined through the router
             (new,) = [w for w in dep.workers("decode") if w["url"] != first["url"]]
             assert {sim.node_of(first["pid"]), sim.node_of(new["pid"])} == {sim.named["decode"], second}
             wait_for(lambda: sum(r["decode_worker"] == new["url"] for r in dep.requests()) >= 4, 60,
                      "the new decode worker to take requests")
-            scale(dep.url, 1)  # drains one of the two before its actor goes
+            scale(dep, 1)  # drains one of the two before its actor goes
             assert len(dep.workers("decode")) == 1
             served = load.done()
             wait_for(lambda: load.done() >= served + 4, 60, "requests after the scale-down")
@@ -157,7 +158,8 @@ def test_decode_pool_scales_up_and_down_under_load_losing_nothing(sim, checkpoin
 
 def test_removed_node_fails_over_within_bound_and_leaks_nothing(sim, checkpoint):
     doomed = sim.add_node(decode_node=1)
-    with ray_deployment(sim, checkpoint, decode=2) as dep, StreamingLoad(dep.url, clients=4, max_tokens=200) as load:
+    # 600 tokens: long enough that a request on the doomed node still streams when the node goes.
+    with ray_deployment(sim, checkpoint, decode=2) as dep, StreamingLoad(dep.url, clients=4, max_tokens=600) as load:
         (victim,) = [w for w in dep.workers("decode") if sim.node_of(w["pid"]) is doomed]
         wait_for(lambda: any(w["url"] == victim["url"] and w["in_flight"] >= 1 for w in dep.workers("decode")),
                  60, "requests on the doomed node")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from splitserve.runtime.auth import SignedCalls
 from splitserve.runtime.process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,11 +27,21 @@ def loaded_bound(seconds: float) -> float:
 
 
 class Deployment:
+    """The test holds the deployment's secret (to call workers' internal API, as the frontend does) and an
+    operator token (for /debug/* and /admin/*); `operator` is an httpx client that proves both."""
+
     def __init__(self, model: Path | None, *args: str, startup_timeout: float = 120.0) -> None:
         """model None: the bundled default."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning", *args]
+        self._dir = tempfile.TemporaryDirectory(prefix="splitserve-deployment-")
+        self.secret, self.admin_token = secrets.token_hex(32).encode(), secrets.token_hex(16)
+        self.secret_file, self.admin_token_file = Path(self._dir.name) / "secret", Path(self._dir.name) / "admin-token"
+        self.secret_file.write_bytes(self.secret)
+        self.admin_token_file.write_text(self.admin_token)
+        self.operator = httpx.Client(auth=SignedCalls(self.secret), headers={"authorization": f"Bearer {self.admin_token}"})
+        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning",
+               "--secret-file", str(self.secret_file), "--admin-token-file", str(self.admin_token_file), *args]
         if model is not None:
             cmd += ["--model", str(model)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -47,18 +60,18 @@ class Deployment:
         raise RuntimeError("deployment not healthy in time")
 
     def workers(self, role: str | None = None) -> list[dict]:
-        ws = httpx.get(self.url + "/debug/workers", timeout=5).json()
+        ws = self.operator.get(self.url + "/debug/workers", timeout=5).json()
         return [w for w in ws if role is None or w["role"] == role]
 
     def requests(self) -> list[dict]:
-        return httpx.get(self.url + "/debug/requests?limit=1000", timeout=5).json()
+        return self.operator.get(self.url + "/debug/requests?limit=1000", timeout=5).json()
 
     def free_blocks(self) -> dict[str, tuple[int, int]]:
         """(free, total) KV blocks of every worker that answers."""
         out = {}
         for w in self.workers():
             try:
-                s = httpx.get(w["url"] + "/internal/stats", timeout=5).json()
+                s = self.operator.get(w["url"] + "/internal/stats", timeout=5).json()
             except httpx.HTTPError:
                 continue
             out[w["url"]] = (s["num_free_blocks"], s["num_total_blocks"])
@@ -73,6 +86,8 @@ class Deployment:
             time.sleep(0.1)
 
     def close(self) -> None:
+        self.operator.close()
+        self._dir.cleanup()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -120,3 +120,17 @@ async def test_the_guard_refuses_before_any_route_runs_and_lets_proof_through():
     async with httpx.AsyncClient(transport=transport, base_url="http://w", auth=SignedCalls(b"other", clock=lambda: NOW)) as impostor:
         assert (await impostor.post("/internal/abort", json={"request_id": "r1"})).status_code == 401
     assert app.state.seen == ["admin", 'abort:{"request_id":"r1"}', "admin"]
+
+
+@pytest.mark.anyio
+async def test_a_rule_with_no_proof_closes_its_prefix():
+    app = FastAPI()
+
+    @app.get("/debug/requests")
+    async def debug():
+        return []
+
+    app.add_middleware(Guard, rules=[Rule("/debug/")])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://f") as c:
+        r = await c.get("/debug/requests", headers={"authorization": "Bearer anything"})
+        assert r.status_code == 401 and "closed" in r.json()["error"]["message"]

@@ -28,16 +28,17 @@ def start_worker(checkpoint, role: str, secret_file, *extra: str) -> tuple[str, 
     return url, proc
 
 
-def attach(checkpoint, *urls: str) -> subprocess.CompletedProcess:
+def attach(checkpoint, secret_file, *urls: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "splitserve", "serve", "--attach", *urls, "--model", str(checkpoint),
-           "--port", str(free_port())]
+           "--port", str(free_port()), "--secret-file", str(secret_file)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
     "prefill_extra, decode_extra, secrets, expected",
     [
-        ((), (), ("one", "two"), "authentication failed"),
+        # The frontend holds the prefill worker's secret: the decode worker refuses its signed calls.
+        ((), (), ("one", "two"), "holds another deployment secret"),
         (("--block-size", "16"), ("--block-size", "32"), ("same", "same"), "block_size=32"),
         ((), ("--dtype", "bfloat16"), ("same", "same"), "bfloat16"),
     ],
@@ -55,7 +56,7 @@ def test_mismatched_workers_are_refused_at_startup(tmp_path, checkpoint, prefill
         procs.append(p)
         d_url, d = start_worker(checkpoint, "decode", files[1], *decode_extra)
         procs.append(d)
-        result = attach(checkpoint, p_url, d_url)
+        result = attach(checkpoint, files[0], p_url, d_url)
         assert result.returncode != 0
         assert expected in result.stderr, result.stderr[-2000:]
     finally:

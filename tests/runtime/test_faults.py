@@ -150,7 +150,7 @@ def test_stalled_prefill_worker_times_out_and_recomputes(checkpoint, hf):
             os.kill(p["pid"], signal.SIGCONT)
         # Once it runs again, the stale prefill finds its ticket gone and gives its blocks back too.
         end = time.monotonic() + loaded_bound(QUIET_BOUND_S)
-        while (stats := httpx.get(p["url"] + "/internal/stats", timeout=5).json())["num_free_blocks"] != before[p["url"]][0]:
+        while (stats := dep.operator.get(p["url"] + "/internal/stats", timeout=5).json())["num_free_blocks"] != before[p["url"]][0]:
             assert time.monotonic() < end, stats
             time.sleep(0.1)
 

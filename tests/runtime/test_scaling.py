@@ -29,15 +29,13 @@ def one_request(url: str, i: int) -> int:
     return httpx.post(url + "/v1/completions", json=body, timeout=60).status_code
 
 
-def test_worker_joins_and_drains_under_load(tmp_path, checkpoint):
-    secret = tmp_path / "secret"
-    secret.write_text("scale-test-secret")
+def test_worker_joins_and_drains_under_load(checkpoint):
     common = ["--num-blocks", "256", "--router-policy", "least_loaded", "--no-conditional"]
-    with Deployment(checkpoint, "--prefill", "1", "--decode", "1", "--secret-file", str(secret), *common) as dep:
+    with Deployment(checkpoint, "--prefill", "1", "--decode", "1", *common) as dep:
         port = free_port()
         joiner = subprocess.Popen(
             [sys.executable, "-m", "splitserve", "worker", "--role", "decode", "--port", str(port), "--model",
-             str(checkpoint), "--secret-file", str(secret), "--num-blocks", "256", "--router", dep.url,
+             str(checkpoint), "--secret-file", str(dep.secret_file), "--num-blocks", "256", "--router", dep.url,
              "--log-level", "warning"],
             cwd=REPO,
         )

@@ -34,7 +34,7 @@ def complete(dep: Deployment) -> list[int]:
 
 def kv_endpoint(dep: Deployment) -> tuple[str, int]:
     (d,) = dep.workers("decode")
-    info = httpx.get(d["url"] + "/internal/info", timeout=5).json()
+    info = dep.operator.get(d["url"] + "/internal/info", timeout=5).json()
     _, host, port = parse_endpoint(info["transfer_endpoint"])
     return host, port
 

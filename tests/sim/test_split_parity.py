@@ -67,7 +67,7 @@ class FakeWorker:
             self.no_room -= 1
             yield StreamEvent(no_room=True)
             return
-        yield StreamEvent(TokenOutput(body.request_id, []), ticket=Ticket(body.request_id, "kv", [0], 0, 10.0))
+        yield StreamEvent(TokenOutput(body.request_id, []), ticket=Ticket(body.request_id, "kv", [0], 0, 10.0, ""))
         await self.kv.wait()  # the prefill worker's KV and first token landed
         for i in range(1, self.tokens):
             last = i == self.tokens - 1
@@ -90,7 +90,7 @@ def serve(prompt_len: int, tokens: int, no_room: int = 0) -> list[list[int]]:
         eos_token_ids: frozenset[int] = frozenset()
 
     async def go() -> list[list[int]]:
-        engine = PoolClient(NoText(), "m", PoolConfig(policy="round_robin", conditional=False))
+        engine = PoolClient(NoText(), "m", b"deployment secret", PoolConfig(policy="round_robin", conditional=False))
         engine.max_model_len = 4096
         costs = CostModel(kv_bytes_per_token=1, num_layers=1, link_bytes_per_s=1e9, prefill_s_per_token=1e-4, decode_step_s=0.01)
         engine.router = Router("round_robin", BLOCK, costs, conditional=False)

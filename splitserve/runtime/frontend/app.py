@@ -85,6 +85,10 @@ def create_app(
     async def health() -> JSONResponse:
         ok = frontend.healthy()
         body = {"status": "ok" if ok else "unavailable", "model": frontend.model_name}
+        degraded = getattr(frontend.engine, "degraded", None)
+        reason = degraded() if ok and degraded is not None else None
+        if reason:
+            body.update(status="degraded", reason=reason)
         # Deployment problems (e.g. workers refused for a KV layout or handshake mismatch) are shown here.
         errors = getattr(frontend.engine, "health_errors", None)
         if errors:
@@ -99,11 +103,14 @@ def create_app(
 
 
 def run_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", graceful_timeout_s: float = 30.0
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", graceful_timeout_s: float = 30.0,
+    ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM. Shutdown stops accepting connections, lets running requests finish
-    for up to graceful_timeout_s, then cancels the rest, which aborts their engine requests."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+    """Serve until SIGINT or SIGTERM (over TLS when given a key and certificate). Shutdown stops accepting
+    connections, lets running requests finish for up to graceful_timeout_s, then cancels the rest, which
+    aborts their engine requests."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
+                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
 
 
 class _Frontend:

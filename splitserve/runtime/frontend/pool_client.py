@@ -31,6 +31,7 @@ from splitserve.core.split_request import (
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
 from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
+from splitserve.runtime.auth import SignedCalls
 from splitserve.runtime.frontend.router_feed import RouterPoll
 from splitserve.runtime.wire import (
     DecodeRequest, GenerateRequest, PrefillRequest, PrefillResult, StreamEvent, Ticket, WorkerClient, WorkerError,
@@ -54,10 +55,13 @@ class PoolConfig:
     deadline_per_token_s: float = 0.01
     max_waiting: int = 256  # requests waiting for a reservation; beyond it: 429
     stream_read_timeout_s: float = 120.0
+    heartbeat_s: float = 1.0  # how often each worker's /health is read (it answers between engine steps too)
+    liveness_s: float = 5.0  # a worker silent this long is dead: removed, its requests recomputed elsewhere
 
 
 class PoolClient:
-    def __init__(self, tokenizer: Tokenizer, model_name: str, config: PoolConfig = PoolConfig()) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_name: str, secret: bytes, config: PoolConfig = PoolConfig()) -> None:
+        """`secret`: the deployment's, which signs every call to a worker (workers refuse unsigned ones)."""
         if config.on_transfer_failure not in ("recompute", "fail"):
             raise ValueError("on_transfer_failure must be 'recompute' or 'fail'")
         self.tokenizer = tokenizer
@@ -66,7 +70,9 @@ class PoolClient:
         self.max_model_len = 0
         self.pools: dict[str, list[WorkerClient]] = {"prefill": [], "decode": [], "colocated": []}
         self.phases = PhaseLog()
-        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256), auth=SignedCalls(secret)
+        )
         self.admission = AdmissionQueue(config.max_waiting)
         self.router: Router | None = None  # made when the first worker tells the KV geometry
         self.feed: RouterPoll | None = None
@@ -80,6 +86,8 @@ class PoolClient:
         completed KV handshake with every peer of the other phase. Refused with a message naming both
         sides' values (also kept in `health_errors`), never discovered per request."""
         w = await WorkerClient.connect(url, self.http)
+        # The same URL again is the same worker restarted (a new generation): it replaces the old entry.
+        self.remove_worker(url)
         try:
             await self._check_compatible(w)
         except WorkerError as exc:
@@ -154,7 +162,38 @@ class PoolClient:
         self._stats.pop(w.url, None)
 
     def healthy(self) -> bool:
-        return bool(self.pools["colocated"]) or bool(self.pools["prefill"] and self.pools["decode"])
+        """Serving, perhaps degraded: any worker can compute a request whole."""
+        return any(self.pools.values())
+
+    def degraded(self) -> str | None:
+        """Why the deployment serves with less than it was built with, or None."""
+        if self.pools["colocated"] or not any(self.pools.values()):
+            return None
+        if not self.pools["prefill"]:
+            return "no prefill worker: prompts are prefilled on decode workers"
+        if not self.pools["decode"]:
+            return "no decode worker: requests run whole on prefill workers"
+        return None
+
+    async def heartbeat(self) -> None:
+        """Liveness: each worker's /health every `heartbeat_s`; one silent for `liveness_s` is removed (its
+        in-flight requests fail over and are recomputed elsewhere), so a dead or partitioned worker is
+        found in seconds, not at a request's read timeout."""
+        c = self.config
+        last_ok: dict[str, float] = {}
+        while True:
+            members = [w for pool in self.pools.values() for w in pool]
+            alive = await asyncio.gather(*(w.healthy(timeout_s=2 * c.heartbeat_s) for w in members))
+            now = time.monotonic()
+            for w, ok in zip(members, alive):
+                seen = last_ok.setdefault(w.url, now)
+                if ok:
+                    last_ok[w.url] = now
+                elif now - seen > c.liveness_s and self._find(w.url) is w:
+                    log.warning("%s worker %s silent for %.1f s: removed", w.info.role, w.url, now - seen)
+                    self.remove_worker(w.url)
+                    last_ok.pop(w.url, None)
+            await asyncio.sleep(c.heartbeat_s)
 
     async def _evict_if_dead(self, w: WorkerClient) -> None:
         """After a failure: a worker that does not answer its health check takes no more requests."""
@@ -187,7 +226,7 @@ class PoolClient:
 
     async def run_background(self) -> None:
         """The polls that keep routing and metrics current; runs for the app's lifetime."""
-        await asyncio.gather(self.poll_stats(), self._feed_router())
+        await asyncio.gather(self.poll_stats(), self._feed_router(), self.heartbeat())
 
     async def _feed_router(self) -> None:
         while self.feed is None:  # a deployment may start empty, its workers joining later
@@ -201,7 +240,7 @@ class PoolClient:
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
         if not self.healthy():
-            raise EngineUnavailable("no workers: the deployment needs a colocated worker, or a prefill and a decode worker")
+            raise EngineUnavailable("no workers: every worker of the deployment is gone (restarting ones rejoin)")
         if not self.admission.offer():
             raise EngineOverloaded(retry_after=self.admission.retry_after(time.monotonic()))
         return self._generate(request_id, list(prompt_token_ids), params)
@@ -341,10 +380,11 @@ class PoolClient:
         rec.path = "recompute"
         d = act.decode
         if d is None:
-            if not self.pools["decode"]:
-                yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; no decode worker left")
+            try:
+                d = self._whole(calls.prompt)  # another decode worker, or (degraded) a prefill worker
+            except EngineUnavailable as exc:
+                yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; {exc}")
                 return
-            d = self._whole(calls.prompt)
         async for out in self._local(d, calls.rid, calls.prompt, calls.params, list(act.produced), rec, suffix="/recompute"):
             yield out
 

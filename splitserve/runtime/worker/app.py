@@ -22,10 +22,11 @@ from splitserve.runtime.worker.async_engine import AsyncEngine
 from splitserve.runtime.worker.decode_role import DecodeRole
 from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStatsCollector, EngineUnavailable, TokenOutput
-from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole
+from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole, WrongTicket
 from splitserve.runtime.worker.kv_event_log import KVEventLog
 from splitserve.runtime.worker.utilization import UtilizationCollector, UtilizationMeter
 from splitserve.core.router_feed import WorkerReport
+from splitserve.runtime.auth import Guard, Rule, Verifier
 from splitserve.runtime.wire import DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, encoder
 from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
@@ -50,6 +51,7 @@ class Worker:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
         self.engine = engine
+        self.secret = secret
         self.generation = time.time_ns()
         self.kv_log = KVEventLog(engine.pool)
         self.metrics = WorkerMetrics(role)
@@ -139,6 +141,9 @@ class Worker:
 
 def create_worker_app(worker: Worker) -> FastAPI:
     app = FastAPI(title=f"splitserve {worker.role} worker")
+    # Only the deployment's frontend (which holds its secret) may use the internal API: register KV peers,
+    # reserve blocks, send prompts with tickets, read state. /health and /metrics stay open (read-only load).
+    app.add_middleware(Guard, rules=[Rule("/internal/", signed=True)], verifier=Verifier(worker.secret))
     engine = worker.async_engine
 
     @app.get("/health")
@@ -219,6 +224,8 @@ def create_worker_app(worker: Worker) -> FastAPI:
                 return JSONResponse({"error": f"KV handshake refused: {exc}"}, status_code=502)
             except (ConnectionError, OSError) as exc:
                 return JSONResponse({"error": f"cannot reach decode worker: {exc}"}, status_code=502)
+            except WrongTicket as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
             except PrefillFailed as exc:
                 return JSONResponse({"error": str(exc)}, status_code=500)
             return Response(encoder.encode(result), media_type="application/json")

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from splitserve.runtime.worker.async_engine import AsyncEngine, NoRoom
 from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.engine_client import TokenOutput
-from splitserve.runtime.wire import DecodeRequest, StreamEvent, Ticket
+from splitserve.runtime.wire import DecodeRequest, StreamEvent, Ticket, prompt_digest
 from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import KVReceiver
 
@@ -58,7 +58,9 @@ class DecodeRole:
         blocks = r.block_ids[first_block:]
         now = time.monotonic()
         self.receiver.expect(req.request_id, blocks, now + req.deadline_s)
-        self._tickets[req.request_id] = Ticket(req.request_id, self.receiver.endpoint, blocks, first_block, req.deadline_s)
+        self._tickets[req.request_id] = Ticket(
+            req.request_id, self.receiver.endpoint, blocks, first_block, req.deadline_s, prompt_digest(req.prompt)
+        )
         self._reserved_at[req.request_id] = now
         return TokenOutput(req.request_id, [], num_prompt_tokens=len(req.prompt), num_cached_tokens=r.num_cached_tokens)
 

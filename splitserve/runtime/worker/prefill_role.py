@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from splitserve.core.scheduler import SchedulerOutput
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.runtime.worker.async_engine import AsyncEngine
-from splitserve.runtime.wire import PrefillRequest, PrefillResult
+from splitserve.runtime.wire import PrefillRequest, PrefillResult, prompt_digest
 from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import KVSender, TicketSend
 
@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 class PrefillFailed(Exception):
     pass
+
+
+class WrongTicket(ValueError):
+    """A ticket reserved for another prompt: its KV must not land in those blocks."""
 
 
 @dataclass
@@ -90,6 +94,8 @@ class PrefillRole:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         rid, ticket = req.request_id, req.ticket
+        if prompt_digest(req.prompt) != ticket.prompt_digest:
+            raise WrongTicket(f"ticket {ticket.ticket_id} was reserved for another prompt; no KV is sent")
         send = await asyncio.to_thread(self.sender.start_ticket, ticket.endpoint, ticket.ticket_id, len(ticket.block_ids))
         og = Outgoing(send, ticket.first_block, len(ticket.block_ids), ticket.deadline_s)
         self._outgoing[rid] = og

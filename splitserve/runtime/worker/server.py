@@ -15,14 +15,23 @@ from typing import Callable
 import httpx
 import uvicorn
 
+from splitserve.runtime.auth import SignedCalls
+
 log = logging.getLogger(__name__)
 
 
 class WorkerServer(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, url: str, router: str | None, idle: Callable[[], bool], drain_timeout_s: float = 600.0
+        self, config: uvicorn.Config, url: str, router: str | None, idle: Callable[[], bool], secret: bytes,
+        drain_timeout_s: float = 600.0,
     ) -> None:
+        """`secret`: the deployment's; it signs this worker's registration and drain, which the router
+        refuses from anyone who cannot prove it."""
         super().__init__(config)
+        self._auth = SignedCalls(secret)
+        # Registration over the frontend's TLS port does not check its certificate: the calls are signed
+        # (nothing in them can be changed or replayed) and their answers carry nothing secret.
+        self._verify = not (router or "").startswith("https://")
         self.url = url
         self.router = router.rstrip("/") if router else None
         self.idle = idle  # True when the engine holds no request, reservation or block in transit
@@ -48,7 +57,7 @@ class WorkerServer(uvicorn.Server):
     async def _register(self, timeout_s: float = 60.0) -> None:
         """Join the deployment; the router checks model and KV layout and handshakes KV peers first."""
         end = time.monotonic() + timeout_s
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(auth=self._auth, verify=self._verify) as http:
             while not self.should_exit:
                 try:
                     r = await http.post(self.router + "/admin/workers", json={"url": self.url}, timeout=30.0)
@@ -73,7 +82,7 @@ class WorkerServer(uvicorn.Server):
         end = time.monotonic() + self.drain_timeout_s
         try:
             if self.router is not None:
-                async with httpx.AsyncClient() as http:
+                async with httpx.AsyncClient(auth=self._auth, verify=self._verify) as http:
                     # The router answers once nothing it routed here is still running.
                     await http.post(self.router + "/admin/workers/drain", json={"url": self.url}, timeout=self.drain_timeout_s)
         except httpx.HTTPError as exc:
