@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from splitserve.runtime.frontend.app import create_app
+from tests.runtime.deployment import loaded_bound
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +86,7 @@ async def test_a_10_mb_prompt_is_refused_at_once(client, engine):
     r = await client.post("/v1/completions", json={"prompt": "word " * 2_000_000, "max_tokens": 2})
     elapsed = time.perf_counter() - start
     assert _error(r, 413)["code"] == "request_too_large"
-    # Refused from the header alone: no parsing or tokenizing (that took 30 s). 5 s leaves room for a loaded
-    # 2-core machine, where the client side still has to build the 10 MB body.
-    assert elapsed < 5.0
+    # Refused from the header alone: no parsing or tokenizing (that took 30 s). 5 s on a quiet machine,
+    # stretched by load (the client side still has to build the 10 MB body).
+    assert elapsed < loaded_bound(5.0)
     assert engine.calls == []

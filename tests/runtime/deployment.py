@@ -78,7 +78,7 @@ class Deployment:
         return out
 
     def wait_all_free(self, timeout: float = 10.0) -> dict[str, tuple[int, int]]:
-        end = time.monotonic() + timeout
+        end = time.monotonic() + loaded_bound(timeout)
         while True:
             blocks = self.free_blocks()
             if all(free == total for free, total in blocks.values()) or time.monotonic() > end:

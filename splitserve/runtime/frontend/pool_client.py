@@ -185,6 +185,7 @@ class PoolClient:
             members = [w for pool in self.pools.values() for w in pool]
             alive = await asyncio.gather(*(w.healthy(timeout_s=2 * c.heartbeat_s) for w in members))
             now = time.monotonic()
+            last_ok = {url: t for url, t in last_ok.items() if any(w.url == url for w in members)}  # left: forget
             for w, ok in zip(members, alive):
                 seen = last_ok.setdefault(w.url, now)
                 if ok:
@@ -197,7 +198,7 @@ class PoolClient:
 
     async def _evict_if_dead(self, w: WorkerClient) -> None:
         """After a failure: a worker that does not answer its health check takes no more requests."""
-        if not await w.healthy():
+        if not await w.healthy() and self._find(w.url) is w:  # many failed calls may ask at once: log once
             log.warning("removing unresponsive %s worker %s", w.info.role, w.url)
             self.remove_worker(w.url)
 
