@@ -28,6 +28,7 @@ from splitserve.core.request import SamplingParams
 from splitserve.model.tokenizer import IncrementalDetokenizer
 from splitserve.runtime.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, TokenOutput
 from splitserve.runtime.frontend.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from splitserve.runtime.frontend.dashboard import dashboard_router
 from splitserve.runtime.frontend.metrics import FrontendMetrics, RequestMetrics
 from splitserve.runtime.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -68,6 +69,7 @@ def create_app(
     app = FastAPI(title="splitserve", summary="OpenAI-compatible LLM serving with disaggregated prefill and decode")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
+    app.include_router(dashboard_router(engine, frontend.metrics))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -43,4 +43,8 @@ class PhaseLog:
         self._records.append(record)
 
     def recent(self, limit: int = 100) -> list[dict]:
-        return [r.as_dict() for r in list(self._records)[-limit:]]
+        return [r.as_dict() for r in self.records(limit)]
+
+    def records(self, limit: int = 100) -> list[PhaseRecord]:
+        """The last `limit` records, oldest first."""
+        return list(self._records)[-limit:]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -31,3 +31,5 @@ class WorkerMetrics:
         )
         self.no_room = Counter("splitserve_kv_reservations_refused", "Reservations refused: no free blocks", registry=r)
         self.role = role
+        # The worker's role as a label: Grafana joins per-instance series with it (docs/grafana/).
+        Info("splitserve_worker", "This worker's role", registry=r).info({"role": role})
