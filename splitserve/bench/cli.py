@@ -90,6 +90,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, help="write result.json and plots to this folder")
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-live-table", dest="live_table", action="store_false",
+                   help="no live table of latency percentiles while the run goes (it shows only on a terminal)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -127,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         deadline_s=args.deadline,
         ignore_eos=args.ignore_eos,
         progress=args.progress,
+        live_table=args.live_table,
         out_dir=args.out,
     )
 

@@ -50,6 +50,7 @@ class BenchConfig:
     ignore_eos: bool = True
     salt: int | None = None  # prompt-token salt; None: fresh per invocation, so reruns miss the prefix cache
     progress: bool = False
+    live_table: bool = True  # with progress, on a terminal: the latency percentiles so far, while it runs
     out_dir: Path | None = None
 
 

@@ -29,15 +29,20 @@ def print_result(result: BenchResult, console: Console) -> None:
         print_sweep(doc["sweep"], console)
 
 
-def print_summary(s: dict[str, Any], console: Console) -> None:
-    lat = Table(title="Latency (ms)", title_justify="left")
+def latency_table(s: dict[str, Any], title: str = "Latency (ms)") -> Table:
+    """TTFT, TPOT, ITL and E2E: count, mean and percentiles (the end-of-run table and the live one)."""
+    lat = Table(title=title, title_justify="left")
     lat.add_column("metric")
     lat.add_column("n", justify="right")
     for q in QUANTILES:
         lat.add_column(q, justify="right")
     for key, label in LATENCIES:
         lat.add_row(label, str(s[key]["count"]), *(_ms(s[key][q]) for q in QUANTILES))
-    console.print(lat)
+    return lat
+
+
+def print_summary(s: dict[str, Any], console: Console) -> None:
+    console.print(latency_table(s))
 
     overview = Table(title="Run", title_justify="left", show_header=False)
     overview.add_column()

@@ -50,7 +50,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     target = Target(config.url, model, config.ignore_eos)
     runs: list[Run] = []
 
-    with RunProgress(config.progress, console) as progress:
+    with RunProgress(config.progress, console, config.live_table) as progress:
 
         def measure(rate: float | None, trial: int) -> Run:
             workload = _workload(config.load, trace, rate, trial)
