@@ -181,12 +181,18 @@ function record(data) {
 
 function chartWidth(id) { return Math.max(320, $(id).parentElement.clientWidth - 16); }
 
-function makeChart(id, series, yRange) {
+const fromZero = (u, lo, hi) => [0, Math.max(hi || 0, 1e-9) * 1.1];
+
+// `scales`: per series, the name of its y scale (two figures of different units get an axis each).
+function makeChart(id, series, yRange, scales) {
+  const names = scales ? [...new Set(scales)] : ["y"];
   const opts = {
     width: chartWidth(id), height: 180, legend: { live: false },
-    scales: { x: { time: true }, y: yRange ? { range: yRange } : { range: (u, lo, hi) => [0, Math.max(hi || 0, 1e-9) * 1.1] } },
-    series: [{}].concat(series.map((s, i) => ({ label: s, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false }))),
-    axes: [{}, { size: 60 }],
+    scales: Object.fromEntries([["x", { time: true }], ...names.map((n) => [n, { range: yRange || fromZero }])]),
+    series: [{}].concat(series.map((s, i) => ({
+      label: s, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false, scale: scales ? scales[i] : "y",
+    }))),
+    axes: [{}].concat(names.map((n, i) => ({ scale: n, size: 60, side: i === 0 ? 3 : 1, label: scales ? n : undefined, grid: { show: i === 0 } }))),
   };
   if (charts[id]) charts[id].destroy();
   charts[id] = new uPlot(opts, [[]].concat(series.map(() => [])), $(id));
@@ -203,7 +209,7 @@ function renderCharts(workers) {
     const label = (u) => { const w = workers.find((x) => x.url === u); return (w ? w.role + " " : "") + u; };
     makeChart("chart-kv", urls.map(label), [0, 1]);
     makeChart("chart-util", urls.flatMap((u) => [label(u) + " compute", label(u) + " bandwidth"]), [0, 1]);
-    makeChart("chart-transfer", ["MB/s", "exposed ms (mean)"]);
+    makeChart("chart-transfer", ["MB/s", "exposed ms (mean)"], null, ["MB/s", "ms"]);
     makeChart("chart-requests", ["running", "queued", "finished/s"]);
   }
   const t = history.t;
