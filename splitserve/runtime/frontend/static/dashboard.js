@@ -222,7 +222,9 @@ function renderCharts(workers) {
   charts["chart-requests"].setData([t, ...history.requests]);
 }
 
-function renderTimeline(rows) {
+function renderTimeline(records) {
+  // Records arrive in the order requests ended; a waterfall reads better in the order they arrived.
+  const rows = records.filter((r) => r.spans.length).sort((a, b) => a.spans[0].start - b.spans[0].start);
   const canvas = $("timeline");
   const width = Math.max(600, canvas.clientWidth || 1200);
   const lane = 5, rowH = LANES.length * lane + 4, left = 150, top = 18;
