@@ -73,8 +73,12 @@ class Page:
                 out.append(f"log {p['entry']['source']}: {p['entry']['text']} {p['entry'].get('url', '')}")
         return out
 
-    def screenshot(self, path: Path) -> None:
-        data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
+    def screenshot(self, path: Path, width: int = 1400) -> None:
+        """The whole page: the viewport is made as tall as the content first (capturing beyond the viewport
+        failed with an internal error on a loaded machine)."""
+        height = int(self.send("Page.getLayoutMetrics")["cssContentSize"]["height"])
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        data = self.send("Page.captureScreenshot", {"format": "png"}, timeout=60)["data"]
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
@@ -84,7 +88,7 @@ class Page:
 class Chromium:
     """A headless browser for the length of a `with` block."""
 
-    def __init__(self, width: int = 1400, height: int = 1400) -> None:
+    def __init__(self, width: int = 1400, height: int = 1400, startup_timeout: float = 60.0) -> None:
         exe = chromium_path()
         if exe is None:
             raise RuntimeError("no chromium on PATH (Debian: apt-get install chromium)")
@@ -96,7 +100,7 @@ class Chromium:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         port_file = Path(self._profile.name) / "DevToolsActivePort"
-        end = time.monotonic() + 60
+        end = time.monotonic() + startup_timeout
         while not port_file.exists() or not port_file.read_text().strip():
             if time.monotonic() > end or self._proc.poll() is not None:
                 self.close()

@@ -102,7 +102,7 @@ def test_page_renders_and_updates_under_load_in_headless_chromium(deployment, tm
     for t in loaders:
         t.start()
     try:
-        with Chromium() as browser:
+        with Chromium(startup_timeout=loaded_bound(60)) as browser:
             page = browser.page()
             page.send("Page.navigate", {"url": deployment.url + "/dashboard?interval=500"})
             page.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden", loaded_bound(30))
