@@ -52,7 +52,8 @@ def test_quantile_lands_in_the_bucket_of_the_true_quantile(values, q):
     bounds = (0.0, *BUCKETS, math.inf)
     i = next(k for k in range(1, len(bounds)) if true <= bounds[k])
     lo, hi = bounds[i - 1], bounds[i]
-    assert lo <= est <= (hi if math.isfinite(hi) else BUCKETS[-1]), (est, true)
+    top = hi if math.isfinite(hi) else BUCKETS[-1]
+    assert lo - 1e-9 <= est <= top + 1e-9, (est, true)  # interpolation may land a rounding error past the bound
 
 
 def test_window_counts_what_grew_within_it_and_survives_a_restart():
