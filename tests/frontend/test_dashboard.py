@@ -90,6 +90,16 @@ def test_split_phases_follow_each_other_on_their_workers():
     assert exposed_transfer_s(split_record()) == pytest.approx(0.02)  # KV complete 20 ms after the last layer
 
 
+def test_a_late_kv_estimate_never_runs_past_the_request():
+    # D's wait-for-KV (its own clock, from its reservation) plus the frontend's later view of that reservation
+    # can add up past the end: phases stay inside the request, and decode still shows.
+    rec = split_record()
+    rec.kv_wait_s = 0.45
+    spans = {s.name: s for s in phase_spans(rec)}
+    assert all(s.end <= 100.4 + 1e-9 for s in spans.values())
+    assert spans["decode"].start == pytest.approx(100.15) and spans["wait-for-KV"].end == pytest.approx(100.4)
+
+
 def test_local_and_recompute_paths_show_where_they_ran():
     local = PhaseRecord("r2", 5.0, path="local", decode_worker="D", queue_s=0.1, ttft_s=0.3, e2e_s=1.0)
     assert [(s.track, s.name) for s in phase_spans(local)] == [

@@ -127,3 +127,10 @@ def test_page_renders_and_updates_under_load_in_headless_chromium(deployment, tm
         for t in loaders:
             t.join()
     assert all(free == total for free, total in deployment.wait_all_free().values())
+
+
+def test_page_is_open_and_its_data_takes_the_operator_token(deployment):
+    assert httpx.get(deployment.url + "/dashboard", timeout=10).status_code == 200
+    for path in ("/debug/dashboard", "/debug/trace"):
+        assert httpx.get(deployment.url + path, timeout=10).status_code == 401
+        assert httpx.get(deployment.url + path, headers={"authorization": "Bearer guess"}, timeout=10).status_code == 403

@@ -9,6 +9,7 @@ from the request's arrival on the frontend clock they give each phase's start an
     kv link    transfer [r+q, r+k]                                             (k: D's reservation to complete KV;
     decode     wait-for-KV [r, r+k]   decode [max(ttft, r+k), e2e]              layer-wise, so it overlaps prefill)
 
+Every phase is clipped to the request's end (a duration from another clock can reach past it).
 A request computed whole on one worker (local, colocated) has queue [0, q], prefill [q, ttft] and decode
 [ttft, e2e] on that worker. A recompute keeps what its split attempt measured, then `recompute` on the
 decode worker from the last of those phases to the end.
@@ -40,6 +41,10 @@ def phase_spans(rec: PhaseRecord) -> list[Span]:
     spans: list[Span] = []
 
     def add(track: str | None, role: str, name: str, start: float | None, end: float | None) -> None:
+        if rec.e2e_s is not None and end is not None:
+            # Durations from other clocks (D's wait-for-KV counts from its own reservation, which the frontend
+            # learns of later) can reach past the request's end by that delay: nothing ran after the end.
+            end = min(end, rec.e2e_s)
         if track is not None and start is not None and end is not None and end > start:
             spans.append(Span(track, role, name, t0 + start, t0 + end))
 
@@ -65,8 +70,10 @@ def phase_spans(rec: PhaseRecord) -> list[Span]:
         ends.append(kv_done)
     if rec.path == "recompute":
         add(rec.decode_worker, "decode", "recompute", max(ends), rec.e2e_s)
-    elif rec.ttft_s is not None:
-        add(rec.decode_worker, "decode", "decode", max(rec.ttft_s, kv_done or 0.0), rec.e2e_s)
+    elif rec.ttft_s is not None and rec.e2e_s is not None:
+        # Decoding starts when the KV is complete, unless that estimate lands at or past the end (clock skew).
+        start = max(rec.ttft_s, kv_done) if kv_done is not None and kv_done < rec.e2e_s else rec.ttft_s
+        add(rec.decode_worker, "decode", "decode", start, rec.e2e_s)
     return sorted(spans, key=lambda s: s.start)
 
 
