@@ -25,17 +25,18 @@ def chromium_path() -> str | None:
 
 
 class Page:
-    def __init__(self, ws_url: str) -> None:
-        self._ws = connect(ws_url, max_size=64 * 1024 * 1024, open_timeout=30)
+    def __init__(self, ws_url: str, call_timeout: float = 30.0) -> None:
+        self._ws = connect(ws_url, max_size=64 * 1024 * 1024, open_timeout=call_timeout)
+        self.call_timeout = call_timeout
         self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable")
 
-    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         call = next(self._ids)
         self._ws.send(json.dumps({"id": call, "method": method, "params": params or {}}))
-        end = time.monotonic() + timeout
+        end = time.monotonic() + (timeout or self.call_timeout)
         while True:
             message = json.loads(self._ws.recv(timeout=max(0.01, end - time.monotonic())))
             if message.get("id") == call:
@@ -78,7 +79,7 @@ class Page:
         failed with an internal error on a loaded machine)."""
         height = int(self.send("Page.getLayoutMetrics")["cssContentSize"]["height"])
         self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-        data = self.send("Page.captureScreenshot", {"format": "png"}, timeout=60)["data"]
+        data = self.send("Page.captureScreenshot", {"format": "png"}, timeout=2 * self.call_timeout)["data"]
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
@@ -88,11 +89,15 @@ class Page:
 class Chromium:
     """A headless browser for the length of a `with` block."""
 
-    def __init__(self, width: int = 1400, height: int = 1400, startup_timeout: float = 60.0) -> None:
+    def __init__(self, width: int = 1400, height: int = 1400, startup_timeout: float = 60.0,
+                 call_timeout: float = 30.0) -> None:
+        """`call_timeout`: how long one DevTools call may take (a loaded machine needs more)."""
+        self.call_timeout = call_timeout
         exe = chromium_path()
         if exe is None:
             raise RuntimeError("no chromium on PATH (Debian: apt-get install chromium)")
-        self._profile = tempfile.TemporaryDirectory(prefix="splitserve-chromium-")
+        # Chromium's helper processes may still be writing the profile as it exits: clean up what can be.
+        self._profile = tempfile.TemporaryDirectory(prefix="splitserve-chromium-", ignore_cleanup_errors=True)
         # --no-sandbox: tests run as root, where Chromium's sandbox refuses to start.
         self._proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
@@ -110,7 +115,7 @@ class Chromium:
 
     def page(self) -> Page:
         targets = httpx.get(f"http://127.0.0.1:{self.port}/json/list", timeout=10).json()
-        return Page(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
+        return Page(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"], self.call_timeout)
 
     def close(self) -> None:
         if self._proc.poll() is None:

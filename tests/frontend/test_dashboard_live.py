@@ -96,21 +96,27 @@ def test_page_renders_and_updates_under_load_in_headless_chromium(deployment, tm
             for p in prompts(10_000, seed):
                 if stop.is_set():
                     return
-                client.post(deployment.url + "/v1/completions", json={"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+                try:
+                    client.post(deployment.url + "/v1/completions",
+                                json={"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+                except httpx.HTTPError:  # the load is the background; what the page shows is under test
+                    pass
 
     loaders = [threading.Thread(target=load, args=(seed,)) for seed in (10, 11, 12)]
     for t in loaders:
         t.start()
     try:
-        with Chromium(startup_timeout=loaded_bound(60)) as browser:
+        with Chromium(startup_timeout=loaded_bound(60), call_timeout=loaded_bound(30)) as browser:
             page = browser.page()
             page.send("Page.navigate", {"url": deployment.url + "/dashboard?interval=500"})
             page.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden", loaded_bound(30))
             page.evaluate(f"document.getElementById('token').value = {deployment.admin_token!r};"
                           "document.getElementById('login').requestSubmit(); true")
             rows = "Array.from(document.querySelectorAll('#workers tbody tr')).map(r => r.cells[1].textContent + ' ' + r.cells[2].textContent)"
-            page.wait_for(f"!document.getElementById('main').hidden && {rows}.length === 2", loaded_bound(30))
-            assert sorted(page.evaluate(rows)) == ["decode ok", "prefill ok"]
+            # Both workers listed and healthy (a scrape that times out on a loaded machine shows one as
+            # unreachable for a poll: wait for a poll that reached both).
+            page.wait_for(f"!document.getElementById('main').hidden && {rows}.sort().join() === 'decode ok,prefill ok'",
+                          loaded_bound(30))
             first = page.evaluate("charts['chart-ttft'].data[0].length")
             # The charts update: more points, and the TTFT percentiles of the requests being served.
             page.wait_for(f"charts['chart-ttft'].data[0].length >= {first} + 4", loaded_bound(30))
