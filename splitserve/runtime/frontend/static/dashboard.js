@@ -36,23 +36,37 @@ function setStatus(text, stale) {
   s.classList.toggle("stale", Boolean(stale));
 }
 
+// One poll; the next is scheduled whatever happens, except when the token was refused.
 async function poll() {
+  let keepPolling = true;
+  try {
+    keepPolling = await pollOnce();
+  } catch (err) {
+    // A bug here, not a network failure (those are handled in pollOnce): say so in the console too.
+    console.error(err);
+    setStatus("cannot show the data: " + err.message, true);
+  }
+  if (keepPolling) schedule();
+}
+
+async function pollOnce() {
   let response;
   try {
     response = await fetch("/debug/dashboard?timeline=40", { headers: { Authorization: "Bearer " + token() }, cache: "no-store" });
   } catch (err) {
     setStatus("server unreachable: " + err.message, true);
-    return schedule();
+    return true;
   }
   if (response.status === 401 || response.status === 403) {
     sessionStorage.removeItem(TOKEN_KEY);
     let message = "the server refused this token";
     try { message = (await response.json()).error.message; } catch (_) { /* keep the default */ }
-    return showLogin(message);
+    showLogin(message);
+    return false;
   }
   if (!response.ok) {
     setStatus("HTTP " + response.status + " from /debug/dashboard", true);
-    return schedule();
+    return true;
   }
   const data = await response.json();
   $("login").hidden = true;
@@ -60,7 +74,7 @@ async function poll() {
   $("forget").hidden = false;
   render(data);
   setStatus("updated " + new Date().toLocaleTimeString() + " · window " + data.window_s.toFixed(0) + " s · every " + INTERVAL_MS / 1000 + " s");
-  schedule();
+  return true;
 }
 
 function schedule() { timer = setTimeout(poll, INTERVAL_MS); }
