@@ -353,7 +353,14 @@ def _usage(runs: list[_Run], num_candidates: int) -> Usage:
 
 
 def _token_text(tokenizer: Tokenizer) -> Callable[[int], str]:
-    return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+    """A token's text for logprobs. A token holding part of a character decodes to U+FFFD, as do its
+    siblings: its vocabulary entry is shown instead, so top-logprob keys stay distinct."""
+
+    def text(token_id: int) -> str:
+        decoded = tokenizer.decode([token_id], skip_special_tokens=False)
+        return tokenizer.backend.id_to_token(token_id) if "\ufffd" in decoded else decoded
+
+    return text
 
 
 async def _pieces(runs: list[_Run]) -> AsyncIterator[Choice]:

@@ -1,8 +1,8 @@
 """Structured output: a request's grammar (a JSON schema, any JSON, a regex, an EBNF grammar) as a mask on
 its next-token logits, on xgrammar.
 
-xgrammar rather than outlines-core: it compiles all four kinds (free JSON is not a regular language, so a
-regex engine like outlines-core cannot express `json_object`), compiles a schema in milliseconds, fills a
+xgrammar rather than outlines-core: it compiles all four kinds (free JSON nests without bound, so it is not
+a regular language, and a regex engine like outlines-core cannot express `json_object`), compiles a schema in milliseconds, fills a
 batch's masks as bitmasks, and is the engine vLLM and SGLang use by default.
 
 A request's matcher is kept in step with its output tokens, not with what this worker sampled: before each
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Compiled grammars are cached by their spec (xgrammar's own cache); bounded so that many distinct schemas
 # cannot grow a worker's memory without limit.
 COMPILE_CACHE_BYTES = 256 << 20
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 @dataclass
@@ -92,7 +93,8 @@ class GrammarMasks:
         if spec.kind == "json_schema":
             return compiler.compile_json_schema(spec.spec, any_whitespace=False)
         if spec.kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
+            # OpenAI's json_object is an object, not any JSON value (xgrammar's builtin JSON grammar allows all).
+            return compiler.compile_json_schema(JSON_OBJECT_SCHEMA, any_whitespace=False)
         if spec.kind == "regex":
             return compiler.compile_regex(spec.spec)
         if spec.kind == "ebnf":
