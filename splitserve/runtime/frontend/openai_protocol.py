@@ -230,7 +230,7 @@ class CompletionRequest(GenerationRequest):
     )
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="candidates per prompt; the n most likely are returned")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="per token: its logprob and the top-k alternatives'")
-    echo: bool = Field(False, description="only false: the prompt is not repeated in the answer")
+    echo: Literal[False] = Field(False, description="not supported: the answer never repeats the prompt")
     return_token_ids: bool = Field(False, description="extension: also return the generated token ids")
 
     @field_validator("prompt", mode="before")
@@ -241,13 +241,6 @@ class CompletionRequest(GenerationRequest):
         if isinstance(prompt, list) and any(isinstance(p, (list, str)) and len(p) == 0 for p in prompt):
             raise ValueError("a prompt in the list is empty")
         return prompt
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
 
     @property
     def num_candidates(self) -> int:
