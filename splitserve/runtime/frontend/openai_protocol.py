@@ -6,7 +6,6 @@ its answers are shaped, so the HTTP layer handles both endpoints with one code p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -15,14 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from splitserve.core.request import GrammarSpec, SamplingParams
 from splitserve.model.tokenizer import Tokenizer
 from splitserve.runtime.engine_client import TokenLogprobs
+from splitserve.runtime.frontend.logprobs import ChatLogprobs, CompletionLogprobs, TokenText
 from splitserve.runtime.frontend.structured_output import InvalidGrammar, ResponseFormat, StructuredOutputs, grammar_spec
 
 # OpenAI's bound on top_logprobs (and vLLM's default); each costs a top-k over the vocabulary per token.
 MAX_TOP_LOGPROBS = 20
 # Choices one request may ask for (n, best_of, times the prompts of a list): each is a sequence in the engine.
 MAX_CHOICES = 16
-# A token id's text, for logprobs (the frontend's tokenizer).
-TokenText = Callable[[int], str]
 
 
 class InvalidRequest(Exception):
@@ -464,29 +462,6 @@ class Usage(BaseModel):
         )
 
 
-class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per output token."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-    @classmethod
-    def of(cls, token_ids: list[int], lps: list[TokenLogprobs], token_text: TokenText) -> CompletionLogprobs:
-        tokens = [token_text(t) for t in token_ids]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return cls(
-            tokens=tokens,
-            token_logprobs=[lp.logprob for lp in lps],
-            top_logprobs=[{token_text(i): v for i, v in lp.top} for lp in lps],
-            text_offset=offsets,
-        )
-
-
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -516,32 +491,6 @@ class CompletionResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob]
-
-    @classmethod
-    def of(cls, token_ids: list[int], lps: list[TokenLogprobs], token_text: TokenText) -> ChatLogprobs:
-        def top(token_id: int, logprob: float) -> TopLogprob:
-            text = token_text(token_id)
-            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8", "replace")))
-
-        content = []
-        for t, lp in zip(token_ids, lps):
-            head = top(t, lp.logprob)
-            content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=[top(i, v) for i, v in lp.top]))
-        return cls(content=content)
 
 
 class ChatChoice(BaseModel):
