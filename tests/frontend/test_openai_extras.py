@@ -95,6 +95,13 @@ async def test_logprobs_match_transformers_log_softmax(oai, real_engine, checkpo
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
     # The greedy token is the most likely one: its logprob is the top alternative's.
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+    stream = await oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                               temperature=0, logprobs=True, top_logprobs=2, stream=True,
+                                               extra_body={"ignore_eos": True})
+    streamed = [c for chunk in [ch async for ch in stream] for choice in chunk.choices if choice.logprobs
+                for c in choice.logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
     wait_until_idle(real_engine)
 
 
