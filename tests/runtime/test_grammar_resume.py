@@ -7,10 +7,15 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.core.request import GrammarSpec, SamplingParams
 from splitserve.model.loader import load_model
 from splitserve.runtime.worker.engine import Engine, EngineConfig
+from splitserve.runtime.worker.grammar import GrammarMasks
+from splitserve.runtime.worker.sampler import Sampler
 from tests.tiny_models import make_tiny_checkpoint
 
 REGEX = "[a-z]{3,8}( [0-9]{1,3}){2,4};"
@@ -64,3 +69,34 @@ def test_a_batch_mixes_constrained_and_free_rows(loaded):
     assert tokens["free"] == alone
     assert re.fullmatch(REGEX, loaded.tokenizer.decode(tokens["r"]))
     assert loaded.tokenizer.decode(tokens["c"]) in ("yes", "no")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), cut=st.integers(0, 24), temperature=st.sampled_from([0.0, 0.9]))
+def test_a_fresh_sampler_resumes_the_grammar_from_any_cut(loaded, seed, cut, temperature):
+    """Property: whatever logits come, a sampler that never saw the request (another worker) and is handed
+    the first `cut` tokens makes the same choices from there as the one that made them."""
+    tok = loaded.tokenizer
+    vocab = loaded.config.vocab_size
+    params = SamplingParams(max_tokens=24, temperature=temperature, seed=seed, grammar=GrammarSpec("regex", REGEX))
+    gen = torch.Generator().manual_seed(seed)
+    steps = [torch.randn(1, vocab, generator=gen) * 4 for _ in range(24)]
+
+    def continue_from(sampler: Sampler, tokens: list[int], start: int) -> list[int]:
+        tokens = list(tokens)
+        for logits in steps[start:]:
+            if tokens and tokens[-1] in tok.eos_token_ids:
+                break
+            tokens += sampler.sample(logits, ["r"], [params], [tokens])
+        return tokens
+
+    whole = continue_from(Sampler(GrammarMasks(tok, vocab)), [], 0)
+    cut = min(cut, len(whole))
+    resumed = continue_from(Sampler(GrammarMasks(tok, vocab)), whole[:cut], cut)
+    if temperature == 0:
+        assert resumed == whole
+    text = tok.decode([t for t in resumed if t not in tok.eos_token_ids])
+    if resumed[-1] in tok.eos_token_ids:
+        assert re.fullmatch(REGEX, text), text
+    else:  # cut short by the step budget: a prefix of some match
+        assert re.fullmatch("[a-z]{0,8}( [0-9]{0,3}){0,4};?", text), text
