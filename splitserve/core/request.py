@@ -25,6 +25,18 @@ class RequestStatus(enum.Enum):
 MIN_TEMPERATURE = 1e-5
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output's text (structured output). Plain data: it travels with the request to
+    whichever worker samples its tokens, which compiles it into a token mask."""
+
+    kind: str  # one of GRAMMAR_KINDS
+    spec: str = ""  # the JSON schema as JSON text, the regex or the EBNF grammar; empty for json_object
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. Stop *strings* are text, so the frontend handles them."""
@@ -36,6 +48,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None
+    # None: no logprobs; k >= 0: each sampled token's log-probability and the k most likely alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:

@@ -79,17 +79,23 @@ class Tokenizer:
         one byte per byte they stand for, so the bound only errs on the generous side.)"""
         return max((len(t.encode("utf-8", "surrogatepass")) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """Render the model's jinja chat template (sandboxed). Content given as OpenAI text parts is joined first."""
         if self._template is None:
             raise ValueError("this model's tokenizer has no chat template")
         messages = [{**m, "content": _text_content(m.get("content"))} for m in messages]
         return self._template.render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token(self.bos_token_id),
             eos_token=self._token(self._eos_token_id),
         )
+
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list (templates that do name the variable)."""
+        return self.chat_template is not None and "tools" in self.chat_template
 
     @cached_property
     def _template(self) -> jinja2.Template | None:

@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class TokenLogprobs:
+    """One sampled token's log-probability under the model (before temperature, top-k/p and any grammar
+    mask, as vLLM reports it) and the `k` most likely tokens with theirs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class TokenOutput:
     """One increment of a request's output, as produced by the engine."""
 
@@ -33,6 +42,8 @@ class TokenOutput:
     # Set on the first output: seconds between arrival and first scheduling.
     queue_time: float | None = None
     error: str | None = None
+    # One entry per new token when the request asked for logprobs.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ import httpx
 import msgspec
 
 from splitserve.core.request import SamplingParams
-from splitserve.runtime.engine_client import TokenOutput
+from splitserve.runtime.engine_client import TokenLogprobs, TokenOutput
 
 
 class Ticket(msgspec.Struct, frozen=True):
@@ -57,6 +57,7 @@ class PrefillResult(msgspec.Struct):
     num_cached_tokens: int
     queue_s: float
     prefill_s: float
+    logprobs: TokenLogprobs | None = None  # the first token's, when the request asked for logprobs
 
 
 class StreamEvent(msgspec.Struct, omit_defaults=True):

@@ -16,8 +16,10 @@ COMPLETION_CASES = [
     ({"prompt": 123}, "prompt", None),
     ({"prompt": ""}, "prompt", None),
     ({"prompt": []}, "prompt", None),
-    ({"prompt": ["one", "two"]}, "prompt", None),
-    ({"prompt": [[1, 2], [3]]}, "prompt", None),
+    ({"prompt": ["one", ""]}, "prompt", None),
+    ({"prompt": [[1, 2], []]}, "prompt", None),
+    ({"prompt": [[1, 2], [1, 100_000]]}, "prompt", None),
+    ({"prompt": ["a"] * 5, "n": 4}, "prompt", None),
     ({"prompt": [1, "2"]}, "prompt", None),
     ({"prompt": [1, 100_000]}, "prompt", None),
     ({"prompt": LONG_TEXT}, "prompt", "context_length_exceeded"),
@@ -33,8 +35,22 @@ COMPLETION_CASES = [
     ({"top_p": 1.5}, "top_p", None),
     ({"top_k": -2}, "top_k", None),
     ({"seed": 2**70}, "seed", None),
-    ({"n": 2}, "n", None),
-    ({"logprobs": 1}, "logprobs", None),
+    ({"n": 0}, "n", None),
+    ({"n": 17}, "n", None),
+    ({"best_of": 1, "n": 2}, "best_of", None),
+    ({"best_of": 3, "stream": True}, "best_of", None),
+    ({"logprobs": 21}, "logprobs", None),
+    ({"logprobs": True}, "logprobs", None),
+    ({"echo": True}, "echo", None),
+    ({"response_format": {"type": "json_schema"}}, "response_format", None),
+    ({"response_format": {"type": "yaml"}}, "response_format", None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format", None),
+    ({"guided_regex": "(unclosed"}, "guided_regex", None),
+    ({"guided_grammar": "root ::= "}, "guided_grammar", None),
+    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice", None),
+    ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs", None),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", None),
+    ({"user": 7}, "user", None),
     ({"stop": ""}, "stop", None),
     ({"stop": ["ok", ""]}, "stop", None),
     ({"stop": 7}, "stop", None),
@@ -56,9 +72,13 @@ CHAT_CASES = [
     ({"messages": [{"role": "user", "content": LONG_TEXT}]}, "messages", "context_length_exceeded"),
     ({"max_completion_tokens": 0}, "max_completion_tokens", None),
     ({"max_completion_tokens": 10_000}, "max_completion_tokens", "context_length_exceeded"),
-    ({"logprobs": True}, "logprobs", None),
+    ({"logprobs": 1}, "logprobs", None),
     ({"top_logprobs": 2}, "top_logprobs", None),
-    ({"n": 3}, "n", None),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    ({"n": 0}, "n", None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools", None),
+    ({"tools": [{"type": "function"}]}, "tools", None),
+    ({"tool_choice": "required"}, "tool_choice", None),
     ({"temperature": -1}, "temperature", None),
 ]
 
@@ -93,11 +113,6 @@ async def test_good_requests_pass(client):
     # The baseline the cases above change one field of.
     assert (await client.post("/v1/completions", json=GOOD_COMPLETION)).status_code == 200
     assert (await client.post("/v1/chat/completions", json=GOOD_CHAT)).status_code == 200
-
-
-async def test_a_list_of_prompts_is_refused_with_a_clear_message(client):
-    error = assert_invalid(await client.post("/v1/completions", json={**GOOD_COMPLETION, "prompt": ["a", "b"]}), "prompt")
-    assert "one prompt per request" in error["message"]
 
 
 async def test_too_long_prompt_says_how_long_it_is_and_what_fits(client, tokenizer):

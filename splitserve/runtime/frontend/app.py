@@ -7,11 +7,13 @@ aborted, and its stream closed, whatever the client does: KV blocks must not out
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -25,14 +27,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from splitserve.core.request import SamplingParams
-from splitserve.model.tokenizer import IncrementalDetokenizer
-from splitserve.runtime.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, TokenOutput
+from splitserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.runtime.engine_client import EngineClient, EngineOverloaded, EngineUnavailable, TokenLogprobs, TokenOutput
 from splitserve.runtime.frontend.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from splitserve.runtime.frontend.dashboard import dashboard_router
 from splitserve.runtime.frontend.metrics import FrontendMetrics, RequestMetrics
 from splitserve.runtime.frontend.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Choice,
     CompletionRequest,
     CompletionResponse,
     ErrorDetail,
@@ -44,7 +47,7 @@ from splitserve.runtime.frontend.openai_protocol import (
     ResponseMeta,
     Usage,
 )
-from splitserve.runtime.frontend.text_output import TextDelta, TextOutput
+from splitserve.runtime.frontend.text_output import TextOutput
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +145,69 @@ class _Frontend:
             )
         tokenizer = self.engine.tokenizer
         # Templating and tokenizing a long prompt takes milliseconds: off the event loop, streams keep flowing.
-        prompt = await run_in_threadpool(body.prompt_token_ids, tokenizer, self.engine.max_model_len)
-        params = body.sampling_params(len(prompt), self.engine.max_model_len, tokenizer.vocab_size, self._default_max_tokens)
+        prompts = await run_in_threadpool(body.prompts, tokenizer, self.engine.max_model_len)
+        params = [
+            body.sampling_params(len(p), self.engine.max_model_len, tokenizer.vocab_size, self._default_max_tokens)
+            for p in prompts
+        ]
         meta = ResponseMeta(f"{body.id_prefix}{uuid.uuid4().hex}", int(time.time()), self.model_name)
-        run: _Run | None = _Run(self.engine, self.metrics, meta.id, prompt, params, body.stop_strings, arrival)
+        runs: list[_Run] | None = []
+
+        def run(i: int, j: int) -> _Run:
+            """Candidate j of prompt i. Seeded candidates get seeds of their own: same request, same texts."""
+            p = params[i] if params[i].seed is None else replace(params[i], seed=(params[i].seed + j) % 2**64)
+            k = i * body.num_candidates + j
+            rid = meta.id if k == 0 else f"{meta.id}-{k}"  # the first (often only) one under the response's id
+            r = _Run(self.engine, self.metrics, rid, k, prompts[i], p, body.stop_strings, arrival)
+            runs.append(r)
+            return r
+
         try:
-            await run.start()
+            await _start(run, len(prompts), body.num_candidates)
             if body.stream:
-                response = _EventStream(_events(body, meta, run), on_close=run.close)
-                run = None  # the response owns it now, and closes it after the last event or when the client leaves
+                response = _EventStream(_events(body, meta, runs, tokenizer), on_close=_closer(runs))
+                runs = None  # the response owns them now, and closes them after the last event or when the client leaves
                 return response
-            return await _complete(body, meta, run)
+            return await _complete(body, meta, runs, tokenizer)
         finally:
-            if run is not None:
-                await run.close()
+            if runs is not None:
+                await _closer(runs)()
+
+
+async def _start(run: Callable[[int, int], _Run], num_prompts: int, num_candidates: int) -> None:
+    """Start every prompt's candidates. A prompt's first candidate goes alone until its first token: by then
+    the prompt's KV blocks are in the prefix cache, and its other candidates share them instead of computing
+    (and holding) copies. Raises the first refusal (429/503) after cancelling the other starts."""
+
+    async def one_prompt(i: int) -> None:
+        await run(i, 0).start()
+        await _all(run(i, j).start() for j in range(1, num_candidates))
+
+    await _all(one_prompt(i) for i in range(num_prompts))
+
+
+async def _all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run concurrently; the first exception cancels the others and is raised as it is (no exception group,
+    so a refusal still reaches its HTTP handler). A single one runs in the caller's task, as if awaited."""
+    coros = list(coros)
+    if len(coros) == 1:
+        await coros[0]
+        return
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _closer(runs: list[_Run]) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        for r in runs:
+            await r.close()
+
+    return close
 
 
 class _Run:
@@ -167,11 +219,13 @@ class _Run:
         engine: EngineClient,
         metrics: FrontendMetrics,
         request_id: str,
+        index: int,
         prompt: list[int],
         params: SamplingParams,
         stop: list[str],
         arrival: float,
     ) -> None:
+        self.index = index  # the choice's index in the answer
         self._engine = engine
         self._metrics = metrics
         self._tracker: RequestMetrics = metrics.track(arrival)
@@ -182,6 +236,7 @@ class _Run:
         self._text = TextOutput(IncrementalDetokenizer(tokenizer, prompt), stop, stop_ids)
         self._outputs = engine.generate(request_id, prompt, params)
         self._pending: TokenOutput | None = None
+        self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self._num_cached_tokens = 0
         self._engine_done = False
         self._refused = False
@@ -196,8 +251,9 @@ class _Run:
             self._refused = self._engine_done = True  # never queued: nothing to abort
             raise
 
-    async def next_delta(self) -> TextDelta:
-        """The next piece of text; the one with a finish_reason is the last."""
+    async def next_piece(self) -> Choice:
+        """The next piece of this choice: new text, the tokens that came with it (and their logprobs); the
+        piece with a finish_reason is the last."""
         out = self._pending or await self._next_output()
         self._pending = None
         self._tracker.on_output(out, time.monotonic())
@@ -206,14 +262,25 @@ class _Run:
         if out.finish_reason == "error":
             self._failed = True
             raise EngineFailed(out.error or "the engine failed this request")
-        return self._text.add(out)
-
-    def usage(self) -> Usage:
-        return Usage.of(self._num_prompt_tokens, self._text.num_tokens, self._num_cached_tokens)
+        before = self._text.num_tokens
+        if self._logprobs is not None:
+            self._logprobs += out.logprobs or ()
+        delta = self._text.add(out)
+        new = slice(before, self._text.num_tokens)
+        lps = self._logprobs[new] if self._logprobs is not None else None
+        return Choice(self.index, delta.text, delta.finish_reason, self._text.token_ids[new], lps)
 
     @property
-    def token_ids(self) -> list[int]:
-        return self._text.token_ids
+    def num_prompt_tokens(self) -> int:
+        return self._num_prompt_tokens
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self._num_cached_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self._text.num_tokens
 
     async def close(self) -> None:
         if self._closed:
@@ -249,33 +316,112 @@ class _Run:
             raise EngineFailed(f"engine error: {type(exc).__name__}: {exc}") from exc
 
 
-async def _complete(body: GenerationRequest, meta: ResponseMeta, run: _Run) -> Response:
-    parts: list[str] = []
-    while True:
-        delta = await run.next_delta()
-        parts.append(delta.text)
-        if delta.finish_reason is not None:
-            return _json(body.response(meta, "".join(parts), delta.finish_reason, run.usage(), run.token_ids))
+async def _complete(body: GenerationRequest, meta: ResponseMeta, runs: list[_Run], tokenizer: Tokenizer) -> Response:
+    choices: list[Choice] = []
+
+    async def collect(run: _Run) -> None:
+        pieces = [await run.next_piece()]
+        while pieces[-1].finish_reason is None:
+            pieces.append(await run.next_piece())
+        lps = None if pieces[0].logprobs is None else [lp for p in pieces for lp in p.logprobs or ()]
+        choices.append(Choice(run.index, "".join(p.text for p in pieces), pieces[-1].finish_reason,
+                              [t for p in pieces for t in p.token_ids], lps))
+
+    await _all(collect(r) for r in runs)
+    return _json(body.response(meta, _best(body, choices), _usage(runs, body.num_candidates), _token_text(tokenizer)))
 
 
-async def _events(body: GenerationRequest, meta: ResponseMeta, run: _Run) -> AsyncIterator[str]:
-    """Server-sent events: `data: {chunk}` per text delta, a usage chunk if asked for, then `data: [DONE]`."""
-    opening = body.opening_chunk(meta)
-    if opening is not None:
-        yield _sse(opening)
-    try:
+def _best(body: GenerationRequest, candidates: list[Choice]) -> list[Choice]:
+    """Each prompt's n choices, indexed as OpenAI does (prompt i's choices at i*n ... i*n+n-1): with best_of,
+    its n candidates of highest total logprob. Logprobs only where the client asked for them."""
+    k, n = body.num_candidates, body.n
+    out = []
+    for i in range(len(candidates) // k):
+        group = sorted((c for c in candidates if c.index // k == i), key=lambda c: c.index)
+        if k > n:
+            group = sorted(group, key=lambda c: -sum(lp.logprob for lp in c.logprobs or ()))[:n]
+        for j, c in enumerate(group):
+            out.append(replace(c, index=i * n + j, logprobs=c.logprobs if body.num_logprobs is not None else None))
+    return out
+
+
+def _usage(runs: list[_Run], num_candidates: int) -> Usage:
+    """A prompt counts once, however many choices it has; every generated token counts (as OpenAI bills
+    best_of). Cached tokens: what the prompts' first candidates found (the others reuse those)."""
+    firsts = [r for r in runs if r.index % num_candidates == 0]
+    return Usage.of(
+        sum(r.num_prompt_tokens for r in firsts), sum(r.num_output_tokens for r in runs), sum(r.num_cached_tokens for r in firsts)
+    )
+
+
+def _token_text(tokenizer: Tokenizer) -> Callable[[int], str]:
+    """A token's text for logprobs. A token holding part of a character decodes to U+FFFD, as do its
+    siblings: its vocabulary entry is shown instead, so top-logprob keys stay distinct."""
+
+    def text(token_id: int) -> str:
+        decoded = tokenizer.decode([token_id], skip_special_tokens=False)
+        return tokenizer.backend.id_to_token(token_id) if "\ufffd" in decoded else decoded
+
+    return text
+
+
+async def _pieces(runs: list[_Run]) -> AsyncIterator[Choice]:
+    """Every run's pieces as they come. One run is read directly; several are read by a task each."""
+    if len(runs) == 1:
         while True:
-            delta = await run.next_delta()
-            if delta.text or delta.finish_reason is not None:
-                yield _sse(body.chunk(meta, delta.text, delta.finish_reason))
-            if delta.finish_reason is not None:
-                break
+            piece = await runs[0].next_piece()
+            yield piece
+            if piece.finish_reason is not None:
+                return
+    queue: asyncio.Queue[Choice | Exception] = asyncio.Queue()
+
+    async def pump(run: _Run) -> None:
+        try:
+            while True:
+                piece = await run.next_piece()
+                queue.put_nowait(piece)
+                if piece.finish_reason is not None:
+                    return
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(r)) for r in runs]
+    try:
+        for _ in range(len(runs)):
+            while True:
+                piece = await queue.get()
+                if isinstance(piece, Exception):
+                    raise piece
+                yield piece
+                if piece.finish_reason is not None:
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _events(body: GenerationRequest, meta: ResponseMeta, runs: list[_Run], tokenizer: Tokenizer) -> AsyncIterator[str]:
+    """Server-sent events: `data: {chunk}` per piece of text, a usage chunk if asked for, then `data: [DONE]`."""
+    for r in runs:
+        opening = body.opening_chunk(meta, r.index)
+        if opening is not None:
+            yield _sse(opening)
+    token_text = _token_text(tokenizer)
+    try:
+        pieces = _pieces(runs)
+        try:
+            async for piece in pieces:
+                if piece.text or piece.finish_reason is not None or piece.token_ids and piece.logprobs:
+                    yield _sse(body.chunk(meta, piece, token_text))
+        finally:
+            await pieces.aclose()
     except EngineFailed as exc:
         # Headers are gone (200): OpenAI clients raise on an event carrying an error object.
         yield _sse(_error_body(str(exc), "server_error", code="engine_error"))
     else:
         if body.include_usage:
-            yield _sse(body.usage_chunk(meta, run.usage()))
+            yield _sse(body.usage_chunk(meta, _usage(runs, body.num_candidates)))
     yield "data: [DONE]\n\n"
 
 

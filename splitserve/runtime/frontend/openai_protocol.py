@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
-from splitserve.core.request import SamplingParams
+from splitserve.core.request import GrammarSpec, SamplingParams
 from splitserve.model.tokenizer import Tokenizer
+from splitserve.runtime.engine_client import TokenLogprobs
+from splitserve.runtime.frontend.logprobs import ChatLogprobs, CompletionLogprobs, TokenText
+from splitserve.runtime.frontend.structured_output import InvalidGrammar, ResponseFormat, StructuredOutputs, grammar_spec
+
+# OpenAI's bound on top_logprobs (and vLLM's default); each costs a top-k over the vocabulary per token.
+MAX_TOP_LOGPROBS = 20
+# Choices one request may ask for (n, best_of, times the prompts of a list): each is a sequence in the engine.
+MAX_CHOICES = 16
 
 
 class InvalidRequest(Exception):
@@ -80,14 +88,14 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt; they share the prompt's KV blocks")
+    user: str | None = Field(None, description="an end-user id; accepted, not used")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's extension: json, regex, grammar, choice")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's extension: a JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM's extension: output matches this regex")
+    guided_grammar: str | None = Field(None, description="vLLM's extension: an EBNF grammar")
+    guided_choice: list[str] | None = Field(None, description="vLLM's extension: output is one of these strings")
 
     @field_validator("stop")
     @classmethod
@@ -118,11 +126,32 @@ class GenerationRequest(BaseModel):
         """(field name, value) of the output-length limit the client set, if any."""
         return "max_tokens", self.max_tokens
 
-    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
-        """The prompt as token ids. Text is checked first, so the work done for a request is bounded by the
+    def prompts(self, tokenizer: Tokenizer, max_model_len: int) -> list[list[int]]:
+        """The prompt(s) as token ids. Text is checked first, so the work done for a request is bounded by the
         context length, not by what a client sends: it must be valid Unicode (no lone surrogates, which JSON
         escapes can carry), and it must be short enough to possibly fit the context."""
         raise NotImplementedError
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences generated per prompt (best_of may ask for more than the n returned)."""
+        return self.n
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives to report per token; None: no logprobs."""
+        return None
+
+    def grammar(self) -> GrammarSpec | None:
+        guided = {f: getattr(self, f) for f in ("guided_json", "guided_regex", "guided_grammar", "guided_choice")}
+        try:
+            spec = grammar_spec(self.response_format, self.structured_outputs, guided)
+        except InvalidGrammar as exc:
+            raise InvalidRequest(str(exc), exc.param) from exc
+        if spec is not None and self.ignore_eos:
+            # The grammar ends the output with EOS; ignoring it would run on past the grammar's end.
+            raise InvalidRequest("ignore_eos: cannot be combined with structured output", "ignore_eos")
+        return spec
 
     def sampling_params(
         self, num_prompt_tokens: int, max_model_len: int, vocab_size: int, default_max_tokens: int
@@ -144,18 +173,20 @@ class GenerationRequest(BaseModel):
             seed=self.seed,
             stop_token_ids=stop_ids,
             ignore_eos=self.ignore_eos,
+            grammar=self.grammar(),
+            # best_of ranks candidates by their tokens' logprobs: ask for them even if the client does not.
+            logprobs=self.num_logprobs if self.num_logprobs is not None or self.num_candidates == self.n else 0,
         )
 
-    def response(
-        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
-    ) -> BaseModel:
+    def response(self, meta: ResponseMeta, choices: list[Choice], usage: Usage, token_text: TokenText) -> BaseModel:
         raise NotImplementedError
 
-    def opening_chunk(self, meta: ResponseMeta) -> BaseModel | None:
-        """A chunk streamed before any text, if the endpoint has one."""
+    def opening_chunk(self, meta: ResponseMeta, index: int) -> BaseModel | None:
+        """A chunk streamed before any text of choice `index`, if the endpoint has one."""
         return None
 
-    def chunk(self, meta: ResponseMeta, text: str, finish_reason: str | None) -> BaseModel:
+    def chunk(self, meta: ResponseMeta, piece: Choice, token_text: TokenText) -> BaseModel:
+        """A streamed piece of one choice: its new text, logprobs of its new tokens, and finish reason."""
         raise NotImplementedError
 
     def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> BaseModel:
@@ -192,46 +223,77 @@ class CompletionRequest(GenerationRequest):
     prompt_param: ClassVar[str] = "prompt"
     id_prefix: ClassVar[str] = "cmpl-"
 
-    prompt: str | list[int] = Field(min_length=1, description="text, or token ids; one prompt per request")
-    logprobs: int | None = None
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        min_length=1, description="text, token ids, or a list of either (one set of choices per prompt)"
+    )
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="candidates per prompt; the n most likely are returned")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="per token: its logprob and the top-k alternatives'")
+    echo: Literal[False] = Field(False, description="not supported: the answer never repeats the prompt")
     return_token_ids: bool = Field(False, description="extension: also return the generated token ids")
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and any(isinstance(p, (str, list)) for p in prompt):
-            raise ValueError("a list of prompts is not supported: send one prompt per request")
+    def _prompt_shape(cls, prompt: Any) -> Any:
         if not isinstance(prompt, (str, list)):
-            raise ValueError("must be a string or a list of token ids")
+            raise ValueError("must be a string, a list of token ids, or a list of strings or of token-id lists")
+        if isinstance(prompt, list) and any(isinstance(p, (list, str)) and len(p) == 0 for p in prompt):
+            raise ValueError("a prompt in the list is empty")
         return prompt
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs: int | None) -> None:
-        if logprobs is not None:
-            raise ValueError("logprobs are not supported")
+    @property
+    def num_candidates(self) -> int:
+        return self.best_of or self.n
 
-    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
-        if isinstance(self.prompt, str):
-            check_text(self.prompt, "prompt", tokenizer, max_model_len)
-            return tokenizer.encode(self.prompt, add_special_tokens=True)
-        if max(self.prompt) >= tokenizer.vocab_size or min(self.prompt) < 0:
-            raise InvalidRequest(f"prompt: token ids must be in [0, {tokenizer.vocab_size})", "prompt")
-        return list(self.prompt)
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
-    def response(
-        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
-    ) -> CompletionResponse:
-        ids = token_ids if self.return_token_ids else None
+    def check_choices(self) -> None:
+        """400 for choices that cannot be served as asked."""
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequest(f"best_of: must be at least n ({self.n})", "best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequest("best_of: cannot be streamed (candidates are ranked when they are complete)", "best_of")
+        num_prompts = len(self.prompt) if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) else 1
+        if num_prompts * self.num_candidates > MAX_CHOICES:
+            raise InvalidRequest(
+                f"prompt: {num_prompts} prompts x {self.num_candidates} choices exceed {MAX_CHOICES} sequences per request",
+                "prompt",
+            )
+
+    def prompts(self, tokenizer: Tokenizer, max_model_len: int) -> list[list[int]]:
+        self.check_choices()
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self._one(self.prompt, "prompt", tokenizer, max_model_len)]
+        return [self._one(p, f"prompt[{i}]", tokenizer, max_model_len) for i, p in enumerate(self.prompt)]
+
+    @staticmethod
+    def _one(prompt: str | list[int], param: str, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+        if isinstance(prompt, str):
+            check_text(prompt, param, tokenizer, max_model_len)
+            return tokenizer.encode(prompt, add_special_tokens=True)
+        if max(prompt) >= tokenizer.vocab_size or min(prompt) < 0:
+            raise InvalidRequest(f"{param}: token ids must be in [0, {tokenizer.vocab_size})", "prompt")
+        return list(prompt)
+
+    def response(self, meta: ResponseMeta, choices: list[Choice], usage: Usage, token_text: TokenText) -> CompletionResponse:
         return CompletionResponse(
-            id=meta.id, created=meta.created, model=meta.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason, token_ids=ids)], usage=usage,
+            id=meta.id, created=meta.created, model=meta.model, usage=usage,
+            choices=[
+                CompletionChoice(
+                    index=c.index, text=c.text, finish_reason=c.finish_reason,
+                    token_ids=c.token_ids if self.return_token_ids else None,
+                    logprobs=CompletionLogprobs.of(c.token_ids, c.logprobs, token_text) if c.logprobs is not None else None,
+                )
+                for c in choices
+            ],
         )
 
-    def chunk(self, meta: ResponseMeta, text: str, finish_reason: str | None) -> CompletionResponse:
+    def chunk(self, meta: ResponseMeta, piece: Choice, token_text: TokenText) -> CompletionResponse:
+        lps = CompletionLogprobs.of(piece.token_ids, piece.logprobs, token_text) if piece.logprobs is not None else None
         return CompletionResponse(
             id=meta.id, created=meta.created, model=meta.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
+            choices=[CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish_reason, logprobs=lps)],
         )
 
     def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> CompletionResponse:
@@ -246,14 +308,43 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant's earlier tool calls, for the template")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # Only an assistant turn that called tools may come without content (OpenAI's rule too).
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant message with tool_calls may omit it)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    def as_template_input(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.text()}
+    def as_template_input(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            msg["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -262,14 +353,16 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = Field(False, description="each output token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the top-k alternatives per token")
+    tools: list[Tool] | None = Field(None, description="rendered with the model's chat template; 400 if the template takes none")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="none or auto: the model answers in text")
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> None:
-        if value not in (None, False):
-            raise ValueError("logprobs are not supported")
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs set to true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> tuple[str, int | None]:
         # max_completion_tokens is OpenAI's successor to max_tokens: it wins when both are set.
@@ -277,30 +370,46 @@ class ChatCompletionRequest(GenerationRequest):
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
 
-    def prompt_token_ids(self, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+    def prompts(self, tokenizer: Tokenizer, max_model_len: int) -> list[list[int]]:
         for i, m in enumerate(self.messages):
             check_text(m.text(), f"messages[{i}].content", tokenizer, max_model_len)
         check_text("".join(m.text() for m in self.messages), "messages", tokenizer, max_model_len)
+        tools = None
+        if self.tools:
+            if not tokenizer.chat_template_takes_tools:
+                raise InvalidRequest(
+                    "tools: this model's chat template has no place for tools, so the model cannot be told about "
+                    "them; send the request without tools", "tools",
+                )
+            tools = [t.model_dump(exclude_none=True) for t in self.tools]
         try:
-            text = tokenizer.apply_chat_template([m.as_template_input() for m in self.messages], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [m.as_template_input() for m in self.messages], add_generation_prompt=True, tools=tools
+            )
         except Exception as exc:  # templates raise on conversations they reject (e.g. roles not alternating)
             raise InvalidRequest(f"messages: cannot apply the chat template: {exc}", "messages") from exc
         # The template writes the special tokens (BOS included) itself.
-        return tokenizer.encode(text, add_special_tokens=False)
+        return [tokenizer.encode(text, add_special_tokens=False)]
 
-    def response(
-        self, meta: ResponseMeta, text: str, finish_reason: str, usage: Usage, token_ids: list[int] | None = None
-    ) -> ChatCompletionResponse:
+    def response(self, meta: ResponseMeta, choices: list[Choice], usage: Usage, token_text: TokenText) -> ChatCompletionResponse:
         return ChatCompletionResponse(
-            id=meta.id, created=meta.created, model=meta.model,
-            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)], usage=usage,
+            id=meta.id, created=meta.created, model=meta.model, usage=usage,
+            choices=[
+                ChatChoice(
+                    index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason or "stop",
+                    logprobs=ChatLogprobs.of(c.token_ids, c.logprobs, token_text) if c.logprobs is not None else None,
+                )
+                for c in choices
+            ],
         )
 
-    def opening_chunk(self, meta: ResponseMeta) -> ChatCompletionChunk:
-        return self._chunk(meta, [ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    def opening_chunk(self, meta: ResponseMeta, index: int) -> ChatCompletionChunk:
+        return self._chunk(meta, [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
 
-    def chunk(self, meta: ResponseMeta, text: str, finish_reason: str | None) -> ChatCompletionChunk:
-        return self._chunk(meta, [ChatChunkChoice(delta=DeltaMessage(content=text or None), finish_reason=finish_reason)])
+    def chunk(self, meta: ResponseMeta, piece: Choice, token_text: TokenText) -> ChatCompletionChunk:
+        lps = ChatLogprobs.of(piece.token_ids, piece.logprobs, token_text) if piece.logprobs is not None else None
+        delta = DeltaMessage(content=piece.text or None)
+        return self._chunk(meta, [ChatChunkChoice(index=piece.index, delta=delta, finish_reason=piece.finish_reason, logprobs=lps)])
 
     def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> ChatCompletionChunk:
         return self._chunk(meta, [], usage)
@@ -311,6 +420,18 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # --- responses --------------------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """One choice's answer, or a streamed piece of it: text, the tokens it came from and their logprobs
+    (None unless the client asked)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+
 
 @dataclass(frozen=True)
 class ResponseMeta:
@@ -345,7 +466,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     token_ids: list[int] | None = None  # only when the request asked for return_token_ids
 
     @model_serializer(mode="wrap")
@@ -376,7 +497,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -402,7 +523,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

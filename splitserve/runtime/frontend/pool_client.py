@@ -29,7 +29,7 @@ from splitserve.core.split_request import (
     Reserve, Reserved, Routed, SendPrompt, SplitRequest, State, Suspect, Tokens, TransferFailed, WorkerLost,
 )
 from splitserve.model.tokenizer import Tokenizer
-from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenOutput
+from splitserve.runtime.engine_client import EngineOverloaded, EngineStats, EngineUnavailable, TokenLogprobs, TokenOutput
 from splitserve.runtime.frontend.phases import PhaseLog, PhaseRecord
 from splitserve.runtime.auth import SignedCalls
 from splitserve.runtime.frontend.router_feed import RouterPoll
@@ -446,6 +446,10 @@ class _Calls:
         self.first_token_by = 0.0
         self.queued: deque[Event] = deque()  # a stream line can carry two events
         self.emitted = False
+        # Logprobs of the tokens the split request will emit, in order: the prefill worker's first token's,
+        # then the decode worker's (the core state machine carries token ids only).
+        self.first_logprobs: TokenLogprobs | None = None
+        self.decode_logprobs: deque[TokenLogprobs] = deque()
 
     async def reserve(self, d: WorkerClient) -> Event:
         body = DecodeRequest(self.rid, self.prompt, self.params, self.pool._deadline(self.prompt))
@@ -486,6 +490,7 @@ class _Calls:
                 if task.exception() is not None:
                     return PeerFailed("prefill", str(task.exception()))
                 res: PrefillResult = task.result()
+                self.first_logprobs = res.logprobs
                 return FirstToken(res.first_token, res.num_cached_tokens, res.queue_s, res.prefill_s)
             if self.p_task is not None and time.monotonic() >= self.first_token_by:
                 return Deadline()
@@ -509,6 +514,7 @@ class _Calls:
         if out.finish_reason == "transfer_failed":
             self.queued.append(TransferFailed(out.error or "transfer failed"))
             return
+        self.decode_logprobs.extend(out.logprobs or ())
         self.queued.append(Tokens(tuple(out.new_token_ids), out.finish_reason if out.finished else None, out.error))
         if not out.finished:
             self.d_next = asyncio.ensure_future(anext(self.d_events))
@@ -519,8 +525,16 @@ class _Calls:
         first, self.emitted = not self.emitted, True
         return TokenOutput(
             self.rid, list(act.tokens), act.finished, act.finish_reason, len(self.prompt), split.cached_tokens,
-            queue_time=split.queue_s if first else None, error=act.error,
+            queue_time=split.queue_s if first else None, error=act.error, logprobs=self._logprobs(first, len(act.tokens)),
         )
+
+    def _logprobs(self, first: bool, num_tokens: int) -> list[TokenLogprobs] | None:
+        if self.params.logprobs is None:
+            return None
+        lps = [self.first_logprobs] if first and self.first_logprobs is not None else []
+        while len(lps) < num_tokens and self.decode_logprobs:
+            lps.append(self.decode_logprobs.popleft())
+        return lps
 
     async def release(self, side: str) -> None:
         if side == "prefill":

@@ -20,7 +20,8 @@ from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LayerHooks
 from splitserve.model.loader import LoadedModel
 from splitserve.runtime.config import EngineConfig
-from splitserve.runtime.engine_client import EngineStats, TokenOutput
+from splitserve.runtime.engine_client import EngineStats, TokenLogprobs, TokenOutput
+from splitserve.runtime.worker.grammar import GrammarMasks
 from splitserve.runtime.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Engine:
             ),
             self.pool,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(GrammarMasks(loaded.tokenizer, mc.vocab_size))
         self.counters = StepCounters()  # the router turns their growth into measurements
         # Called with each computed step and its seconds (the utilisation meter, the step log).
         self.step_observers: list[Callable[[SchedulerOutput, float], None]] = []
@@ -114,7 +115,7 @@ class Engine:
             return []
         started = time.perf_counter()
         try:
-            tokens = self._run(out, hooks_for(out) if hooks_for else None)
+            tokens, logprobs = self._run(out, hooks_for(out) if hooks_for else None)
         except Exception as exc:  # a failed step must not take the worker down: fail its requests only
             log.exception("model step failed")
             return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
@@ -127,9 +128,10 @@ class Engine:
                 log.exception("step observer failed")
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
-        return [self._output(s.request, s.request.request_id in finished) for s in out.seqs if s.sample]
+        sampling = [s.request for s in out.seqs if s.sample]
+        return [self._output(r, r.request_id in finished, lp) for r, lp in zip(sampling, logprobs)]
 
-    def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> list[int]:
+    def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> tuple[list[int], list[TokenLogprobs | None]]:
         seqs = [
             SeqInput(s.request.token_slice(s.start_pos, s.start_pos + s.num_new_tokens), s.start_pos, s.request.block_ids, s.sample)
             for s in out.seqs
@@ -137,9 +139,11 @@ class Engine:
         batch = build_forward_batch(seqs, self.config.block_size, self.loaded.device)
         logits = self.model(batch, self.kv_cache, hooks)
         sampling = [s.request for s in out.seqs if s.sample]
-        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        params = [r.params for r in sampling]
+        tokens = self.sampler.sample(logits, [r.request_id for r in sampling], params, [r.output_token_ids for r in sampling])
+        return tokens, self.sampler.logprobs(logits, tokens, params)
 
-    def _output(self, req: Request, finished: bool) -> TokenOutput:
+    def _output(self, req: Request, finished: bool, logprobs: TokenLogprobs | None = None) -> TokenOutput:
         if finished:
             self.sampler.forget(req.request_id)
         first = len(req.output_token_ids) == 1
@@ -151,6 +155,7 @@ class Engine:
             req.num_prompt_tokens,
             max(0, req.num_cached_tokens),
             queue_time=(req.first_scheduled_time - req.arrival_time) if first and req.first_scheduled_time is not None else None,
+            logprobs=[logprobs] if logprobs is not None else None,
         )
 
     def load(self) -> SchedulerLoad:

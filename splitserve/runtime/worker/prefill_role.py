@@ -120,7 +120,9 @@ class PrefillRole:
         asyncio.get_running_loop().create_task(self._complete(rid, og))
         elapsed = time.monotonic() - og.started
         queue_s = out.queue_time or 0.0
-        return PrefillResult(first, out.num_cached_tokens, queue_s, max(0.0, elapsed - queue_s))
+        return PrefillResult(
+            first, out.num_cached_tokens, queue_s, max(0.0, elapsed - queue_s), out.logprobs[0] if out.logprobs else None
+        )
 
     async def _complete(self, rid: str, og: Outgoing) -> None:
         """Once the transfer is over either way, the blocks may go — never earlier: the sender reads them
