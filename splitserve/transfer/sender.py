@@ -403,6 +403,8 @@ class KVSender:
 
     def _connect(self, endpoint: str) -> _Connection:
         transport, host, port = parse_endpoint(endpoint)
+        # Before connecting: making an agent takes a while, and the receiver allows a handshake only so long.
+        agent = self._nixl_agent() if transport == "nixl" else None
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as e:
@@ -414,7 +416,6 @@ class KVSender:
             sock.close()
             raise ConnectionError(f"KV receiver {endpoint} hung up at once: {e}") from e
         try:
-            agent = self._nixl_agent() if transport == "nixl" else None
             offer = {"nixl_metadata": agent.metadata(), "nixl_mem_types": agent.mem_types} if agent else {}
             ack = client_handshake(ch, self.layout, self._secret, self.node_id, transport, self.timeout, **offer)
             ring = nixl = None
