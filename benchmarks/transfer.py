@@ -1,4 +1,4 @@
-"""KV transfer throughput: splitserve's tcp and shm transports against a raw socket blast of the same bytes.
+"""KV transfer throughput: splitserve's tcp, shm and nixl transports against a raw socket blast of the same bytes.
 
 The KV of a 2,048-token SmolLM2-135M prompt (30 layers, 3 KV heads, head dim 64, fp32, 16-token
 blocks: 94 MB) moves from a sender process to a receiver process over loopback, layer by layer, from
@@ -7,7 +7,9 @@ scattered source blocks into scattered destination blocks. Two baselines on plai
              framing, no scatter, no bookkeeping (wire_ratio = tcp / raw);
   raw_paged  the same paged blocks as ours, one scatter-gather stream, no protocol: separates what the
              paged layout costs from what our framing, threads and acks cost (paged_ratio = tcp / raw_paged).
-Each repetition runs all four back to back, so drift in machine load hits them alike.
+nixl (when NIXL is installed): one WRITE per layer through UCX between the two processes' agents, with
+its notifications (nixl_ratio = nixl / raw). Each repetition runs them all back to back, so drift in
+machine load hits them alike.
 
     python -m benchmarks.transfer [--reps 7] [--tokens 2048]
 
@@ -35,6 +37,9 @@ from splitserve.model.kv_cache import PagedKVCache
 from splitserve.transfer import KVLayout, KVReceiver, KVSender
 from splitserve.transfer.channel import IOV_MAX, consume
 from splitserve.transfer.layout import CacheBytes
+from splitserve.transfer.nixl_agent import module_name
+
+TRANSPORTS = ("tcp", "shm", "nixl") if module_name() else ("tcp", "shm")
 
 SMOLLM2_135M = ModelSpec(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -61,7 +66,7 @@ def digest(cache: PagedKVCache, block_ids: list[int]) -> str:
 def receiver_proc(conn, num_blocks: int, nbytes: int, dst_ids: list[int]) -> None:
     cache = make_cache(num_blocks, fill=False)
     layout = KVLayout.from_cache(cache, FINGERPRINT)
-    receivers = {t: KVReceiver(cache, layout, SECRET, transport=t) for t in ("tcp", "shm")}
+    receivers = {t: KVReceiver(cache, layout, SECRET, transport=t) for t in TRANSPORTS}
     for r in receivers.values():
         r.start()
     contiguous = memoryview(bytearray(nbytes))
@@ -167,15 +172,16 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["raw", "raw_paged", "tcp", "shm"]
-    labels = ["raw socket\n(contiguous)", "raw socket\n(paged blocks)", "splitserve\ntcp", "splitserve\nshm"]
-    colors = ["#999999", "#cccccc", "#1f77b4", "#2ca02c"]
+    names = [n for n in ["raw", "raw_paged", "tcp", "shm", "nixl"] if n in summary["results"]]
+    labels = {"raw": "raw socket\n(contiguous)", "raw_paged": "raw socket\n(paged blocks)", "tcp": "splitserve\ntcp",
+              "shm": "splitserve\nshm", "nixl": "splitserve\nnixl (UCX)"}
+    colors = {"raw": "#999999", "raw_paged": "#cccccc", "tcp": "#1f77b4", "shm": "#2ca02c", "nixl": "#76b900"}
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, name in enumerate(names):
         r = summary["results"][name]
-        ax.bar(i, r["median_gbps"], color=colors[i], alpha=0.8)
+        ax.bar(i, r["median_gbps"], color=colors[name], alpha=0.8)
         ax.scatter([i] * len(r["gbps"]), r["gbps"], color="black", s=10, zorder=3)
-    ax.set_xticks(range(len(names)), labels)
+    ax.set_xticks(range(len(names)), [labels[n] for n in names])
     ax.set_ylabel("throughput, Gbit/s (median bar, dots = runs)")
     ax.set_title(
         f"KV of a {summary['tokens']}-token SmolLM2-135M prompt ({summary['bytes'] / 1e6:.0f} MB), loopback\n"
@@ -212,7 +218,7 @@ def main() -> None:
         p.start()
     endpoints = r_conn.recv()
 
-    samples: dict[str, list[float]] = {"raw": [], "raw_paged": [], "tcp": [], "shm": []}
+    samples: dict[str, list[float]] = {name: [] for name in ("raw", "raw_paged", *TRANSPORTS)}
     seq = 0
 
     def run(name: str) -> float:
@@ -269,6 +275,9 @@ def main() -> None:
         "paged_ratio_paired_median": paired("raw_paged", "tcp"),
         "shm_ratio": results["shm"]["median_gbps"] / results["raw"]["median_gbps"],
     }
+    if "nixl" in results:
+        summary["nixl_ratio"] = results["nixl"]["median_gbps"] / results["raw"]["median_gbps"]
+        summary["nixl_ratio_paired_median"] = paired("raw", "nixl")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "transfer.json").write_text(json.dumps(summary, indent=2))
     plot(summary, RESULTS / "transfer.png")
@@ -283,6 +292,8 @@ def main() -> None:
         "wire_ratio_paired_median": round(summary["wire_ratio_paired_median"], 3),
         "paged_ratio": round(summary["paged_ratio"], 3),
         "shm_ratio": round(summary["shm_ratio"], 3),
+        **({"nixl_gbps": round(results["nixl"]["median_gbps"], 2), "nixl_ratio": round(summary["nixl_ratio"], 3),
+            "nixl_ratio_paired_median": round(summary["nixl_ratio_paired_median"], 3)} if "nixl" in results else {}),
         "bytes": nbytes,
         "reps": args.reps,
         "bytes_verified_equal": all(verified.values()),
