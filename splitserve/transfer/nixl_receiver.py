@@ -30,7 +30,7 @@ class NixlLanding:
 
     def accept(self, hello: Hello, receiver_id: str) -> str:
         """Add the sender's agent (it must be able to move our memory kind); returns its agent name."""
-        who = f"sender {hello.node_id!r} -> receiver {receiver_id!r}"
+        who = f"sender {hello.node_id!r} ({hello.transport}, cache on {hello.device}) -> receiver {receiver_id!r}"
         if self.region.mem not in hello.nixl_mem_types:
             raise HandshakeError(f"{who}: the receiver's KV cache is {self.region.mem} but the sender's NIXL backend "
                                  f"moves only {list(hello.nixl_mem_types) or 'nothing'}")

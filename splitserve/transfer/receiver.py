@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.transfer.channel import Channel, Stalled, consume, tune
@@ -38,6 +39,7 @@ from splitserve.transfer.handshake import HandshakeError, server_ack, server_hel
 from splitserve.transfer.layout import CacheBytes, KVLayout
 from splitserve.transfer.nixl_receiver import NixlLanding
 from splitserve.transfer.shm_ring import DEFAULT_NUM_SLOTS, DEFAULT_SLOT_BYTES, ReceiverRing
+from splitserve.transfer.staging import Staging, device_for
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class _Conn:
         self.told: OrderedDict[str, None] = OrderedDict()  # unknown tickets already answered
         self.peer: str | None = None  # nixl: the sender's agent name
         self.quarantined: set[str] = set()  # nixl: ended tickets it may still be writing
+        self.host: torch.Tensor | None = None  # device caches: this connection's staging buffer
 
 
 class KVReceiver:
@@ -105,6 +108,7 @@ class KVReceiver:
         num_slots: int = DEFAULT_NUM_SLOTS,
         slot_bytes: int = DEFAULT_SLOT_BYTES,
         fence_grace: float = 6.0,
+        staging: Staging | None = None,
     ) -> None:
         if transport not in ("tcp", "shm", "nixl"):
             raise ValueError(f"transport must be 'tcp', 'shm' or 'nixl', got {transport!r}")
@@ -113,8 +117,12 @@ class KVReceiver:
         if got != layout:
             raise ValueError(f"KV cache does not match the transfer layout: cache {got}, layout {layout}")
         self._num_blocks = kv_cache.num_blocks
-        # Sockets land bytes through host memory; NIXL registers the tensor wherever it lives.
-        self._cache = CacheBytes(kv_cache, layout) if kv_cache.tensor.device.type == "cpu" else None
+        self._kv = kv_cache
+        # Sockets land bytes in host memory: in the cache itself, or (device caches) through staging buffers.
+        # NIXL registers the tensor wherever it lives.
+        device = device_for(kv_cache.tensor)
+        self._staging = staging or (Staging(device, layout.block_bytes) if device else None)
+        self._cache = CacheBytes(kv_cache, layout) if self._staging is None else None
         self._nixl = NixlLanding(kv_cache.tensor, layout) if transport == "nixl" else None
         # Quarantined blocks whose sender vanished are released this long after: past the sender's own
         # WRITE timeout (KVSender's default 5 s), after which it has cancelled whatever it still had posted.
@@ -422,8 +430,6 @@ class KVReceiver:
             if self._nixl is None:
                 raise HandshakeError(f"{who}: the receiver serves {self.endpoint.split(':')[0]}, not nixl")
             return self._nixl.accept(hello, self.node_id)
-        if self._cache is None:
-            raise HandshakeError(f"{who}: the receiver's KV cache is not in host memory; {hello.transport} needs it there")
         return None
 
     def _refused(self, message: str) -> None:
@@ -503,7 +509,9 @@ class KVReceiver:
             raise ProtocolError(f"slot {f.slot} / payload {f.payload_len} outside the ring ({ring.num_slots} x {ring.slot_bytes})")
         t = self._claim(conn, f)
         landed = False
-        if t is not None:
+        if t is not None and self._staging is not None:
+            landed = self._land_staged(conn, t, f, t.block_ids[f.first_block : f.first_block + k])
+        elif t is not None:
             ids = t.block_ids[f.first_block : f.first_block + k]
             if ring is None:
                 landed = self._recv_blocks(conn, t, self._cache.views(f.layer, ids.tolist()))
@@ -553,6 +561,22 @@ class KVReceiver:
                 conn.ch.wait_readable(self._stall)  # outside the lock: cancel() never waits on a slow peer
         conn.ch.discard(sum(map(len, bufs)), self._stall)
         return not bufs
+
+    def _land_staged(self, conn: _Conn, t: _Ticket, f: Layer, ids: np.ndarray) -> bool:
+        """Device cache: the payload into a host buffer (or the ring slot), then into the blocks, under the
+        ticket's lock and waited for, so the late-writer rule holds for the device copy too."""
+        if conn.ring is None:
+            if conn.host is None or conn.host.numel() < f.payload_len:
+                conn.host = self._staging.device.host_buffer(f.payload_len)
+            conn.ch.recv_exact([memoryview(conn.host.numpy())[: f.payload_len]], self._stall)
+            src = conn.host
+        else:
+            src = torch.from_numpy(conn.ring.slot(f.slot, f.num_blocks, self.layout.block_bytes)).reshape(-1)
+        with t.lock:
+            if t.dead:
+                return False
+            self._staging.land(self._kv, f.layer, ids.tolist(), src)
+        return True
 
     def _landed(self, t: _Ticket, f: Layer, k: int) -> None:
         with t.lock:

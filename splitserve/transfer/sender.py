@@ -30,6 +30,7 @@ from splitserve.transfer.layout import CacheBytes, KVLayout
 from splitserve.transfer.nixl_agent import NixlAgent
 from splitserve.transfer.nixl_sender import NixlPath, nixl_path
 from splitserve.transfer.shm_ring import SenderRing
+from splitserve.transfer.staging import StagedLayer, Staging
 
 NIXL_POLL_S = 0.0005  # the writer's poll interval while WRITEs are in flight
 
@@ -61,13 +62,18 @@ class TicketSend:
             raise ValueError(f"layer {layer} out of range [0, {len(self.layer_sent_times)})")
         if len(src_block_ids) != self.num_blocks:
             raise ValueError(f"ticket {self.ticket_id!r} has {self.num_blocks} blocks, got {len(src_block_ids)} source ids")
-        # NIXL reads the cache tensor itself (registered memory, host or device); sockets read its bytes.
-        cache = kv_cache if self._conn.nixl is not None else CacheBytes(kv_cache, self._conn.layout)
         ids = [int(i) for i in src_block_ids]  # a private copy: the caller may reuse its list
         if ids and (min(ids) < 0 or max(ids) >= kv_cache.num_blocks):
             raise ValueError(f"source block ids outside [0, {kv_cache.num_blocks}): {src_block_ids}")
-        if not self._stop:  # once failed, wait() already has the answer
-            self._conn.submit(("layer", self, layer, cache, ids))
+        if self._stop:  # once failed, wait() already has the answer
+            return
+        staging = self._conn.sender.staging
+        if self._conn.nixl is not None:  # NIXL reads the cache tensor itself (registered memory, host or device)
+            self._conn.submit(("layer", self, layer, kv_cache, ids))
+        elif staging is not None:  # device memory: queue the copy to host now, send once its event is done
+            self._conn.submit(("layer", self, layer, staging.stage(kv_cache, layer, ids), list(range(len(ids)))))
+        else:  # sockets read the host cache's bytes in place
+            self._conn.submit(("layer", self, layer, CacheBytes(kv_cache, self._conn.layout), ids))
 
     def finish(self, first_token: int | None = None) -> None:
         """Queue "done" (with the sampled first token) after the layers already queued; every layer must
@@ -278,8 +284,12 @@ class _Connection:
                 if t is not None:
                     self._settle(t, error)
 
-    def _send_layer(self, t: TicketSend, layer: int, cache: CacheBytes, ids: list[int]) -> None:
+    def _send_layer(self, t: TicketSend, layer: int, cache: CacheBytes | StagedLayer, ids: list[int]) -> None:
         lay = self.layout
+        src_layer = layer
+        if isinstance(cache, StagedLayer):
+            cache.wait()  # this layer's device -> host copy; the compute stream never waited for it
+            src_layer = 0
         for first in range(0, len(ids), self._frame_blocks):
             if t._stop:  # aborted from another thread, or failed: stop between frames
                 return
@@ -290,12 +300,12 @@ class _Connection:
                 dtype=lay.dtype, block_shape=lay.block_shape, payload_len=k * lay.block_bytes,
             )
             if self.ring is None:
-                self._send(Layer(**header), cache.views(layer, chunk))
+                self._send(Layer(**header), cache.views(src_layer, chunk))
             else:
                 slot = self.ring.acquire(self.sender.timeout)
                 # The one copy shm needs: gather the blocks into the slot ("clip": ids are checked, and
                 # "raise" would buffer through a temporary).
-                np.take(cache.array[layer], chunk, axis=0, out=self.ring.slot(slot, k, lay.block_bytes), mode="clip")
+                np.take(cache.array[src_layer], chunk, axis=0, out=self.ring.slot(slot, k, lay.block_bytes), mode="clip")
                 self._send(Layer(**header, slot=slot))
             t.bytes_sent += k * lay.block_bytes
         t.layer_sent_times[layer] = time.monotonic()
@@ -347,8 +357,10 @@ class KVSender:
         *,
         node_id: str | None = None,
         max_frame_bytes: int = 4 << 20,
+        staging: Staging | None = None,
     ) -> None:
         self.layout = layout
+        self.staging = staging  # a device KV cache over tcp/shm: layers go through host buffers
         self.timeout = timeout
         self.max_frame_bytes = max_frame_bytes
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -417,6 +429,7 @@ class KVSender:
             raise ConnectionError(f"KV receiver {endpoint} hung up at once: {e}") from e
         try:
             offer = {"nixl_metadata": agent.metadata(), "nixl_mem_types": agent.mem_types} if agent else {}
+            offer["device"] = self.staging.device.name if self.staging else "cpu"
             ack = client_handshake(ch, self.layout, self._secret, self.node_id, transport, self.timeout, **offer)
             ring = nixl = None
             if transport == "shm":

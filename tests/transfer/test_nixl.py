@@ -195,3 +195,15 @@ def test_nixl_sender_to_a_tcp_receiver_is_refused_naming_both(make_receiver, mak
     _, host, port = parse_endpoint(receiver.endpoint)
     with pytest.raises(HandshakeError, match=r"sender .*nixl.* -> receiver .*serves tcp, not nixl"):
         make_sender(layout_of(cache)).start_ticket(f"nixl://{host}:{port}", "t", 1)
+
+
+def test_a_memory_kind_the_sender_cannot_move_is_refused_naming_both(make_receiver):
+    cache = make_cache()
+    receiver, _ = make_receiver(cache, "nixl")
+    agent = NixlAgent("test-vram-only")
+    _, host, port = parse_endpoint(receiver.endpoint)
+    ch = Channel(socket.create_connection((host, port), timeout=5), send_timeout=5)
+    with pytest.raises(HandshakeError, match=r"sender 'gpu-box' \(nixl, cache on cuda:0\) -> receiver .*KV cache is DRAM but the sender's NIXL backend moves only \['VRAM'\]"):
+        client_handshake(ch, layout_of(cache), SECRET, "gpu-box", "nixl", 5, device="cuda:0",
+                         nixl_metadata=agent.metadata(), nixl_mem_types=("VRAM",))
+    ch.close()
