@@ -22,8 +22,9 @@ compute, so even pipelined the excess shows (plotted on its own).
     python -m benchmarks.pipelining [--quick] [--reps 3] [--links loopback,1gbit,100mbit] [--lengths 512,2048,8190]
                                     [--transfer tcp|nixl]
 
-`--transfer nixl` moves KV with NIXL WRITEs; UCX is limited to its tcp transport (UCX_TLS=tcp), since on
-one host it would otherwise take shared memory between the namespaces and bypass the shaped link. "Sent"
+`--transfer nixl` moves KV with NIXL WRITEs; UCX is limited to its tcp transport on the veth (UCX_TLS=tcp,
+UCX_NET_DEVICES), since on one host it would otherwise take shared memory between the namespaces and
+bypass the shaped link. "Sent"
 then means the WRITE completed. Results go to results/pipelining-nixl.json / .png.
 
 Needs root (namespaces, tc) and 2 cores. Writes results/pipelining.json and results/pipelining.png; the
@@ -48,7 +49,7 @@ from typing import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.netns import A_ADDR, B_ADDR, Link, Service, credentials, entered, install_cleanup, tcp_throughput
+from benchmarks.netns import A_ADDR, B_ADDR, DEV, Link, Service, credentials, entered, install_cleanup, tcp_throughput
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import find_vocab
 from splitserve.core.model_spec import ModelSpec
@@ -354,7 +355,10 @@ def main() -> None:
 
     install_cleanup()
     if args.transfer == "nixl":
-        os.environ["UCX_TLS"] = "tcp"  # the workers inherit it: KV must cross the veth, not shared memory
+        # The workers inherit these: KV must cross the veth, not shared memory, and UCX must not offer the
+        # peer its loopback address, which the other namespace cannot reach.
+        os.environ["UCX_TLS"] = "tcp"
+        os.environ["UCX_NET_DEVICES"] = DEV
     builder = PromptBuilder(find_vocab(args.model or BUNDLED_NAME, args.model), secrets.randbits(63))
     index = itertools.count()  # every prompt distinct: none finds another's KV anywhere
 
