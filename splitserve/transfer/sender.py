@@ -251,11 +251,12 @@ class _Connection:
                 nixl.end(t.ticket_id, f"aborted: {reason}", abort_reason=reason)
         elif kind == "ack" and item[2]:
             # The receiver ended it early: it keeps the blocks quarantined until we say nothing is in flight.
+            # Even for a ticket we already let go of (its done went out, no ack in time): the answer is due.
             _, ticket_id, error = item
             t = self._tickets.get(ticket_id)
             if t is not None:
                 t._stop = True
-                nixl.end(ticket_id, error)
+            nixl.end(ticket_id, error)
         elif kind == "ack":
             nixl.forget(item[1])
             return False
