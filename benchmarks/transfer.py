@@ -1,4 +1,4 @@
-"""KV transfer throughput: splitserve's tcp and shm transports against a raw socket blast of the same bytes.
+"""KV transfer throughput: splitserve's tcp, shm and nixl transports against a raw socket blast of the same bytes.
 
 The KV of a 2,048-token SmolLM2-135M prompt (30 layers, 3 KV heads, head dim 64, fp32, 16-token
 blocks: 94 MB) moves from a sender process to a receiver process over loopback, layer by layer, from
@@ -7,9 +7,14 @@ scattered source blocks into scattered destination blocks. Two baselines on plai
              framing, no scatter, no bookkeeping (wire_ratio = tcp / raw);
   raw_paged  the same paged blocks as ours, one scatter-gather stream, no protocol: separates what the
              paged layout costs from what our framing, threads and acks cost (paged_ratio = tcp / raw_paged).
-Each repetition runs all four back to back, so drift in machine load hits them alike.
+nixl (when NIXL is installed): one WRITE per layer through UCX between the two processes' agents, with
+its notifications (nixl_ratio = nixl / raw). Each repetition runs them all back to back, so drift in
+machine load hits them alike.
 
-    python -m benchmarks.transfer [--reps 7] [--tokens 2048]
+    python -m benchmarks.transfer [--reps 7] [--tokens 2048] [--device cuda]
+
+--device cuda (benchmarks/gpu_check.sh): both caches in GPU memory; tcp and shm stage each layer through
+pinned host buffers, nixl WRITEs VRAM -> VRAM; the raw baselines stay host to host (raw_paged is left out).
 
 Writes results/transfer.json and results/transfer.png; the last line printed is a JSON summary.
 """
@@ -35,6 +40,10 @@ from splitserve.model.kv_cache import PagedKVCache
 from splitserve.transfer import KVLayout, KVReceiver, KVSender
 from splitserve.transfer.channel import IOV_MAX, consume
 from splitserve.transfer.layout import CacheBytes
+from splitserve.transfer.nixl_agent import module_name
+from splitserve.transfer.staging import Staging, device_for
+
+TRANSPORTS = ("tcp", "shm", "nixl") if module_name() else ("tcp", "shm")
 
 SMOLLM2_135M = ModelSpec(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -47,29 +56,28 @@ FINGERPRINT = "smollm2-135m"
 RESULTS = Path("results")
 
 
-def make_cache(num_blocks: int, fill: bool) -> PagedKVCache:
-    cache = PagedKVCache(SMOLLM2_135M, num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+def make_cache(num_blocks: int, fill: bool, device: str = "cpu") -> PagedKVCache:
+    cache = PagedKVCache(SMOLLM2_135M, num_blocks, BLOCK_SIZE, torch.float32, device)
     if fill:
         cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(0)))
     return cache
 
 
 def digest(cache: PagedKVCache, block_ids: list[int]) -> str:
-    return hashlib.blake2b(cache.tensor[:, block_ids].contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(cache.tensor[:, block_ids].contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def receiver_proc(conn, num_blocks: int, nbytes: int, dst_ids: list[int]) -> None:
-    cache = make_cache(num_blocks, fill=False)
+def receiver_proc(conn, num_blocks: int, nbytes: int, dst_ids: list[int], device: str = "cpu") -> None:
+    cache = make_cache(num_blocks, fill=False, device=device)
     layout = KVLayout.from_cache(cache, FINGERPRINT)
-    receivers = {t: KVReceiver(cache, layout, SECRET, transport=t) for t in ("tcp", "shm")}
+    receivers = {t: KVReceiver(cache, layout, SECRET, transport=t) for t in TRANSPORTS}
     for r in receivers.values():
         r.start()
     contiguous = memoryview(bytearray(nbytes))
-    paged = CacheBytes(cache, layout)
-    sinks = {
-        "raw": lambda: [contiguous],
-        "raw_paged": lambda: [v for layer in range(layout.num_layers) for v in paged.views(layer, dst_ids)],
-    }
+    sinks = {"raw": lambda: [contiguous]}
+    if device == "cpu":
+        paged = CacheBytes(cache, layout)
+        sinks["raw_paged"] = lambda: [v for layer in range(layout.num_layers) for v in paged.views(layer, dst_ids)]
     endpoints = {t: r.endpoint for t, r in receivers.items()}
     for name, buffers in sinks.items():
         server = socket.create_server(("127.0.0.1", 0))
@@ -106,17 +114,17 @@ def raw_sink(server: socket.socket, buffers: Callable[[], list[memoryview]]) -> 
         sock.sendall(b"!")
 
 
-def sender_proc(conn, num_blocks: int, nbytes: int, src_ids: list[int]) -> None:
-    cache = make_cache(num_blocks, fill=True)
+def sender_proc(conn, num_blocks: int, nbytes: int, src_ids: list[int], device: str = "cpu") -> None:
+    cache = make_cache(num_blocks, fill=True, device=device)
     layout = KVLayout.from_cache(cache, FINGERPRINT)
-    sender = KVSender(layout, SECRET, timeout=30.0)
+    staging = Staging(dev, layout.block_bytes) if (dev := device_for(cache.tensor)) else None
+    sender = KVSender(layout, SECRET, timeout=30.0, staging=staging)
     # The contiguous baseline sends real data (the first blocks' bytes), not never-touched zero pages.
-    blob = memoryview(cache.tensor[:, : len(src_ids)].contiguous().view(torch.uint8).numpy().reshape(-1))
-    paged = CacheBytes(cache, layout)
-    sources = {
-        "raw": lambda: [blob],
-        "raw_paged": lambda: [v for layer in range(layout.num_layers) for v in paged.views(layer, src_ids)],
-    }
+    blob = memoryview(cache.tensor[:, : len(src_ids)].contiguous().cpu().view(torch.uint8).numpy().reshape(-1))
+    sources = {"raw": lambda: [blob]}
+    if device == "cpu":
+        paged = CacheBytes(cache, layout)
+        sources["raw_paged"] = lambda: [v for layer in range(layout.num_layers) for v in paged.views(layer, src_ids)]
     raw: dict[str, socket.socket] = {}
     while True:
         cmd, *args = conn.recv()
@@ -167,19 +175,22 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["raw", "raw_paged", "tcp", "shm"]
-    labels = ["raw socket\n(contiguous)", "raw socket\n(paged blocks)", "splitserve\ntcp", "splitserve\nshm"]
-    colors = ["#999999", "#cccccc", "#1f77b4", "#2ca02c"]
+    names = [n for n in ["raw", "raw_paged", "tcp", "shm", "nixl"] if n in summary["results"]]
+    labels = {"raw": "raw socket\n(contiguous)", "raw_paged": "raw socket\n(paged blocks)", "tcp": "splitserve\ntcp",
+              "shm": "splitserve\nshm", "nixl": "splitserve\nnixl (UCX)"}
+    colors = {"raw": "#999999", "raw_paged": "#cccccc", "tcp": "#1f77b4", "shm": "#2ca02c", "nixl": "#76b900"}
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, name in enumerate(names):
         r = summary["results"][name]
-        ax.bar(i, r["median_gbps"], color=colors[i], alpha=0.8)
+        ax.bar(i, r["median_gbps"], color=colors[name], alpha=0.8)
         ax.scatter([i] * len(r["gbps"]), r["gbps"], color="black", s=10, zorder=3)
-    ax.set_xticks(range(len(names)), labels)
+    ax.set_xticks(range(len(names)), [labels[n] for n in names])
     ax.set_ylabel("throughput, Gbit/s (median bar, dots = runs)")
     ax.set_title(
-        f"KV of a {summary['tokens']}-token SmolLM2-135M prompt ({summary['bytes'] / 1e6:.0f} MB), loopback\n"
-        f"wire_ratio (tcp / raw) = {summary['wire_ratio']:.2f}, paged_ratio (tcp / raw paged) = {summary['paged_ratio']:.2f}",
+        f"KV of a {summary['tokens']}-token SmolLM2-135M prompt ({summary['bytes'] / 1e6:.0f} MB), loopback, caches on {summary['device']}\n"
+        f"wire_ratio (tcp / raw) = {summary['wire_ratio']:.2f}"
+        + (f", paged_ratio (tcp / raw paged) = {summary['paged_ratio']:.2f}" if "paged_ratio" in summary else "")
+        + (f", nixl / raw = {summary['nixl_ratio']:.2f}" if "nixl_ratio" in summary else ""),
         fontsize=9,
     )
     fig.tight_layout()
@@ -190,6 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda[:N]")
     args = ap.parse_args()
 
     num_prompt_blocks = -(-args.tokens // BLOCK_SIZE)
@@ -205,14 +217,15 @@ def main() -> None:
     r_conn, r_child = ctx.Pipe()
     s_conn, s_child = ctx.Pipe()
     procs = [
-        ctx.Process(target=receiver_proc, args=(r_child, num_blocks, nbytes, dst_ids), daemon=True),
-        ctx.Process(target=sender_proc, args=(s_child, num_blocks, nbytes, src_ids), daemon=True),
+        ctx.Process(target=receiver_proc, args=(r_child, num_blocks, nbytes, dst_ids, args.device), daemon=True),
+        ctx.Process(target=sender_proc, args=(s_child, num_blocks, nbytes, src_ids, args.device), daemon=True),
     ]
     for p in procs:
         p.start()
     endpoints = r_conn.recv()
 
-    samples: dict[str, list[float]] = {"raw": [], "raw_paged": [], "tcp": [], "shm": []}
+    baselines = ("raw", "raw_paged") if args.device == "cpu" else ("raw",)
+    samples: dict[str, list[float]] = {name: [] for name in (*baselines, *TRANSPORTS)}
     seq = 0
 
     def run(name: str) -> float:
@@ -260,18 +273,24 @@ def main() -> None:
         "layers": SMOLLM2_135M.num_layers,
         "reps": args.reps,
         "cpus": os.cpu_count(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None,
         "bytes_verified_equal": verified,
         "results": results,
         "wire_ratio": results["tcp"]["median_gbps"] / results["raw"]["median_gbps"],
         # Each repetition ran raw then tcp back to back: per-pair ratios cancel slow drifts in machine load.
         "wire_ratio_paired_median": paired("raw", "tcp"),
-        "paged_ratio": results["tcp"]["median_gbps"] / results["raw_paged"]["median_gbps"],
-        "paged_ratio_paired_median": paired("raw_paged", "tcp"),
+        **({"paged_ratio": results["tcp"]["median_gbps"] / results["raw_paged"]["median_gbps"],
+            "paged_ratio_paired_median": paired("raw_paged", "tcp")} if "raw_paged" in results else {}),
         "shm_ratio": results["shm"]["median_gbps"] / results["raw"]["median_gbps"],
     }
+    if "nixl" in results:
+        summary["nixl_ratio"] = results["nixl"]["median_gbps"] / results["raw"]["median_gbps"]
+        summary["nixl_ratio_paired_median"] = paired("raw", "nixl")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transfer.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, RESULTS / "transfer.png")
+    stem = "transfer" if args.device == "cpu" else "transfer-cuda"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, RESULTS / f"{stem}.png")
     for name, r in results.items():
         print(f"{name:>9}: median {r['median_gbps']:6.2f} Gbit/s  range [{r['min_gbps']:.2f}, {r['max_gbps']:.2f}]  IQR {r['iqr_gbps']:.2f}")
     print(json.dumps({
@@ -279,10 +298,12 @@ def main() -> None:
         "tcp_gbps": round(results["tcp"]["median_gbps"], 2),
         "raw_gbps": round(results["raw"]["median_gbps"], 2),
         "shm_gbps": round(results["shm"]["median_gbps"], 2),
-        "raw_paged_gbps": round(results["raw_paged"]["median_gbps"], 2),
+        **({"raw_paged_gbps": round(results["raw_paged"]["median_gbps"], 2),
+            "paged_ratio": round(summary["paged_ratio"], 3)} if "raw_paged" in results else {}),
         "wire_ratio_paired_median": round(summary["wire_ratio_paired_median"], 3),
-        "paged_ratio": round(summary["paged_ratio"], 3),
         "shm_ratio": round(summary["shm_ratio"], 3),
+        **({"nixl_gbps": round(results["nixl"]["median_gbps"], 2), "nixl_ratio": round(summary["nixl_ratio"], 3),
+            "nixl_ratio_paired_median": round(summary["nixl_ratio_paired_median"], 3)} if "nixl" in results else {}),
         "bytes": nbytes,
         "reps": args.reps,
         "bytes_verified_equal": all(verified.values()),

@@ -82,7 +82,8 @@ def add_worker_args(worker: argparse.ArgumentParser) -> None:
 
 def add_transfer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV transfer")
-    g.add_argument("--transfer", choices=["tcp", "shm"], default="tcp", help="KV transport (shm: same host only)")
+    g.add_argument("--transfer", choices=["tcp", "shm", "nixl"], default="tcp",
+                   help="KV transport (shm: same host only; nixl: NIXL/UCX WRITEs into the decode cache, splitserve[nixl])")
     g.add_argument("--no-layer-pipelining", dest="layer_pipelining", action="store_false",
                    help="send KV after the last layer instead of layer by layer (the baseline)")
     g.add_argument("--secret-file", default=None,

@@ -303,6 +303,10 @@ def run_worker(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # a missing model, an unwritable step log
         log.error("cannot start: %s", exc)
         return 2
+    if args.role != "colocated":
+        from splitserve.transfer.available import transports_line
+
+        log.info("%s", transports_line(args.transfer, args.device))
     worker.start()
     url = args.advertise or f"http://{args.host}:{args.port}"
     # No access log: a worker's callers are the frontend's polls and calls, not people (those show in the

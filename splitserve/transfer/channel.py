@@ -43,10 +43,10 @@ def tune(sock: socket.socket) -> None:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
-    """"tcp://host:port" or "shm://name@host:port" -> (transport, host, port)."""
+    """"tcp://host:port", "shm://name@host:port" or "nixl://host:port" (the control socket) -> (transport, host, port)."""
     parts = urlsplit(endpoint)
-    if parts.scheme not in ("tcp", "shm") or not parts.hostname or not parts.port:
-        raise ValueError(f"bad KV endpoint {endpoint!r}: want tcp://host:port or shm://name@host:port")
+    if parts.scheme not in ("tcp", "shm", "nixl") or not parts.hostname or not parts.port:
+        raise ValueError(f"bad KV endpoint {endpoint!r}: want tcp://host:port, shm://name@host:port or nixl://host:port")
     return parts.scheme, parts.hostname, parts.port
 
 

@@ -21,7 +21,7 @@ from splitserve.transfer.channel import Channel
 from splitserve.transfer.frames import PROTOCOL_VERSION, Challenge, Error, Frame, Hello, HelloAck, canonical
 from splitserve.transfer.layout import KVLayout
 
-TRANSPORTS = ("tcp", "shm")
+TRANSPORTS = ("tcp", "shm", "nixl")
 
 
 class HandshakeError(Exception):
@@ -32,8 +32,10 @@ def _mac(secret: bytes, role: bytes, nonce_r: bytes, nonce_s: bytes, frame: Fram
     return hmac.new(secret, b"splitserve-kv/" + role + nonce_r + nonce_s + canonical(frame), hashlib.sha256).digest()
 
 
-def client_handshake(ch: Channel, layout: KVLayout, secret: bytes, node_id: str, transport: str, timeout: float) -> HelloAck:
-    """The sender's side; raises HandshakeError when refused or when the receiver cannot prove the secret."""
+def client_handshake(ch: Channel, layout: KVLayout, secret: bytes, node_id: str, transport: str, timeout: float,
+                     **offer: object) -> HelloAck:
+    """The sender's side; raises HandshakeError when refused or when the receiver cannot prove the secret.
+    `offer`: the transport's optional hello fields (device, NIXL agent metadata), covered by the MAC too."""
     challenge = ch.expect(Challenge, timeout)
     if isinstance(challenge, Error):
         raise HandshakeError(challenge.message)
@@ -49,6 +51,7 @@ def client_handshake(ch: Channel, layout: KVLayout, secret: bytes, node_id: str,
         transport=transport,
         nonce=nonce,
         mac=b"",
+        **offer,
     )
     ch.send(msgspec.structs.replace(hello, mac=_mac(secret, b"client", challenge.nonce, nonce, hello)))
     reply = ch.expect(HelloAck, timeout)

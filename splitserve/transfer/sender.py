@@ -3,7 +3,8 @@ that owns every send and every ticket outcome, and a reader thread for acks and 
 
 send_layer() only queues: the engine thread never waits on the network. A ticket's future completes
 only on the writer thread, between frames, so when wait() returns nothing is still reading the
-source blocks and the prefill worker may free them.
+source blocks and the prefill worker may free them. Over NIXL (`nixl_sender.py`) the socket carries only
+control frames; the same writer thread posts the WRITEs and polls them to completion.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from splitserve.model.kv_cache import PagedKVCache
 
 T = TypeVar("T")
 from splitserve.transfer.channel import IOV_MAX, Channel, parse_endpoint, tune
-from splitserve.transfer.frames import Abort, Ack, Credit, Done, Error, Heartbeat, Layer, ProtocolError
+from splitserve.transfer.frames import Abort, Ack, Claim, Credit, Done, Error, Fenced, Grant, Heartbeat, Layer, ProtocolError
 from splitserve.transfer.handshake import HandshakeError, client_handshake
 from splitserve.transfer.layout import CacheBytes, KVLayout
+from splitserve.transfer.nixl_agent import NixlAgent
+from splitserve.transfer.nixl_sender import NixlPath, nixl_path
 from splitserve.transfer.shm_ring import SenderRing
+from splitserve.transfer.staging import StagedLayer, Staging
+
+NIXL_POLL_S = 0.0005  # the writer's poll interval while WRITEs are in flight
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class TicketSend:
         self.layer_sent_times: list[float] = [math.nan] * conn.layout.num_layers
         self._conn = conn
         self._event = threading.Event()
+        self._granted = threading.Event()  # nixl: the receiver named the blocks we may WRITE (or the ticket ended)
         self._stop = False  # failed or aborted: the writer skips what is left of it
         self._closed = False  # finish() or abort() called
         self._done_at: float | None = None  # when "done" went out: the ack is due within the timeout
@@ -55,12 +62,18 @@ class TicketSend:
             raise ValueError(f"layer {layer} out of range [0, {len(self.layer_sent_times)})")
         if len(src_block_ids) != self.num_blocks:
             raise ValueError(f"ticket {self.ticket_id!r} has {self.num_blocks} blocks, got {len(src_block_ids)} source ids")
-        cache = CacheBytes(kv_cache, self._conn.layout)
         ids = [int(i) for i in src_block_ids]  # a private copy: the caller may reuse its list
-        if ids and (min(ids) < 0 or max(ids) >= cache.num_blocks):
-            raise ValueError(f"source block ids outside [0, {cache.num_blocks}): {src_block_ids}")
-        if not self._stop:  # once failed, wait() already has the answer
-            self._conn.submit(("layer", self, layer, cache, ids))
+        if ids and (min(ids) < 0 or max(ids) >= kv_cache.num_blocks):
+            raise ValueError(f"source block ids outside [0, {kv_cache.num_blocks}): {src_block_ids}")
+        if self._stop:  # once failed, wait() already has the answer
+            return
+        staging = self._conn.sender.staging
+        if self._conn.nixl is not None:  # NIXL reads the cache tensor itself (registered memory, host or device)
+            self._conn.submit(("layer", self, layer, kv_cache, ids))
+        elif staging is not None:  # device memory: queue the copy to host now, send once its event is done
+            self._conn.submit(("layer", self, layer, staging.stage(kv_cache, layer, ids), list(range(len(ids)))))
+        else:  # sockets read the host cache's bytes in place
+            self._conn.submit(("layer", self, layer, CacheBytes(kv_cache, self._conn.layout), ids))
 
     def finish(self, first_token: int | None = None) -> None:
         """Queue "done" (with the sampled first token) after the layers already queued; every layer must
@@ -89,15 +102,18 @@ class TicketSend:
             self._stop = True
             self.settled_at = time.monotonic()
             self._event.set()
+            self._granted.set()
 
 
 class _Connection:
-    def __init__(self, sender: KVSender, endpoint: str, ch: Channel, heartbeat: float, ring: SenderRing | None) -> None:
+    def __init__(self, sender: KVSender, endpoint: str, ch: Channel, heartbeat: float, ring: SenderRing | None,
+                 nixl: NixlPath | None = None) -> None:
         self.sender = sender
         self.endpoint = endpoint
         self.layout = sender.layout
         self.ch = ch
         self.ring = ring
+        self.nixl = nixl
         block_bytes = self.layout.block_bytes
         # Frames of whole blocks, bounded so one iovec list fits IOV_MAX and other tickets get turns.
         if ring is not None:
@@ -144,8 +160,9 @@ class _Connection:
         error = "connection closed"
         try:
             while True:
+                polling = self.nixl is not None and self.nixl.busy()
                 try:
-                    item = self._queue.get(timeout=self._heartbeat)
+                    item = self._queue.get(timeout=NIXL_POLL_S if polling else self._heartbeat)
                 except queue.Empty:
                     item = ("idle",)
                 if item[0] == "lost":
@@ -153,6 +170,8 @@ class _Connection:
                     break
                 self._handle(item)
                 now = time.monotonic()
+                if self.nixl is not None:
+                    self._advance_nixl(now)
                 if now - self._last_send >= self._heartbeat:
                     self._send(Heartbeat())  # the receiver reads silence as a dead sender
                 self._expire_acks(now)
@@ -166,6 +185,8 @@ class _Connection:
             error = self._closing or error
             if tickets:
                 log.warning("KV connection to %s ended with %d ticket(s) in flight: %s", self.endpoint, len(tickets), error)
+            if self.nixl is not None:
+                self.nixl.close()  # before settling: the source blocks stay put while a WRITE may read them
             for t in tickets:
                 t._settle(error)
             self.ch.shutdown()  # the reader wakes, posts "lost" to nobody and exits
@@ -176,6 +197,8 @@ class _Connection:
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
+        if self.nixl is not None and self._handle_nixl(item):
+            return
         if kind == "layer":
             _, t, layer, cache, ids = item
             if not t._stop:
@@ -196,8 +219,78 @@ class _Connection:
             if t is not None:
                 self._settle(t, error or None)
 
-    def _send_layer(self, t: TicketSend, layer: int, cache: CacheBytes, ids: list[int]) -> None:
+    def _handle_nixl(self, item: tuple) -> bool:
+        """The NIXL meaning of a queue item; False for those that mean the same as over a socket."""
+        nixl, kind = self.nixl, item[0]
+        if kind == "claim":
+            self._send(Claim(ticket_id=item[1].ticket_id))
+        elif kind == "grant":
+            _, ticket_id, block_ids = item
+            t = self._tickets.get(ticket_id)
+            if t is not None and not t._stop:
+                problem = nixl.grant(ticket_id, block_ids, t.num_blocks)
+                if problem:
+                    t._stop = True
+                    nixl.end(ticket_id, f"bad grant: {problem}", abort_reason="bad grant")
+                t._granted.set()
+        elif kind == "layer":
+            _, t, layer, cache, ids = item
+            if not t._stop:
+                try:
+                    nixl.post_layer(t.ticket_id, layer, cache, ids)
+                except (ConnectionError, RuntimeError, ValueError) as e:  # NIXL's own errors are RuntimeErrors
+                    t._stop = True
+                    nixl.end(t.ticket_id, f"nixl WRITE not posted: {e}", abort_reason="WRITE not posted")
+        elif kind == "done":
+            _, t, first_token = item
+            if not t._stop:
+                nixl.finish(t.ticket_id, first_token)
+        elif kind == "abort":
+            _, t, reason = item
+            if not t.done:
+                nixl.end(t.ticket_id, f"aborted: {reason}", abort_reason=reason)
+        elif kind == "ack" and item[2]:
+            # The receiver ended it early: it keeps the blocks quarantined until we say nothing is in flight.
+            # Even for a ticket we already let go of (its done went out, no ack in time): the answer is due.
+            _, ticket_id, error = item
+            t = self._tickets.get(ticket_id)
+            if t is not None:
+                t._stop = True
+            nixl.end(ticket_id, error)
+        elif kind == "ack":
+            nixl.forget(item[1])
+            return False
+        else:
+            return False
+        return True
+
+    def _advance_nixl(self, now: float) -> None:
+        def landed(ticket_id: str, layer: int, nbytes: int, at: float) -> None:
+            t = self._tickets.get(ticket_id)
+            if t is not None:
+                t.bytes_sent += nbytes
+                t.layer_sent_times[layer] = at
+
+        for ticket_id, what, error, abort_reason in self.nixl.poll(now, landed):
+            t = self._tickets.get(ticket_id)
+            if what == "done":
+                if t is not None:
+                    t._done_at = now
+            elif abort_reason is not None:
+                self._send(Abort(ticket_id=ticket_id, reason=abort_reason))  # implies fenced: nothing in flight
+                if t is not None:
+                    self._settle(t, error)
+            else:
+                self._send(Fenced(ticket_id=ticket_id))
+                if t is not None:
+                    self._settle(t, error)
+
+    def _send_layer(self, t: TicketSend, layer: int, cache: CacheBytes | StagedLayer, ids: list[int]) -> None:
         lay = self.layout
+        src_layer = layer
+        if isinstance(cache, StagedLayer):
+            cache.wait()  # this layer's device -> host copy; the compute stream never waited for it
+            src_layer = 0
         for first in range(0, len(ids), self._frame_blocks):
             if t._stop:  # aborted from another thread, or failed: stop between frames
                 return
@@ -208,12 +301,12 @@ class _Connection:
                 dtype=lay.dtype, block_shape=lay.block_shape, payload_len=k * lay.block_bytes,
             )
             if self.ring is None:
-                self._send(Layer(**header), cache.views(layer, chunk))
+                self._send(Layer(**header), cache.views(src_layer, chunk))
             else:
                 slot = self.ring.acquire(self.sender.timeout)
                 # The one copy shm needs: gather the blocks into the slot ("clip": ids are checked, and
                 # "raise" would buffer through a temporary).
-                np.take(cache.array[layer], chunk, axis=0, out=self.ring.slot(slot, k, lay.block_bytes), mode="clip")
+                np.take(cache.array[src_layer], chunk, axis=0, out=self.ring.slot(slot, k, lay.block_bytes), mode="clip")
                 self._send(Layer(**header, slot=slot))
             t.bytes_sent += k * lay.block_bytes
         t.layer_sent_times[layer] = time.monotonic()
@@ -244,6 +337,8 @@ class _Connection:
                     self._queue.put(("ack", frame.ticket_id, frame.error))
                 elif isinstance(frame, Credit) and self.ring is not None:
                     self.ring.release(frame.slot)
+                elif isinstance(frame, Grant) and self.nixl is not None:
+                    self._queue.put(("grant", frame.ticket_id, frame.block_ids))
                 elif isinstance(frame, Error):
                     raise ConnectionError(f"receiver closed the connection: {frame.message}")
                 else:
@@ -263,8 +358,10 @@ class KVSender:
         *,
         node_id: str | None = None,
         max_frame_bytes: int = 4 << 20,
+        staging: Staging | None = None,
     ) -> None:
         self.layout = layout
+        self.staging = staging  # a device KV cache over tcp/shm: layers go through host buffers
         self.timeout = timeout
         self.max_frame_bytes = max_frame_bytes
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -273,10 +370,17 @@ class KVSender:
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, threading.Lock] = {}  # one handshake per endpoint at a time
         self._closed = False
+        self._nixl: NixlAgent | None = None  # made on the first nixl connection: other transports never load NIXL
 
     def start_ticket(self, endpoint: str, ticket_id: str, num_blocks: int) -> TicketSend:
-        """Raises HandshakeError if the receiver refuses us, ConnectionError if it cannot be reached."""
-        return self._with_connection(endpoint, lambda conn: conn.register(ticket_id, num_blocks))
+        """Raises HandshakeError if the receiver refuses us, ConnectionError if it cannot be reached.
+        Over NIXL it returns once the receiver granted the claim (or refused it: the ticket has then failed)."""
+        t = self._with_connection(endpoint, lambda conn: conn.register(ticket_id, num_blocks))
+        if t._conn.nixl is not None:
+            t._conn.submit(("claim", t))
+            if not t._granted.wait(self.timeout):
+                t.abort(f"no grant from {endpoint} within {self.timeout:.1f}s")
+        return t
 
     def connect(self, endpoint: str) -> None:
         """Open (and handshake) the connection to `endpoint` now, so that a mismatch shows at deployment
@@ -312,6 +416,8 @@ class KVSender:
 
     def _connect(self, endpoint: str) -> _Connection:
         transport, host, port = parse_endpoint(endpoint)
+        # Before connecting: making an agent takes a while, and the receiver allows a handshake only so long.
+        agent = self._nixl_agent() if transport == "nixl" else None
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as e:
@@ -323,12 +429,16 @@ class KVSender:
             sock.close()
             raise ConnectionError(f"KV receiver {endpoint} hung up at once: {e}") from e
         try:
-            ack = client_handshake(ch, self.layout, self._secret, self.node_id, transport, self.timeout)
-            ring = None
+            offer = {"nixl_metadata": agent.metadata(), "nixl_mem_types": agent.mem_types} if agent else {}
+            offer["device"] = self.staging.device.name if self.staging else "cpu"
+            ack = client_handshake(ch, self.layout, self._secret, self.node_id, transport, self.timeout, **offer)
+            ring = nixl = None
             if transport == "shm":
                 if not ack.shm_name:
                     raise ProtocolError("receiver offered no shm ring")
                 ring = SenderRing(ack.shm_name, ack.num_slots, ack.slot_bytes)
+            if agent is not None:
+                nixl = nixl_path(agent, ack, self.layout, self.timeout)
         except HandshakeError:
             ch.close()
             raise
@@ -337,4 +447,10 @@ class KVSender:
             raise ConnectionError(f"KV handshake with {endpoint} failed: {e}") from e
         log.info("KV connection to %s (%s) over %s", endpoint, ack.node_id, transport)
         # Four beats per idle limit: one late beat never looks like death (floored against a silly limit).
-        return _Connection(self, endpoint, ch, max(0.05, ack.idle_timeout / 4), ring)
+        return _Connection(self, endpoint, ch, max(0.05, ack.idle_timeout / 4), ring, nixl)
+
+    def _nixl_agent(self) -> NixlAgent:
+        with self._lock:
+            if self._nixl is None:
+                self._nixl = NixlAgent("kv-send")  # imports NIXL, an optional extra: only now, on first use
+            return self._nixl

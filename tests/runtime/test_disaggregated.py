@@ -1,5 +1,5 @@
 """1 prefill + 1 decode worker processes produce, for concurrent prompts (some sharing prefixes), the
-same greedy tokens as transformers and as a colocated engine, over both transports, with and without
+same greedy tokens as transformers and as a colocated engine, over every transport (nixl: DRAM over UCX), with and without
 layer pipelining; every request really took the split path; every block comes back."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def _complete_all(url: str, ps: list[list[int]]) -> list[dict]:
         return await asyncio.gather(*(one(p) for p in ps))
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "after-last-layer"])
 def test_split_is_token_identical(checkpoint, references, transport, pipelining):
     args = ["--prefill", "1", "--decode", "1", "--transfer", transport, "--block-size", "16", "--num-blocks", "256",

@@ -45,7 +45,7 @@ def _doomed_sender(endpoint: str, conn) -> None:
     time.sleep(60)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
 def test_sender_process_killed_mid_ticket(transport, make_receiver):
     receiver, rec = make_receiver(make_cache(), transport)
     receiver.expect("doomed", DST_IDS, time.monotonic() + 30)
@@ -119,7 +119,7 @@ def test_deadline_with_no_sender(make_receiver):
     assert not receiver.wait_layer("late", 0, 0)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
 def test_deadline_mid_ticket_fails_both_sides_and_blocks_stay_put(transport, make_receiver, make_sender):
     src, dst = make_cache(seed=3), make_cache()
     receiver, rec = make_receiver(dst, transport)
@@ -195,7 +195,7 @@ def test_cancel_between_layers_fails_the_sender_and_freezes_blocks(transport, ma
     assert not receiver.wait_layer("c", 0, 0)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nixl"])
 def test_receiver_gone_fails_the_sender_fast(transport, make_receiver, make_sender):
     src = make_cache(seed=6)
     receiver, _ = make_receiver(make_cache(), transport)

@@ -30,6 +30,7 @@ from splitserve.runtime.auth import Guard, Rule, Verifier
 from splitserve.runtime.wire import DecodeRequest, GenerateRequest, PrefillRequest, StreamEvent, WorkerInfo, encoder
 from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
+from splitserve.transfer.staging import Staging, device_for
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Worker:
             self.async_engine = AsyncEngine(engine, before_abort=self._before_abort)
             self.decode_role = DecodeRole(self.async_engine, self.receiver, self.metrics)
         elif role == "prefill":
-            self.sender = KVSender(layout, secret)
+            device = device_for(engine.kv_cache.tensor)  # a GPU cache goes through pinned buffers over tcp/shm
+            self.sender = KVSender(layout, secret, staging=Staging(device, layout.block_bytes) if device else None)
             self.async_engine = AsyncEngine(engine, hooks_for=self._hooks_for, before_abort=self._before_abort)
             self.prefill_role = PrefillRole(self.async_engine, self.sender, self.metrics, pipelined)
         else:

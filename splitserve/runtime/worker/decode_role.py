@@ -26,13 +26,19 @@ class DecodeRole:
         self._tickets: dict[str, Ticket] = {}
         self._reserved_at: dict[str, float] = {}
         self._kv_wait: dict[str, float] = {}  # reservation to complete KV, reported with the next event
+        self._quarantined: dict[str, list[int]] = {}  # nixl: blocks a WRITE may still land in (engine thread)
         receiver.on_complete = self._kv_complete
         receiver.on_failed = self._kv_failed
+        receiver.on_fenced = self._kv_fenced
 
     def before_abort(self, request_id: str) -> None:
-        """Engine thread, before blocks are freed: no byte may land in them afterwards."""
-        if self._tickets.pop(request_id, None) is not None:
-            self.receiver.cancel(request_id)
+        """Engine thread, before blocks are freed: no byte may land in them afterwards. Over NIXL the
+        receiver cannot promise that at once (a WRITE is one-sided); then the blocks keep one more
+        reference, so no other request gets them, until the sender has fenced the ticket."""
+        ticket = self._tickets.pop(request_id, None)
+        if ticket is not None and not self.receiver.cancel(request_id):
+            self.engine.engine.pool.take(ticket.block_ids)
+            self._quarantined[request_id] = list(ticket.block_ids)
         self._reserved_at.pop(request_id, None)
         self._kv_wait.pop(request_id, None)
 
@@ -77,6 +83,14 @@ class DecodeRole:
             self.engine.kv_arrived(ticket_id, first_token)
 
         self.engine.submit(arrived)
+
+    def _kv_fenced(self, ticket_id: str) -> None:
+        def release() -> None:
+            blocks = self._quarantined.pop(ticket_id, None)
+            if blocks is not None:
+                self.engine.engine.pool.release(blocks)
+
+        self.engine.submit(release)  # after any abort already queued: it is the one that quarantines
 
     def _kv_failed(self, ticket_id: str, cause: str) -> None:
         self.metrics.transfer_failures.labels(cause=cause.split(":")[0]).inc()
