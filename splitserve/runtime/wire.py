@@ -4,6 +4,7 @@ frontend makes to a worker (`WorkerClient`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import AsyncIterator
 
@@ -99,6 +100,9 @@ class WorkerClient:
         self.info = info
         self.in_flight = 0  # requests this frontend has on the worker now
         self.draining = False  # takes no new requests
+        # Set when the frontend drops the worker (its heartbeat went silent or it left): every call still
+        # waiting on it ends then. Calls have no read timeout of their own: a slow stream is not a failure.
+        self.lost = asyncio.Event()
 
     @classmethod
     async def connect(cls, url: str, http: httpx.AsyncClient) -> "WorkerClient":
@@ -121,10 +125,11 @@ class WorkerClient:
             raise WorkerError(f"prefill worker {self.url} answered {r.status_code}: {r.text[:300]}")
         return msgspec.json.decode(r.content, type=PrefillResult)
 
-    async def stream(self, path: str, body: msgspec.Struct, read_timeout: float) -> AsyncIterator[StreamEvent]:
+    async def stream(self, path: str, body: msgspec.Struct) -> AsyncIterator[StreamEvent]:
         """NDJSON events of a worker stream. Closing the iterator closes the connection, which the worker
-        takes as an abort."""
-        timeout = httpx.Timeout(5.0, read=read_timeout)
+        takes as an abort. No read timeout: a live worker's stream may be slow (a long queue); a dead or
+        partitioned one is found by the heartbeat, which sets `lost`."""
+        timeout = httpx.Timeout(5.0, read=None)
         try:
             async with self.http.stream("POST", self.url + path, content=encoder.encode(body), timeout=timeout) as r:
                 if r.status_code != 200:
