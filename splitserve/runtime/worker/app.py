@@ -133,10 +133,17 @@ class Worker:
         return self.async_engine.load().idle
 
     def health(self) -> tuple[bool, dict]:
+        """Answered on the event loop, not the engine thread: a worker stuck inside a step still says so
+        (503 "stuck", with the step's age), and the frontend's heartbeat drops it as it drops a silent one."""
         errors = list(self.receiver.last_handshake_errors) if self.receiver else []
         errors += self.handshake_errors
-        ok = self.async_engine.healthy()
-        return ok, {"status": "ok" if ok else "engine down", "role": self.role, "handshake_errors": errors[-10:]}
+        e = self.async_engine
+        age = e.step_age()
+        status = "engine down" if not e.healthy() else "stuck" if e.stuck() else "ok"
+        body = {"status": status, "role": self.role, "handshake_errors": errors[-10:]}
+        if age is not None:
+            body.update(step_age_s=round(age, 3), stuck_after_s=round(e.stuck_after_s(), 3))
+        return status == "ok", body
 
 
 def create_worker_app(worker: Worker) -> FastAPI:
