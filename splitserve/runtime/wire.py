@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import AsyncIterator
 
 import httpx
@@ -103,6 +104,10 @@ class WorkerClient:
         # Set when the frontend drops the worker (its heartbeat went silent or it left): every call still
         # waiting on it ends then. Calls have no read timeout of their own: a slow stream is not a failure.
         self.lost = asyncio.Event()
+        # When it last answered anything (a stream line, a reply): a worker that talks is alive, though its
+        # /health may be slow under a burst (its event loop busy with hundreds of streams).
+        self.last_heard = 0.0
+        self.refused = False  # the last health check found nothing listening
 
     @classmethod
     async def connect(cls, url: str, http: httpx.AsyncClient) -> "WorkerClient":
@@ -121,6 +126,7 @@ class WorkerClient:
             r = await self.http.post(self.url + "/internal/prefill", content=encoder.encode(body), timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerError(f"prefill worker {self.url}: {type(exc).__name__}: {exc}") from exc
+        self.last_heard = time.monotonic()
         if r.status_code != 200:
             raise WorkerError(f"prefill worker {self.url} answered {r.status_code}: {r.text[:300]}")
         return msgspec.json.decode(r.content, type=PrefillResult)
@@ -136,6 +142,7 @@ class WorkerClient:
                     await r.aread()
                     raise WorkerError(f"worker {self.url}{path} answered {r.status_code}: {r.text[:300]}")
                 async for line in r.aiter_lines():
+                    self.last_heard = time.monotonic()
                     if line:
                         yield msgspec.json.decode(line, type=StreamEvent)
         except httpx.HTTPError as exc:
@@ -157,7 +164,13 @@ class WorkerClient:
             pass  # the worker is gone: nothing of the request survives there
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
+        """200 from its /health. `refused` says whether nothing listens at its address (it is gone for
+        sure), as against a slow or unhealthy answer."""
+        self.refused = False
         try:
             return (await self.http.get(self.url + "/health", timeout=timeout_s)).status_code == 200
+        except httpx.ConnectError:
+            self.refused = True
+            return False
         except httpx.HTTPError:
             return False

@@ -194,7 +194,7 @@ class PoolClient:
             now = time.monotonic()
             last_ok = {url: t for url, t in last_ok.items() if any(w.url == url for w in members)}  # left: forget
             for w, ok in zip(members, alive):
-                seen = last_ok.setdefault(w.url, now)
+                seen = max(last_ok.setdefault(w.url, now), w.last_heard)
                 if ok:
                     last_ok[w.url] = now
                 elif now - seen > c.liveness_s and self._find(w.url) is w:
@@ -204,8 +204,12 @@ class PoolClient:
             await asyncio.sleep(c.heartbeat_s)
 
     async def _evict_if_dead(self, w: WorkerClient) -> None:
-        """After a failure: a worker that does not answer its health check takes no more requests."""
-        if not await w.healthy() and self._find(w.url) is w:  # many failed calls may ask at once: log once
+        """After a failure: a worker that is gone (nothing listens) or silent for `liveness_s` takes no more
+        requests. One slow health check is not enough: under a burst a live worker answers late."""
+        if await w.healthy():
+            return
+        gone = w.refused or time.monotonic() - w.last_heard > self.config.liveness_s
+        if gone and self._find(w.url) is w:  # many failed calls may ask at once: log once
             log.warning("removing unresponsive %s worker %s", w.info.role, w.url)
             self.remove_worker(w.url)
 
@@ -397,6 +401,8 @@ class PoolClient:
             try:
                 d = self._whole(calls.prompt)  # another decode worker, or (degraded) a prefill worker
             except EngineUnavailable as exc:
+                if not act.produced and rec.output_tokens == 0:  # the client has nothing yet: a 503, not a 200
+                    raise EngineUnavailable(f"{split.causes[-1]}; {exc}") from exc
                 yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; {exc}")
                 return
         async for out in self._local(d, calls.rid, calls.prompt, calls.params, list(act.produced), rec, suffix="/recompute"):
@@ -429,6 +435,8 @@ class PoolClient:
                     return
             yield TokenOutput(rid, [], True, "error", len(prompt), error=f"worker {w.url} ended the stream early")
         except WorkerError as exc:
+            if not produced and rec.output_tokens == 0:  # lost before the client had anything: a 503, not a 200
+                raise EngineUnavailable(str(exc)) from exc
             yield TokenOutput(rid, [], True, "error", len(prompt), error=str(exc))
         finally:
             w.in_flight -= 1

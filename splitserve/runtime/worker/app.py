@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -32,6 +32,8 @@ from splitserve.runtime.worker.metrics import WorkerMetrics
 from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -226,7 +228,9 @@ def create_worker_app(worker: Worker) -> FastAPI:
         async def prefill(request: Request) -> Response:
             req = msgspec.json.decode(await request.body(), type=PrefillRequest)
             try:
-                result = await prefill_role.prefill(req)
+                result = await _unless_hung_up(request, prefill_role.prefill(req))
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it: the prefill and its transfer stopped
             except HandshakeError as exc:
                 return JSONResponse({"error": f"KV handshake refused: {exc}"}, status_code=502)
             except (ConnectionError, OSError) as exc:
@@ -243,6 +247,33 @@ def create_worker_app(worker: Worker) -> FastAPI:
         return JSONResponse({"error": f"malformed message: {exc}"}, status_code=400)
 
     return app
+
+
+class ClientGone(Exception):
+    """The caller hung up before the answer was ready."""
+
+
+async def _unless_hung_up(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the caller hangs up (the frontend does when its client leaves): a
+    prefill nobody waits for stops at once, instead of computing and sending KV for a gone client."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up() -> None:
+        # The body has been read: the next message the server sends is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
 
 
 async def _events(request_id: str, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[StreamEvent]:
