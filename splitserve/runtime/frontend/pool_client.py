@@ -84,6 +84,9 @@ class PoolClient:
         self.feed: RouterPoll | None = None
         self._stats: dict[str, EngineStats] = {}
         self.health_errors: list[str] = []  # workers refused at registration, and why
+        # Dropped for silence, yet something still listens there: a worker starved by a burst, not dead.
+        # The heartbeat takes each back (through the same checks as any joining worker) once it answers.
+        self._silent: dict[str, WorkerClient] = {}
 
     # --- membership ---
 
@@ -94,6 +97,7 @@ class PoolClient:
         w = await WorkerClient.connect(url, self.http)
         # The same URL again is the same worker restarted (a new generation): it replaces the old entry.
         self.remove_worker(url)
+        self._silent.pop(w.url, None)
         try:
             await self._check_compatible(w)
         except WorkerError as exc:
@@ -199,9 +203,30 @@ class PoolClient:
                     last_ok[w.url] = now
                 elif now - seen > c.liveness_s and self._find(w.url) is w:
                     log.warning("%s worker %s silent for %.1f s: removed", w.info.role, w.url, now - seen)
-                    self.remove_worker(w.url)
+                    self._drop_silent(w)
                     last_ok.pop(w.url, None)
+            await self._readmit()
             await asyncio.sleep(c.heartbeat_s)
+
+    def _drop_silent(self, w: WorkerClient) -> None:
+        self.remove_worker(w.url)
+        if not w.refused:
+            self._silent[w.url] = w
+
+    async def _readmit(self) -> None:
+        """Workers dropped for silence that answer again rejoin; ones found gone are forgotten."""
+        for url, w in list(self._silent.items()):
+            if self._find(url) is not None:
+                del self._silent[url]  # it joined again by itself (restarted and registered)
+            elif await w.healthy(timeout_s=2 * self.config.heartbeat_s):
+                del self._silent[url]
+                try:
+                    await self.add_worker(url)
+                    log.warning("%s worker %s answers again: back in its pool", w.info.role, url)
+                except WorkerError:
+                    pass  # refused at the checks: add_worker logged why
+            elif w.refused:
+                del self._silent[url]
 
     async def _evict_if_dead(self, w: WorkerClient) -> None:
         """After a failure: a worker that is gone (nothing listens) or silent for `liveness_s` takes no more
@@ -211,7 +236,7 @@ class PoolClient:
         gone = w.refused or time.monotonic() - w.last_heard > self.config.liveness_s
         if gone and self._find(w.url) is w:  # many failed calls may ask at once: log once
             log.warning("removing unresponsive %s worker %s", w.info.role, w.url)
-            self.remove_worker(w.url)
+            self._drop_silent(w)
 
     async def poll_stats(self, interval_s: float = 1.0) -> None:
         """Keep the pools' engine stats fresh for /metrics (a scrape must not wait on every worker)."""
