@@ -551,12 +551,11 @@ class _Calls:
         side may legitimately speak first (KV and first token landed there before the reply reached us)."""
         while not self.queued:
             waiting = {f for f in (self.p_task, self.d_next) if f is not None}
-            waiting.add(self.lost["decode"])
-            if self.p_task is not None:
-                waiting.add(self.lost["prefill"])
+            # While a side's call is open: its worker dropped by the heartbeat ends the wait too.
+            waiting |= {self.lost[side] for side, f in (("prefill", self.p_task), ("decode", self.d_next)) if f is not None}
             timeout = max(0.0, self.first_token_by - time.monotonic()) if self.p_task is not None else None
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if self.lost["decode"].done() and not (self.d_next is not None and self.d_next.done()):
+            if self.d_next is not None and not self.d_next.done() and self.lost["decode"].done():
                 assert self.d is not None
                 return PeerFailed("decode", f"decode worker {self.d.url} lost: removed by the heartbeat")
             if self.p_task is not None and self.lost["prefill"].done() and not self.p_task.done():

@@ -101,12 +101,12 @@ class PrefillRole:
         og = Outgoing(send, ticket.first_block, len(ticket.block_ids), ticket.deadline_s)
         self._outgoing[rid] = og
         params = replace(req.params, max_tokens=1)
-        stream = self.engine.generate(
-            rid, req.prompt, params,
-            admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
-        )
         out = None
-        try:
+        try:  # a refusal at the door (a full queue) ends the ticket too
+            stream = self.engine.generate(
+                rid, req.prompt, params,
+                admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
+            )
             async for out in stream:
                 pass
         finally:
