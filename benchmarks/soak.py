@@ -89,6 +89,7 @@ class Clients:
                 words = " ".join(f"{TOPICS[(k + j) % len(TOPICS)]} {j}" for j in range(5 + (k * 37) % 120))
                 body = {"messages": [{"role": "user", "content": f"Question {k}: what links {words}?"}],
                         "max_tokens": self.max_tokens, "temperature": 0.7}
+                r = None
                 try:
                     r = c.post(self.url + "/v1/chat/completions", json=body)
                     ok = r.status_code == 200
@@ -101,6 +102,8 @@ class Clients:
                     else:
                         self.failed += 1
                         self.errors = (self.errors + [error])[-10:]
+                if not ok and r is not None and r.status_code in (429, 503):  # as a client should: come back later
+                    self._stop.wait(float(r.headers.get("retry-after", "1")))
 
 
 def main() -> None:
