@@ -59,8 +59,8 @@ class FakeSender:
         self.num_layers = num_layers
 
     def start_ticket(self, endpoint: str, ticket_id: str, num_blocks: int) -> FakeSend:
-        send = self.sends[ticket_id] = FakeSend(self.num_layers)
-        return send
+        self.sends[ticket_id] = FakeSend(self.num_layers)
+        return self.sends[ticket_id]
 
 
 @pytest.fixture(scope="module")
