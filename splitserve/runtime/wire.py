@@ -4,7 +4,9 @@ frontend makes to a worker (`WorkerClient`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from typing import AsyncIterator
 
 import httpx
@@ -100,6 +102,13 @@ class WorkerClient:
         self.info = info
         self.in_flight = 0  # requests this frontend has on the worker now
         self.draining = False  # takes no new requests
+        # Set when the frontend drops the worker (its heartbeat went silent or it left): every call still
+        # waiting on it ends then. Calls have no read timeout of their own: a slow stream is not a failure.
+        self.lost = asyncio.Event()
+        # When it last answered anything (a stream line, a reply): a worker that talks is alive, though its
+        # /health may be slow under a burst (its event loop busy with hundreds of streams).
+        self.last_heard = 0.0
+        self.refused = False  # the last health check found nothing listening
 
     @classmethod
     async def connect(cls, url: str, http: httpx.AsyncClient) -> "WorkerClient":
@@ -118,20 +127,23 @@ class WorkerClient:
             r = await self.http.post(self.url + "/internal/prefill", content=encoder.encode(body), timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerError(f"prefill worker {self.url}: {type(exc).__name__}: {exc}") from exc
+        self.last_heard = time.monotonic()
         if r.status_code != 200:
             raise WorkerError(f"prefill worker {self.url} answered {r.status_code}: {r.text[:300]}")
         return msgspec.json.decode(r.content, type=PrefillResult)
 
-    async def stream(self, path: str, body: msgspec.Struct, read_timeout: float) -> AsyncIterator[StreamEvent]:
+    async def stream(self, path: str, body: msgspec.Struct) -> AsyncIterator[StreamEvent]:
         """NDJSON events of a worker stream. Closing the iterator closes the connection, which the worker
-        takes as an abort."""
-        timeout = httpx.Timeout(5.0, read=read_timeout)
+        takes as an abort. No read timeout: a live worker's stream may be slow (a long queue); a dead or
+        partitioned one is found by the heartbeat, which sets `lost`."""
+        timeout = httpx.Timeout(5.0, read=None)
         try:
             async with self.http.stream("POST", self.url + path, content=encoder.encode(body), timeout=timeout) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise WorkerError(f"worker {self.url}{path} answered {r.status_code}: {r.text[:300]}")
                 async for line in r.aiter_lines():
+                    self.last_heard = time.monotonic()
                     if line:
                         yield msgspec.json.decode(line, type=StreamEvent)
         except httpx.HTTPError as exc:
@@ -153,7 +165,13 @@ class WorkerClient:
             pass  # the worker is gone: nothing of the request survives there
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
+        """200 from its /health. `refused` says whether nothing listens at its address (it is gone for
+        sure), as against a slow or unhealthy answer."""
+        self.refused = False
         try:
             return (await self.http.get(self.url + "/health", timeout=timeout_s)).status_code == 200
+        except httpx.ConnectError:
+            self.refused = True
+            return False
         except httpx.HTTPError:
             return False

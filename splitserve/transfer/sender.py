@@ -92,6 +92,11 @@ class TicketSend:
         return self._event.wait(timeout) and self.error is None
 
     @property
+    def stopped(self) -> bool:
+        """Failed or aborted: nothing more of it is sent."""
+        return self._stop
+
+    @property
     def done(self) -> bool:
         return self._event.is_set()
 

@@ -58,10 +58,10 @@ class FakeWorker:
     def __init__(self, role: str, kv: asyncio.Event, tokens: int, no_room: int = 0) -> None:
         self.url, self.role = f"http://{role}", role
         self.info = dataclasses.make_dataclass("Info", ["role"])(role)
-        self.in_flight, self.draining = 0, False
+        self.in_flight, self.draining, self.lost = 0, False, asyncio.Event()
         self.kv, self.tokens, self.no_room = kv, tokens, no_room
 
-    async def stream(self, path: str, body, read_timeout: float):
+    async def stream(self, path: str, body):
         assert path == "/internal/decode"
         if self.no_room:
             self.no_room -= 1

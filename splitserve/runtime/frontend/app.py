@@ -244,12 +244,17 @@ class _Run:
         self._closed = False
 
     async def start(self) -> None:
-        """Wait for the first output, so that a refusal becomes an HTTP status before any response starts."""
+        """Wait for the first output, so that a refusal or a failure before the first token becomes an HTTP
+        status before any response starts: a client is never told 200 and then dropped with nothing."""
         try:
             self._pending = await self._next_output()
         except (EngineOverloaded, EngineUnavailable):
             self._refused = self._engine_done = True  # never queued: nothing to abort
             raise
+        out = self._pending
+        if out.finished and out.finish_reason == "error" and not out.new_token_ids:
+            self._failed = self._engine_done = True
+            raise EngineFailed(out.error or "the engine failed this request")
 
     async def next_piece(self) -> Choice:
         """The next piece of this choice: new text, the tokens that came with it (and their logprobs); the

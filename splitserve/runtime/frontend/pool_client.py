@@ -17,13 +17,14 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import httpx
 
 from splitserve.core.costs import CostModel
 from splitserve.core.request import SamplingParams
-from splitserve.core.router import AdmissionQueue, NoWorker, Router
+from splitserve.core.admission import Admission
+from splitserve.core.router import NoWorker, Router
 from splitserve.core.split_request import (
     Abort, Action, Deadline, Emit, Event, Fail, FirstToken, KvComplete, PeerFailed, Recompute, Refused, Release,
     Reserve, Reserved, Routed, SendPrompt, SplitRequest, State, Suspect, Tokens, TransferFailed, WorkerLost,
@@ -39,6 +40,8 @@ from splitserve.runtime.wire import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -53,8 +56,11 @@ class PoolConfig:
     reserve_timeout_s: float = 10.0  # how long a request may wait for decode-side blocks before a 429
     deadline_base_s: float = 10.0  # a ticket's deadline: base + per prompt token
     deadline_per_token_s: float = 0.01
-    max_waiting: int = 256  # requests waiting for a reservation; beyond it: 429
-    stream_read_timeout_s: float = 120.0
+    max_waiting: int = 256  # requests waiting for their first token; beyond it: 429
+    # ... and none admitted whose wait for the requests ahead, at the measured first-token rate, exceeds this:
+    # past it, a waiting request outlives the pools' own timeouts (a ticket's base deadline, reserve_timeout_s)
+    # and would fail after its client was told 200. Refused at once instead, with a measured Retry-After.
+    admit_wait_s: float = 10.0
     heartbeat_s: float = 1.0  # how often each worker's /health is read (it answers between engine steps too)
     liveness_s: float = 5.0  # a worker silent this long is dead: removed, its requests recomputed elsewhere
 
@@ -73,11 +79,14 @@ class PoolClient:
         self.http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256), auth=SignedCalls(secret)
         )
-        self.admission = AdmissionQueue(config.max_waiting)
+        self.admission = Admission(config.max_waiting, config.admit_wait_s)
         self.router: Router | None = None  # made when the first worker tells the KV geometry
         self.feed: RouterPoll | None = None
         self._stats: dict[str, EngineStats] = {}
         self.health_errors: list[str] = []  # workers refused at registration, and why
+        # Dropped for silence, yet something still listens there: a worker starved by a burst, not dead.
+        # The heartbeat takes each back (through the same checks as any joining worker) once it answers.
+        self._silent: dict[str, WorkerClient] = {}
 
     # --- membership ---
 
@@ -88,6 +97,7 @@ class PoolClient:
         w = await WorkerClient.connect(url, self.http)
         # The same URL again is the same worker restarted (a new generation): it replaces the old entry.
         self.remove_worker(url)
+        self._silent.pop(w.url, None)
         try:
             await self._check_compatible(w)
         except WorkerError as exc:
@@ -157,6 +167,7 @@ class PoolClient:
         if w is None:
             return
         self.pools[w.info.role].remove(w)
+        w.lost.set()  # calls still waiting on it end now (a drained worker has none left)
         if self.feed is not None:
             self.feed.leave(w)
         self._stats.pop(w.url, None)
@@ -187,20 +198,45 @@ class PoolClient:
             now = time.monotonic()
             last_ok = {url: t for url, t in last_ok.items() if any(w.url == url for w in members)}  # left: forget
             for w, ok in zip(members, alive):
-                seen = last_ok.setdefault(w.url, now)
+                seen = max(last_ok.setdefault(w.url, now), w.last_heard)
                 if ok:
                     last_ok[w.url] = now
                 elif now - seen > c.liveness_s and self._find(w.url) is w:
                     log.warning("%s worker %s silent for %.1f s: removed", w.info.role, w.url, now - seen)
-                    self.remove_worker(w.url)
+                    self._drop_silent(w)
                     last_ok.pop(w.url, None)
+            await self._readmit()
             await asyncio.sleep(c.heartbeat_s)
 
+    def _drop_silent(self, w: WorkerClient) -> None:
+        self.remove_worker(w.url)
+        if not w.refused:
+            self._silent[w.url] = w
+
+    async def _readmit(self) -> None:
+        """Workers dropped for silence that answer again rejoin; ones found gone are forgotten."""
+        for url, w in list(self._silent.items()):
+            if self._find(url) is not None:
+                del self._silent[url]  # it joined again by itself (restarted and registered)
+            elif await w.healthy(timeout_s=2 * self.config.heartbeat_s):
+                del self._silent[url]
+                try:
+                    await self.add_worker(url)
+                    log.warning("%s worker %s answers again: back in its pool", w.info.role, url)
+                except WorkerError:
+                    pass  # refused at the checks: add_worker logged why
+            elif w.refused:
+                del self._silent[url]
+
     async def _evict_if_dead(self, w: WorkerClient) -> None:
-        """After a failure: a worker that does not answer its health check takes no more requests."""
-        if not await w.healthy() and self._find(w.url) is w:  # many failed calls may ask at once: log once
+        """After a failure: a worker that is gone (nothing listens) or silent for `liveness_s` takes no more
+        requests. One slow health check is not enough: under a burst a live worker answers late."""
+        if await w.healthy():
+            return
+        gone = w.refused or time.monotonic() - w.last_heard > self.config.liveness_s
+        if gone and self._find(w.url) is w:  # many failed calls may ask at once: log once
             log.warning("removing unresponsive %s worker %s", w.info.role, w.url)
-            self.remove_worker(w.url)
+            self._drop_silent(w)
 
     async def poll_stats(self, interval_s: float = 1.0) -> None:
         """Keep the pools' engine stats fresh for /metrics (a scrape must not wait on every worker)."""
@@ -242,8 +278,9 @@ class PoolClient:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
         if not self.healthy():
             raise EngineUnavailable("no workers: every worker of the deployment is gone (restarting ones rejoin)")
-        if not self.admission.offer():
-            raise EngineOverloaded(retry_after=self.admission.retry_after(time.monotonic()))
+        retry_after = self.admission.offer(time.monotonic())
+        if retry_after is not None:
+            raise EngineOverloaded(retry_after=retry_after)
         return self._generate(request_id, list(prompt_token_ids), params)
 
     async def abort(self, request_id: str) -> None:
@@ -261,7 +298,7 @@ class PoolClient:
             else:
                 stream = self._routed(rid, prompt, params, rec)
             async for out in stream:
-                if not admitted:  # the request has a place (a reservation, or a worker's queue)
+                if not admitted:  # its first output (a token, or the end): it no longer waits
                     admitted = True
                     self.admission.leave(time.monotonic())
                 if out.new_token_ids and rec.ttft_s is None:
@@ -272,8 +309,8 @@ class PoolClient:
                 yield out
         finally:
             now = time.monotonic()
-            if not admitted:
-                self.admission.leave(now)
+            if not admitted:  # refused, failed or aborted before its first output: no measure of speed
+                self.admission.leave(now, started=False)
             rec.e2e_s = now - rec.arrival
             if rec.ttft_s is not None:
                 rec.decode_s = rec.e2e_s - rec.ttft_s
@@ -291,6 +328,11 @@ class PoolClient:
         if w is None:  # the router names a worker the pools lack only while it joins or leaves
             raise EngineUnavailable(f"worker {decision.decode} is joining or leaving; try again")
         return w
+
+    def _retry_after(self) -> float:
+        """For a refusal after admission (no room in time, a worker's full queue): how long the waiting
+        room takes to drain at its measured rate."""
+        return max(1.0, self.admission.expected_wait(time.monotonic()) or 1.0)
 
     def _deadline(self, prompt: list[int]) -> float:
         return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
@@ -326,7 +368,7 @@ class PoolClient:
                     if split.state is not State.ROUTING:
                         return
                 if time.monotonic() + delay > give_up:
-                    raise EngineOverloaded(retry_after=max(1.0, self.config.reserve_timeout_s / 2))
+                    raise EngineOverloaded(retry_after=self._retry_after(), message="no decode worker has room; retry later")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
         finally:
@@ -384,6 +426,8 @@ class PoolClient:
             try:
                 d = self._whole(calls.prompt)  # another decode worker, or (degraded) a prefill worker
             except EngineUnavailable as exc:
+                if not act.produced and rec.output_tokens == 0:  # the client has nothing yet: a 503, not a 200
+                    raise EngineUnavailable(f"{split.causes[-1]}; {exc}") from exc
                 yield TokenOutput(calls.rid, [], True, "error", len(calls.prompt), error=f"{split.causes[-1]}; {exc}")
                 return
         async for out in self._local(d, calls.rid, calls.prompt, calls.params, list(act.produced), rec, suffix="/recompute"):
@@ -396,13 +440,18 @@ class PoolClient:
         """The whole request (or its remainder after `produced`) computed on one worker."""
         body = GenerateRequest(rid + suffix, prompt, params, produced)
         w.in_flight += 1
+        events = w.stream("/internal/generate", body)
         try:
-            async for ev in w.stream("/internal/generate", body, self.config.stream_read_timeout_s):
+            while True:
+                try:
+                    ev = await unless_lost(w, anext(events))
+                except StopAsyncIteration:
+                    break
                 out = ev.out
                 if out is None:
                     continue
                 if out.finish_reason == "rejected" and not produced and rec.output_tokens == 0:
-                    raise EngineOverloaded(retry_after=1.0, message=out.error or "overloaded")
+                    raise EngineOverloaded(retry_after=self._retry_after(), message=out.error or "overloaded")
                 if out.queue_time is not None and rec.queue_s is None:
                     rec.queue_s = out.queue_time
                 out.request_id = rid  # the worker's id carries a suffix on a recompute
@@ -411,9 +460,29 @@ class PoolClient:
                     return
             yield TokenOutput(rid, [], True, "error", len(prompt), error=f"worker {w.url} ended the stream early")
         except WorkerError as exc:
+            if not produced and rec.output_tokens == 0:  # lost before the client had anything: a 503, not a 200
+                raise EngineUnavailable(str(exc)) from exc
             yield TokenOutput(rid, [], True, "error", len(prompt), error=str(exc))
         finally:
             w.in_flight -= 1
+            await events.aclose()
+
+
+async def unless_lost(w: WorkerClient, call: Awaitable[T]) -> T:
+    """`call`'s result, or WorkerError as soon as the frontend drops `w` (the heartbeat found it dead,
+    partitioned or stuck): with no read timeouts, this is what ends a call to a worker that went silent."""
+    task = asyncio.ensure_future(call)
+    lost = asyncio.ensure_future(w.lost.wait())
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise WorkerError(f"{w.info.role} worker {w.url} lost: removed by the heartbeat")
+    return task.result()
 
 
 
@@ -450,13 +519,15 @@ class _Calls:
         # then the decode worker's (the core state machine carries token ids only).
         self.first_logprobs: TokenLogprobs | None = None
         self.decode_logprobs: deque[TokenLogprobs] = deque()
+        self.lost: dict[str, asyncio.Future] = {}  # per side: done when the frontend drops that worker
 
     async def reserve(self, d: WorkerClient) -> Event:
         body = DecodeRequest(self.rid, self.prompt, self.params, self.pool._deadline(self.prompt))
-        events = d.stream("/internal/decode", body, self.pool.config.stream_read_timeout_s)
+        events = d.stream("/internal/decode", body)
         try:
-            ev = await anext(events)
+            ev = await unless_lost(d, anext(events))
         except (WorkerError, StopAsyncIteration) as exc:
+            await events.aclose()
             return PeerFailed("decode", f"decode worker {d.url} failed to reserve: {exc}")
         if ev.ticket is None or ev.out is None:
             await events.aclose()
@@ -477,14 +548,23 @@ class _Calls:
         self.p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
         self.p = p
         self.d_next = asyncio.ensure_future(anext(self.d_events))
+        self.lost = {"prefill": asyncio.ensure_future(p.lost.wait()), "decode": asyncio.ensure_future(d.lost.wait())}
 
     async def next_event(self) -> Event:
         """What the workers say next. The prefill worker's answer first when both have spoken: the decode
         side may legitimately speak first (KV and first token landed there before the reply reached us)."""
         while not self.queued:
             waiting = {f for f in (self.p_task, self.d_next) if f is not None}
+            # While a side's call is open: its worker dropped by the heartbeat ends the wait too.
+            waiting |= {self.lost[side] for side, f in (("prefill", self.p_task), ("decode", self.d_next)) if f is not None}
             timeout = max(0.0, self.first_token_by - time.monotonic()) if self.p_task is not None else None
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if self.d_next is not None and not self.d_next.done() and self.lost["decode"].done():
+                assert self.d is not None
+                return PeerFailed("decode", f"decode worker {self.d.url} lost: removed by the heartbeat")
+            if self.p_task is not None and self.lost["prefill"].done() and not self.p_task.done():
+                assert self.p is not None
+                return PeerFailed("prefill", f"prefill worker {self.p.url} lost: removed by the heartbeat")
             if self.p_task is not None and self.p_task.done():
                 task, self.p_task = self.p_task, None
                 if task.exception() is not None:
@@ -551,7 +631,8 @@ class _Calls:
 
     async def close(self) -> None:
         """Let go of whatever is still open (after the request ended, or before it is recomputed)."""
-        pending = [f for f in (self.p_task, self.d_next) if f is not None]
+        pending = [f for f in (self.p_task, self.d_next, *self.lost.values()) if f is not None]
+        self.lost = {}
         for f in pending:
             f.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

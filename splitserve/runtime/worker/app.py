@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -33,6 +33,8 @@ from splitserve.transfer import HandshakeError, KVLayout, KVReceiver, KVSender
 from splitserve.transfer.staging import Staging, device_for
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -135,10 +137,17 @@ class Worker:
         return self.async_engine.load().idle
 
     def health(self) -> tuple[bool, dict]:
+        """Answered on the event loop, not the engine thread: a worker stuck inside a step still says so
+        (503 "stuck", with the step's age), and the frontend's heartbeat drops it as it drops a silent one."""
         errors = list(self.receiver.last_handshake_errors) if self.receiver else []
         errors += self.handshake_errors
-        ok = self.async_engine.healthy()
-        return ok, {"status": "ok" if ok else "engine down", "role": self.role, "handshake_errors": errors[-10:]}
+        e = self.async_engine
+        age = e.step_age()
+        status = "engine down" if not e.healthy() else "stuck" if e.stuck() else "ok"
+        body = {"status": status, "role": self.role, "handshake_errors": errors[-10:]}
+        if age is not None:
+            body.update(step_age_s=round(age, 3), stuck_after_s=round(e.stuck_after_s(), 3))
+        return status == "ok", body
 
 
 def create_worker_app(worker: Worker) -> FastAPI:
@@ -221,7 +230,9 @@ def create_worker_app(worker: Worker) -> FastAPI:
         async def prefill(request: Request) -> Response:
             req = msgspec.json.decode(await request.body(), type=PrefillRequest)
             try:
-                result = await prefill_role.prefill(req)
+                result = await _unless_hung_up(request, prefill_role.prefill(req))
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it: the prefill and its transfer stopped
             except HandshakeError as exc:
                 return JSONResponse({"error": f"KV handshake refused: {exc}"}, status_code=502)
             except (ConnectionError, OSError) as exc:
@@ -238,6 +249,33 @@ def create_worker_app(worker: Worker) -> FastAPI:
         return JSONResponse({"error": f"malformed message: {exc}"}, status_code=400)
 
     return app
+
+
+class ClientGone(Exception):
+    """The caller hung up before the answer was ready."""
+
+
+async def _unless_hung_up(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the caller hangs up (the frontend does when its client leaves): a
+    prefill nobody waits for stops at once, instead of computing and sending KV for a gone client."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up() -> None:
+        # The body has been read: the next message the server sends is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
 
 
 async def _events(request_id: str, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[StreamEvent]:

@@ -12,8 +12,10 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from typing import AsyncIterator, Callable, TypeVar
 
+from splitserve.core.admission import DrainRate
 from splitserve.core.request import SamplingParams
 from splitserve.core.scheduler import QueueFull, SchedulerLoad
 from splitserve.model.kv_cache import PagedKVCache
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Admit = Callable[[Engine], "TokenOutput | None"]
 
+# A step is stuck when it has run this many times longer than the longest of the recent steps (so a machine
+# slowed by load stretches the bound with it), and never before STUCK_FLOOR_S: the first long prefill of a
+# cold worker is not stuck.
+STUCK_FACTOR = 10.0
+STUCK_FLOOR_S = 30.0
+
 
 class NoRoom(Exception):
     """An admission found no free KV blocks right now (decode-side reservation)."""
@@ -32,7 +40,8 @@ class NoRoom(Exception):
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, hooks_for: HooksFactory | None = None, before_abort: Callable[[str], None] | None = None
+        self, engine: Engine, hooks_for: HooksFactory | None = None, before_abort: Callable[[str], None] | None = None,
+        stuck_floor_s: float = STUCK_FLOOR_S,
     ) -> None:
         """`hooks_for`: layer hooks per step (prefill role). `before_abort(request_id)`: runs on the engine
         thread before an abort frees a request's blocks (decode role: stop KV still arriving into them)."""
@@ -54,6 +63,12 @@ class AsyncEngine:
         self._adds_applied = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # Written by the engine thread only, read by /health from the event loop (single assignments).
+        self._step_started: float | None = None
+        self._step_seconds: deque[float] = deque(maxlen=64)
+        self.stuck_floor_s = stuck_floor_s
+        self._drain = DrainRate()  # requests leaving the waiting queue per busy second (engine thread)
+        self._drain_per_s: float | None = None
 
     def start(self) -> "AsyncEngine":
         self._thread.start()
@@ -66,6 +81,20 @@ class AsyncEngine:
 
     def healthy(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
+
+    def step_age(self) -> float | None:
+        """Seconds the engine thread has been inside its current step, None between steps (any thread)."""
+        started = self._step_started
+        return None if started is None else time.monotonic() - started
+
+    def stuck_after_s(self) -> float:
+        """How long a step may run before it counts as stuck: relative to the recent steps' times."""
+        recent = max(self._step_seconds, default=0.0)
+        return max(self.stuck_floor_s, STUCK_FACTOR * recent)
+
+    def stuck(self) -> bool:
+        age = self.step_age()
+        return age is not None and age > self.stuck_after_s()
 
     def load(self) -> SchedulerLoad:
         """The scheduler's load as of the engine thread's last turn (callable from any thread)."""
@@ -148,8 +177,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, out)
 
     def _retry_after(self, waiting: int) -> float:
-        # A rough drain estimate: one running batch's worth of requests per second, at least one second.
-        return max(1.0, waiting / max(1, self.engine.config.max_num_seqs))
+        """How long the waiting queue takes to drain at its measured rate (requests leaving it per busy
+        second); at least a second, and a second while nothing has left it yet."""
+        rate = self._drain_per_s
+        return 1.0 if rate is None else max(1.0, waiting / rate)
 
     # --- engine thread ---
 
@@ -158,7 +189,7 @@ class AsyncEngine:
         try:
             out = admit(self.engine)
         except QueueFull as exc:
-            self.emit(EngineOverloaded(retry_after=1.0, message=str(exc)), request_id)
+            self.emit(EngineOverloaded(retry_after=self._retry_after(self.engine.load().waiting), message=str(exc)), request_id)
         except (NoRoom, ValueError) as exc:
             self.emit(exc, request_id)
         else:
@@ -196,9 +227,21 @@ class AsyncEngine:
                     self._inbox.get_nowait()()
             except queue.Empty:
                 pass
-            for out in self.engine.step(time.monotonic(), self.hooks_for):
+            waiting = self.engine.load().waiting
+            started = self._step_started = time.monotonic()
+            try:
+                outs = self.engine.step(started, self.hooks_for)
+            finally:
+                self._step_started = None
+            now = time.monotonic()
+            if outs:  # a step that computed (an idle turn's nothing would hide the long ones)
+                self._step_seconds.append(now - started)
+            for out in outs:
                 self.emit(out)
-            self._published = (self.engine.load(), self._adds_applied)
+            load = self.engine.load()
+            self._drain.observe(now, waiting, max(0, waiting - load.waiting))
+            self._drain_per_s = self._drain.per_s()
+            self._published = (load, self._adds_applied)
 
 
 def _settle(fut: asyncio.Future, result: object, exc: BaseException | None) -> None:

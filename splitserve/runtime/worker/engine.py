@@ -14,7 +14,7 @@ from typing import Callable
 from splitserve.core.blocks import BlockPool
 from splitserve.core.request import Request, SamplingParams
 from splitserve.core.router_feed import StepCounters
-from splitserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerLoad, SchedulerOutput
+from splitserve.core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerLoad, SchedulerOutput
 from splitserve.model.batch import SeqInput, build_forward_batch
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.llama import LayerHooks
@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 HooksFactory = Callable[[SchedulerOutput], LayerHooks | None]
 
 
+class _Watched:
+    """A step's layer hooks, noting whether any layer was handed on (KV sent): such a step cannot simply
+    run again, or those layers would be sent twice."""
+
+    def __init__(self, hooks: LayerHooks) -> None:
+        self.hooks, self.fired = hooks, False
+
+    def before_layer(self, layer: int) -> None:
+        self.hooks.before_layer(layer)
+
+    def after_layer(self, layer: int) -> None:
+        self.fired = True
+        self.hooks.after_layer(layer)
 
 
 class Engine:
@@ -114,11 +127,12 @@ class Engine:
         if out.empty:
             return []
         started = time.perf_counter()
+        hooks = self._watched(out, hooks_for)
         try:
-            tokens, logprobs = self._run(out, hooks_for(out) if hooks_for else None)
-        except Exception as exc:  # a failed step must not take the worker down: fail its requests only
-            log.exception("model step failed")
-            return [o for s in out.seqs if (o := self.abort(s.request.request_id, "error", f"engine error: {exc}"))]
+            tokens, logprobs = self._run(out, hooks)
+        except Exception as exc:  # a failed step must not take the worker down, nor fail the batch
+            log.exception("model step failed; finding the request that caused it")
+            return self._isolate(out.seqs, hooks, exc, hooks_for)
         elapsed = time.perf_counter() - started
         self.counters.count(out, elapsed)
         for observe in self.step_observers:
@@ -126,10 +140,56 @@ class Engine:
                 observe(out, elapsed)
             except Exception:  # watching a step must never fail it
                 log.exception("step observer failed")
+        return self._record(out, tokens, logprobs)
+
+    def _record(
+        self, out: SchedulerOutput, tokens: list[int], logprobs: list[TokenLogprobs | None]
+    ) -> list[TokenOutput]:
         sampled = dict(zip((s.request.request_id for s in out.seqs if s.sample), tokens))
         finished = {r.request_id for r in self.scheduler.update(out, sampled)}
         sampling = [s.request for s in out.seqs if s.sample]
         return [self._output(r, r.request_id in finished, lp) for r, lp in zip(sampling, logprobs)]
+
+    @staticmethod
+    def _watched(out: SchedulerOutput, hooks_for: HooksFactory | None) -> _Watched | None:
+        hooks = hooks_for(out) if hooks_for else None
+        return _Watched(hooks) if hooks is not None else None
+
+    def _isolate(
+        self, seqs: list[ScheduledSeq], hooks: _Watched | None, exc: Exception, hooks_for: HooksFactory | None
+    ) -> list[TokenOutput]:
+        """After `seqs` failed as one step: fail only the request that caused it. The step runs again in
+        halves (bisection: about 2 log2(n) extra partial steps for one culprit) until the failing request is
+        alone. Rerunning rewrites the same KV positions with the same inputs, and nothing was recorded for
+        the failed step. Except KV already handed on: if a layer of this step was sent, the requests sending
+        in it end now (their transfer aborts; the frontend recomputes them), as sending again would
+        duplicate those layers."""
+        outputs: list[TokenOutput] = []
+        if hooks is not None and hooks.fired:
+            sending = [s for s in seqs if s.sample and s.request.hold_kv]
+            outputs += self._fail(sending, f"engine error while its KV was being sent: {exc}")
+            seqs = [s for s in seqs if not (s.sample and s.request.hold_kv)]
+        if len(seqs) == 1:
+            return outputs + self._fail(seqs, f"engine error: {type(exc).__name__}: {exc}")
+        half = len(seqs) // 2
+        for part in (seqs[:half], seqs[half:]):
+            live = [s for s in part if not s.request.finished]
+            if not live:
+                continue
+            sub = SchedulerOutput(seqs=live)
+            sub_hooks = self._watched(sub, hooks_for)
+            try:
+                tokens, logprobs = self._run(sub, sub_hooks)
+            except Exception as sub_exc:
+                outputs += self._isolate(live, sub_hooks, sub_exc, hooks_for)
+            else:
+                outputs += self._record(sub, tokens, logprobs)
+        return outputs
+
+    def _fail(self, seqs: list[ScheduledSeq], error: str) -> list[TokenOutput]:
+        for s in seqs:
+            log.error("request %s failed its step: %s", s.request.request_id, error)
+        return [o for s in seqs if (o := self.abort(s.request.request_id, "error", error))]
 
     def _run(self, out: SchedulerOutput, hooks: LayerHooks | None) -> tuple[list[int], list[TokenLogprobs | None]]:
         seqs = [

@@ -61,7 +61,8 @@ class SendHooks:
 
     def _send(self, layer: int) -> None:
         for og, blocks in self.sends:
-            og.send.send_layer(layer, self.kv_cache, blocks)
+            if not og.send.stopped:  # failed meanwhile (the receiver gave up): the other requests still send
+                og.send.send_layer(layer, self.kv_cache, blocks)
 
 
 class PrefillRole:
@@ -100,19 +101,21 @@ class PrefillRole:
         og = Outgoing(send, ticket.first_block, len(ticket.block_ids), ticket.deadline_s)
         self._outgoing[rid] = og
         params = replace(req.params, max_tokens=1)
-        stream = self.engine.generate(
-            rid, req.prompt, params,
-            admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
-        )
         out = None
-        try:
+        try:  # a refusal at the door (a full queue) ends the ticket too
+            stream = self.engine.generate(
+                rid, req.prompt, params,
+                admit=lambda e: e.add_request(rid, req.prompt, params, time.monotonic(), hold_kv=True),
+            )
             async for out in stream:
                 pass
         finally:
+            # Failed, or cancelled (the frontend hung up: its client left): the stream's own cleanup aborts
+            # the request on the engine thread, which drops it from the queue or stops it before its next
+            # step; the ticket is aborted there too, between steps, never under a layer being sent.
             if out is None or out.error or not out.new_token_ids:
-                self._outgoing.pop(rid, None)
-                send.abort("prefill failed")
-                self.metrics.transfer_failures.labels(cause="prefill_failed").inc()
+                self.engine.submit(lambda: self._drop(rid, og, "prefill failed" if out else "prefill aborted"))
+                self.metrics.transfer_failures.labels(cause="prefill_failed" if out else "prefill_aborted").inc()
         if out is None or out.error or not out.new_token_ids:
             raise PrefillFailed(out.error if out else "prefill produced no token")
         first = out.new_token_ids[0]
@@ -123,6 +126,13 @@ class PrefillRole:
         return PrefillResult(
             first, out.num_cached_tokens, queue_s, max(0.0, elapsed - queue_s), out.logprobs[0] if out.logprobs else None
         )
+
+    def _drop(self, rid: str, og: Outgoing, reason: str) -> None:
+        """Engine thread: end the request's ticket unless the abort already did."""
+        if self._outgoing.get(rid) is og:
+            del self._outgoing[rid]
+        if not og.send.stopped:
+            og.send.abort(reason)
 
     async def _complete(self, rid: str, og: Outgoing) -> None:
         """Once the transfer is over either way, the blocks may go — never earlier: the sender reads them
