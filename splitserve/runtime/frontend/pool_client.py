@@ -631,6 +631,11 @@ class _Calls:
 
     async def close(self) -> None:
         """Let go of whatever is still open (after the request ended, or before it is recomputed)."""
+        # Counters first, before any await: a cancellation arriving during the awaits below (a client gone
+        # while the request is torn down) must not leave the worker counting this request for good.
+        for d in self.counted:
+            d.in_flight -= 1
+        self.counted.clear()
         pending = [f for f in (self.p_task, self.d_next, *self.lost.values()) if f is not None]
         self.lost = {}
         for f in pending:
@@ -640,6 +645,3 @@ class _Calls:
         if self.d_events is not None:
             await self.d_events.aclose()
             self.d_events = None
-        for d in self.counted:
-            d.in_flight -= 1
-        self.counted.clear()
