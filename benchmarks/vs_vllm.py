@@ -48,9 +48,10 @@ SERVE_ARGS = {
     "colocated": ["--colocated", "1", "--threads", "2"],
     "1p1d": ["--prefill", "1", "--decode", "1", "--pin", "--threads", "1"],
 }
-# vLLM's CPU engine, as ../shared/PEERS.md runs it: 2 OpenMP threads on cores 0-1, 4 GiB of KV, no AOT
-# compile cache (it fails to reload on CPU in 0.32.0), offline.
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_USE_AOT_COMPILE": "0",
+# vLLM's CPU engine, as ../shared/PEERS.md runs it: 2 OpenMP threads on cores 0-1, no AOT compile cache (it
+# fails to reload on CPU in 0.32.0), offline; 1 GiB of KV, as splitserve's default --kv-cache-gib (PEERS.md's 4 GiB
+# got its worker OOM-killed on a shared 24 GB machine; 1 GiB holds ~23k tokens, far more than these loads keep).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_USE_AOT_COMPILE": "0",
             "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
 IDENTITY_PROMPTS = [
     "The capital of France is",
@@ -132,30 +133,39 @@ def measure(system: str, server: Server, model_dir: Path, args: argparse.Namespa
                                            out_dir=OUT / "runs" / system / f"rate{rate:g}-run{run}", **base))
             s = summary_dict(result.runs[-1])
             out["rates"].setdefault(str(rate), []).append(s)
-            print(f"[{system}] {rate:g} req/s run {run + 1}: TTFT p50 {s['ttft']['p50']:.2f} s, "
-                  f"TPOT p50 {s['tpot']['p50'] * 1e3:.0f} ms, ITL p99 {s['itl']['p99']:.2f} s, "
-                  f"{s['output_throughput']:.1f} tok/s, ok {s['num_ok']}/{s['num_requests']}", flush=True)
+            print(f"[{system}] {rate:g} req/s run {run + 1}: TTFT p50 {_f(s['ttft']['p50'])} s, "
+                  f"TPOT p50 {_f(s['tpot']['p50'], 1e3)} ms, ITL p99 {_f(s['itl']['p99'])} s, "
+                  f"{s['output_throughput']:.1f} tok/s, ok {s['num_ok']}/{s['num_requests']} {s['errors'] or ''}",
+                  flush=True)
         result = run_bench(BenchConfig(load=b1_load(args.b1_requests, run), concurrency=1,
                                        out_dir=OUT / "runs" / system / f"b1-run{run}", **base))
         s = summary_dict(result.runs[-1])
         out["b1"].append(s)
-        print(f"[{system}] batch-1 decode run {run + 1}: TPOT p50 {s['tpot']['p50'] * 1e3:.1f} ms "
-              f"({1 / s['tpot']['p50']:.1f} tok/s)", flush=True)
+        print(f"[{system}] batch-1 decode run {run + 1}: TPOT p50 {_f(s['tpot']['p50'], 1e3)} ms, "
+              f"ok {s['num_ok']}/{s['num_requests']} {s['errors'] or ''}", flush=True)
     return out
 
 
-def spread(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+def _f(x: float | None, scale: float = 1.0) -> str:
+    return "n/a" if x is None else f"{x * scale:.2f}"
+
+
+def spread(xs: list[float | None]) -> dict:
+    """Median, min and max of the runs that measured something (a run whose requests all failed has none)."""
+    got = [x for x in xs if x is not None]
+    if not got:
+        return {"median": None, "min": None, "max": None, "runs": xs}
+    return {"median": statistics.median(got), "min": min(got), "max": max(got), "runs": xs}
 
 
 def table(m: dict, rates: list[float]) -> dict:
     """Medians with spread of the figures the issue's table shows."""
     t: dict = {"startup_s": m["startup_s"],
                "b1_tpot_s": spread([s["tpot"]["p50"] for s in m["b1"]]),
-               "b1_tok_s": spread([1 / s["tpot"]["p50"] for s in m["b1"]])}
+               "b1_tok_s": spread([1 / s["tpot"]["p50"] if s["tpot"]["p50"] else None for s in m["b1"]])}
     for rate in rates:
         runs = m["rates"][str(rate)]
-        t[str(rate)] = {f"{k}_{p}": spread([s[k][p] for s in runs if s[k][p] is not None])
+        t[str(rate)] = {f"{k}_{p}": spread([s[k][p] for s in runs])
                         for k in ("ttft", "tpot", "itl") for p in ("p50", "p90", "p99")}
         t[str(rate)]["output_tok_s"] = spread([s["output_throughput"] for s in runs])
     return t
@@ -175,15 +185,18 @@ def plot(doc: dict, path: Path) -> None:
     panels = [(f"{r} req/s: {k}", r, k) for r in doc["config"]["rates"] for k in ("ttft_p50", "tpot_p50", "itl_p99")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.4))
     colors = {"vllm": "tab:gray", "colocated": "tab:blue", "1p1d": "tab:orange"}
+
+    def bars(ax, vals: list[dict]) -> None:
+        # A system whose runs all failed has no bar (median None).
+        shown = [(s, v) for s, v in zip(systems, vals) if v["median"] is not None]
+        ax.bar([s for s, _ in shown], [v["median"] for _, v in shown], color=[colors[s] for s, _ in shown],
+               yerr=[[v["median"] - v["min"] for _, v in shown], [v["max"] - v["median"] for _, v in shown]], capsize=3)
+
     for ax, (title, rate, key) in zip(axes, panels):
-        vals = [doc["tables"][s][str(rate)][key] for s in systems]
-        ax.bar(systems, [v["median"] for v in vals], color=[colors[s] for s in systems],
-               yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]], capsize=3)
+        bars(ax, [doc["tables"][s][str(rate)][key] for s in systems])
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("s")
-    vals = [doc["tables"][s]["b1_tok_s"] for s in systems]
-    axes[-1].bar(systems, [v["median"] for v in vals], color=[colors[s] for s in systems],
-                 yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]], capsize=3)
+    bars(axes[-1], [doc["tables"][s]["b1_tok_s"] for s in systems])
     axes[-1].set_title("batch-1 decode", fontsize=9)
     axes[-1].set_ylabel("tokens/s")
     for ax in axes:
