@@ -65,17 +65,18 @@ IDENTITY_TOKENS = 32
 class Server:
     """One server under test: started, checked healthy (start-up seconds kept), stopped with its children."""
 
-    def __init__(self, system: str, model_dir: Path, vllm: Path, log_dir: Path) -> None:
+    def __init__(self, system: str, model_dir: Path, vllm: Path, bind: str, log_dir: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         started = time.monotonic()
         if system == "vllm":
             log_dir.mkdir(parents=True, exist_ok=True)
             self.log = open(log_dir / "vllm.log", "w")
+            env = {**os.environ, **VLLM_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind}
             cmd = [str(vllm), "serve", str(model_dir), "--dtype", "float32", "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-model-len", "4096"]
             # Its own session: vLLM's engine and worker processes are stopped with it, as one group.
-            self.proc = subprocess.Popen(cmd, env={**os.environ, **VLLM_ENV}, stdout=self.log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                          start_new_session=True, preexec_fn=dies_with_parent())
             self.service = None
             wait_healthy(self.url, self.proc, 600.0)
@@ -215,6 +216,9 @@ def main() -> None:
     ap.add_argument("--b1-requests", type=int, default=3, help="batch-1 decode requests per run, one at a time")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--vllm", type=Path, default=DEFAULT_VLLM, help="the peer's `vllm` script (default %(default)s)")
+    ap.add_argument("--vllm-bind", default="0-1",
+                    help="VLLM_CPU_OMP_THREADS_BIND (default %(default)s, as PEERS.md); 'nobind' on a machine others load: "
+                         "OpenMP threads pinned to busy cores stall at every barrier (0.1-1 tok/s measured at load 20)")
     ap.add_argument("--quick", action="store_true", help="1 run, 6 requests per rate, 1 batch-1 request")
     args = ap.parse_args()
     if args.quick:
@@ -231,7 +235,7 @@ def main() -> None:
     started = time.time()
     measured: dict = {}
     for system in systems:
-        server = Server(system, model_dir, args.vllm, OUT / "logs")
+        server = Server(system, model_dir, args.vllm, args.vllm_bind, OUT / "logs")
         print(f"[{system}] healthy after {server.startup_s:.1f} s", flush=True)
         try:
             measured[system] = measure(system, server, model_dir, args)
