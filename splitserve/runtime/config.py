@@ -23,7 +23,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's, capped at 8192
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = False
+    # On, as in vLLM: a step holds at most max_num_batched_tokens, so prompts arriving together cannot stall
+    # running decodes for a whole batch of prefills (a chunk that continues a prompt costs one context read).
+    enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_waiting: int = 256
 
@@ -104,7 +106,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: model's, at most 8192)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running requests")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
-    g.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
+    g.add_argument("--chunked-prefill", action="store_true", default=True,
+                   help="split prompts across steps to keep each step within --max-num-batched-tokens (the default)")
+    g.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
+                   help="schedule every prompt whole (a step may then hold up to --max-model-len tokens)")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-waiting", type=int, default=256, help="queue cap; beyond it requests get 429")
     g.add_argument("--step-log-dir", default=None, metavar="DIR",
@@ -135,7 +140,11 @@ def engine_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[st
         if action.dest in skip or value is None or value == action.default:
             continue
         flag = action.option_strings[0]
-        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            # A switch says its value only when set to its own constant (--no-chunked-prefill: False).
+            argv += [flag] if value == action.const else []
+        else:
+            argv += [flag, str(value)]
     return argv
 
 

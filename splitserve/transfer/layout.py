@@ -22,13 +22,13 @@ class KVLayout:
 
     @classmethod
     def from_cache(cls, kv_cache: PagedKVCache, fingerprint: str) -> KVLayout:
-        num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.tensor.shape
+        num_layers, _, _, num_kv_heads, block_size, head_dim = kv_cache.tensor.shape
         return cls(fingerprint, num_layers, block_size, num_kv_heads, head_dim, str(kv_cache.tensor.dtype).removeprefix("torch."))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """One (layer, block) unit: K then V, each [block_size, kv_heads, head_dim]."""
-        return (2, self.block_size, self.num_kv_heads, self.head_dim)
+        """One (layer, block) unit: K then V, each [kv_heads, block_size, head_dim] (PagedKVCache's layout)."""
+        return (2, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def shape_str(self) -> str:

@@ -51,10 +51,10 @@ def test_build_forward_batch_rejects_short_block_table():
 
 def test_cache_layout_and_sizes():
     cache = PagedKVCache(CONFIG, num_blocks=5, block_size=4, dtype=torch.bfloat16, device="cpu")
-    assert cache.tensor.shape == (3, 5, 2, 4, 2, 8)
-    assert cache.layer(1).shape == (5, 2, 4, 2, 8)
+    assert cache.tensor.shape == (3, 5, 2, 2, 4, 8)  # layers, blocks, K/V, heads, slots, head_dim
+    assert cache.layer(1).shape == (5, 2, 2, 4, 8)
     view = cache.block_view(2, 3)
-    assert view.is_contiguous() and view.shape == (2, 4, 2, 8)
+    assert view.is_contiguous() and view.shape == (2, 2, 4, 8)
     view.fill_(1)
     assert cache.tensor[2, 3].sum() == view.numel() and cache.tensor.sum() == view.numel()
     assert PagedKVCache.bytes_per_block(CONFIG, 4, torch.bfloat16) == 3 * 2 * 4 * 2 * 8 * 2
