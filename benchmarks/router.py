@@ -231,7 +231,8 @@ def decision(args: argparse.Namespace) -> dict:
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 REPLAY_DIR = RESULTS / "router"
 DECISION_SAMPLES = REPLAY_DIR / "decision_samples.npz"
-REPLAY_TRACE = REPLAY_DIR / "replay_trace.jsonl"  # the sampled conversations, in the trace's own format
+REPLAY_TRACE_NAME = "replay_trace.jsonl"  # per case: the sampled conversations, in the trace's own format
+TINY_CONTEXT = 8192  # the tiny checkpoint's context, raised so the trace's longest scaled prompts (3.9k) fit
 KV_BLOCK = 16  # the deployments' KV block size (splitserve's default)
 LENGTH_SCALE = 1 / 32  # a 512-token trace block becomes exactly one KV block: shared ids are shared KV blocks
 PROMPT_SALT = 1  # fixed, so every policy's deployment and the oracle see the very same prompt tokens
@@ -491,13 +492,27 @@ def router_view(samples: dict[str, list[tuple[float, float, int, float, int]]], 
 TRANSFER_DEADLINE_S = 300.0
 
 
-def serve_argv(policy: str, port: int, num_blocks: int) -> list[str]:
+def serve_argv(policy: str, port: int, num_blocks: int, model: str | None = None) -> list[str]:
     # The default 10 s transfer deadline assumes cores of one's own: on this shared machine a prefill can
     # wait longer, and an expired reservation recomputes the prompt on the decode worker (out of the
     # policy's hands, and more load on a busy machine): the deadline is raised rather than measured.
     return ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--prefill", "2",
             "--decode", "1", "--router-policy", policy, "--no-conditional", "--num-blocks", str(num_blocks),
-            "--transfer-deadline", str(TRANSFER_DEADLINE_S)]
+            "--transfer-deadline", str(TRANSFER_DEADLINE_S), *(["--model", model] if model else [])]
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """The tests' tiny random Llama (tests/tiny_models.py), made once: the fast model speed (~10k prompt
+    tokens/s here, against SmolLM2-135M's ~1k), the case of issue 18."""
+    if not (path / "config.json").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.tiny_models import make_tiny_checkpoint
+
+        make_tiny_checkpoint(path)
+        config = json.loads((path / "config.json").read_text())
+        config["max_position_embeddings"] = TINY_CONTEXT
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
 
 
 def outcome(phases: Sequence[dict], prompts: Sequence[Prompt], openers: set[int], num_blocks: int) -> dict:
@@ -538,7 +553,8 @@ def replay_policy(
     readings of the prefill workers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = Service(f"serve-{policy}", serve_argv(policy, port, args.num_blocks), None, REPLAY_DIR / "logs")
+    server = Service(f"serve-{policy}", serve_argv(policy, port, args.num_blocks, args.model_path), None,
+                     args.case_dir / "logs")
     try:
         server.wait_healthy(url)
         with credentials().client(timeout=30.0) as operator:
@@ -546,23 +562,24 @@ def replay_policy(
         # No warm-up request: the phase log must hold exactly the replay, and every policy starts equally cold.
         with WorkerProbe([w["url"] for w in workers if w["role"] == "prefill"]) as probe:
             result = run_bench(BenchConfig(
-                load=TraceLoad(str(REPLAY_TRACE), "mooncake", scaling), url=url, salt=PROMPT_SALT,
-                timeout_s=args.replay_timeout, deadline_s=drain_s, out_dir=REPLAY_DIR / policy))
+                load=TraceLoad(str(args.case_dir / REPLAY_TRACE_NAME), "mooncake", scaling), url=url,
+                salt=PROMPT_SALT, timeout_s=args.replay_timeout, deadline_s=drain_s, out_dir=args.case_dir / policy,
+                tokenizer=args.model_path))
         with credentials().client(timeout=30.0) as operator:
             r = operator.get(url + "/debug/requests", params={"limit": PHASE_LOG})
         r.raise_for_status()
         phases = r.json()
     finally:
         server.stop()
-    (REPLAY_DIR / policy / "phases.json").write_text(json.dumps(phases))
-    (REPLAY_DIR / policy / "probe.json").write_text(json.dumps(probe.samples))
+    (args.case_dir / policy / "phases.json").write_text(json.dumps(phases))
+    (args.case_dir / policy / "probe.json").write_text(json.dumps(probe.samples))
     return result, phases, probe.samples
 
 
 def replay_workload(args: argparse.Namespace) -> tuple[Scaling, Workload, Trace]:
     """The request list every policy gets: sampled conversations, lengths x1/32, arrivals at the asked rate."""
     trace = sample_conversations(read_trace(args.trace, "mooncake"), args.conversations, args.replay_seed)
-    trace = read_trace(write_mooncake(trace, REPLAY_TRACE), "mooncake")  # exactly what bench will read
+    trace = read_trace(write_mooncake(trace, args.case_dir / REPLAY_TRACE_NAME), "mooncake")  # what bench reads
     base = Scaling(length_scale=LENGTH_SCALE, max_requests=args.replay_requests)
     workload = at_rate(trace, base, args.replay_rate)
     scaling = replace(base, time_scale=float(workload.params["time_scale"]))
@@ -581,7 +598,7 @@ def run_policy(policy: str, scaling: Scaling, workload: Workload, prompts: Seque
     names = {url: f"p{i}" for i, url in enumerate(sorted(probed))}  # as in `outcome`: sorted URLs
     mean_prompt = round(sum(p.num_tokens for p in prompts) / len(prompts))
     found["router_view"] = router_view(probed, names, 1.0 / PoolConfig().prefill_tokens_per_s, mean_prompt)
-    (REPLAY_DIR / policy / "misses.json").write_text(json.dumps(found.pop("misses")))
+    (args.case_dir / policy / "misses.json").write_text(json.dumps(found.pop("misses")))
     s = result.summary
     return {
         **found,
@@ -596,9 +613,40 @@ def run_policy(policy: str, scaling: Scaling, workload: Workload, prompts: Seque
     }
 
 
+MODELS = ("tiny", "smollm2")
+
+
 def replay(args: argparse.Namespace) -> dict:
+    """Every case: each model speed on each conversation sample (two disjoint slices of the trace)."""
+    cases = {}
+    for model in args.models:
+        for seed in args.replay_seeds:
+            name = f"{model}/sample{seed}"
+            case_args = argparse.Namespace(**vars(args))
+            case_args.case_dir = REPLAY_DIR / model / f"sample{seed}"
+            case_args.replay_seed = seed
+            case_args.model_path = str(tiny_checkpoint(REPLAY_DIR / "tiny-llama")) if model == "tiny" else None
+            print(f"== replay case {name}", file=sys.stderr)
+            cases[name] = replay_case(case_args)
+    ratios = {n: c["summary"]["hit_rate_vs_oracle"] for n, c in cases.items()}
+    return {
+        "cases": cases,
+        "summary": {
+            "hit_rate_vs_oracle_by_case": ratios,
+            "hit_rate_vs_oracle_min": min((r for r in ratios.values() if r is not None), default=None),
+            "hit_rate_vs_oracle_target": 0.9,
+            "kv_aware_not_below_round_robin": all(
+                (c["summary"]["hit_rate"].get("kv_aware") or 0) >= (c["summary"]["hit_rate"].get("round_robin") or 0)
+                for c in cases.values()),
+            "prefill_requests_by_case": {n: {p: {w: v["requests"] for w, v in pol["per_prefill_worker"].items()}
+                                             for p, pol in c["policies"].items()} for n, c in cases.items()},
+        },
+    }
+
+
+def replay_case(args: argparse.Namespace) -> dict:
     scaling, workload, trace = replay_workload(args)
-    vocab = find_vocab(BUNDLED_NAME, None)
+    vocab = find_vocab(args.model_path or BUNDLED_NAME, None)
     builder = PromptBuilder(vocab, PROMPT_SALT)  # bench's own prompts: run_bench's first run uses salt + 0
     prompts = [prompt_of(builder.build(i, spec)) for i, spec in enumerate(workload.requests)]
     oracle = hit_rate(prompts)
@@ -619,6 +667,8 @@ def replay(args: argparse.Namespace) -> dict:
         print(f"[{policy}] hit rate {_f(p['hit_rate'])} over {p['prefilled_requests']}/{len(prompts)} prefilled "
               f"(oracle {oracle:.3f}), TTFT p50 {_f(t['p50'])} s p90 {_f(t['p90'])} s, errors {p['errors']}, "
               f"load average {p['load_average']}, shortfall {p['shortfall']}", file=sys.stderr)
+        print(f"[{policy}] requests per prefill worker: "
+              f"{ {w: v['requests'] for w, v in p['per_prefill_worker'].items()} }", file=sys.stderr)
 
     kv = policies.get("kv_aware", {}).get("hit_rate")
     summary = {
@@ -631,8 +681,8 @@ def replay(args: argparse.Namespace) -> dict:
     }
     return {
         "deployment": {
-            "serve_argv": serve_argv("<policy>", 0, args.num_blocks),  # port 0: a free one each time
-            "model": BUNDLED_NAME,
+            "serve_argv": serve_argv("<policy>", 0, args.num_blocks, args.model_path),  # port 0: a free one
+            "model": args.model_path or BUNDLED_NAME,
             "kv_blocks_per_worker": args.num_blocks,
             "kv_block_tokens": KV_BLOCK,
             "cpus": os.cpu_count(),
@@ -640,7 +690,7 @@ def replay(args: argparse.Namespace) -> dict:
         "workload": {
             "trace": str(args.trace),
             "conversations_kept": {"fraction": args.conversations, "seed": args.replay_seed, "rows": len(trace.rows)},
-            "replayed_trace": str(REPLAY_TRACE),
+            "replayed_trace": str(args.case_dir / REPLAY_TRACE_NAME),
             "notes": list(workload.notes),
             "params": workload.params,
             "requests": len(prompts),
@@ -686,8 +736,9 @@ def plot(results: dict, path: Path) -> None:
     else:
         for ax in axes[0]:
             ax.set_axis_off()
-    if "replay" in results:
-        plot_replay(results["replay"], axes[1])
+    cases = results.get("replay", {}).get("cases", {})
+    if cases:  # the first case (the tiny model, first sample): the others are in router.json
+        plot_replay(next(iter(cases.values())), axes[1])
     else:
         for ax in axes[1]:
             ax.set_axis_off()
@@ -753,7 +804,10 @@ def main() -> None:
     g.add_argument("--trace", type=Path, default=TRACE)
     g.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     g.add_argument("--conversations", type=float, default=0.05, help="fraction of the trace's conversations kept")
-    g.add_argument("--replay-seed", type=int, default=0, help="which conversations are kept")
+    g.add_argument("--replay-seeds", type=int, nargs="+", default=[0, 1],
+                   help="which conversations are kept: one disjoint-ish sample per seed, a case each")
+    g.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="tiny: the tests' tiny random Llama (fast); smollm2: the bundled SmolLM2-135M")
     g.add_argument("--replay-requests", type=int, default=100, help="keep the first N sampled requests")
     g.add_argument("--replay-rate", type=float, default=0.6, help="mean req/s the arrivals are scaled to")
     g.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker (16 tokens each)")
