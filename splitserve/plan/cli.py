@@ -26,6 +26,7 @@ from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
 from splitserve.plan.sweep import AXES, sweep
 from splitserve.sim.cluster_spec import InfeasibleConfig
 from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
+from splitserve.sim.kernel_efficiency import kernel_table
 from splitserve.sim.models import model as model_preset
 from splitserve.sim.perf import Efficiency
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
@@ -167,6 +168,7 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
                 raise PlanError("give --gpu (h100, h200, a100, l40s, b200) or --calibration FILE")
         hw, m = gpu(args.gpu), model_preset(args.model)
         m = m.with_dtype(DTYPES[args.dtype])
+        eff = kernel_table(args.gpu).efficiency  # published kernel figures for the preset, where found
     if args.slo_ttft is None or args.slo_tpot is None:
         raise PlanError("give both --slo-ttft and --slo-tpot (seconds, or with a unit: 600ms, 2s)")
     slo = SLO(duration(args.slo_ttft, "slo-ttft"), duration(args.slo_tpot, "slo-tpot"))

@@ -878,6 +878,7 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "block_size": spec.block_size,
         "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
         "placement": f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
+        "efficiency": asdict(spec.efficiency),
     }
     inputs["prefill_gpu"] = (spec.prefill_hardware or spec.hardware).name
     inputs["decode_gpu"] = (spec.decode_hardware or spec.hardware).name
