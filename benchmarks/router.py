@@ -490,6 +490,7 @@ def router_view(samples: dict[str, list[tuple[float, float, int, float, int]]], 
 
 
 TRANSFER_DEADLINE_S = 300.0
+STARTUP_TIMEOUT_S = 1200.0  # three workers importing torch took over 300 s at load average 35 on 2 cores
 
 
 def serve_argv(policy: str, port: int, num_blocks: int, model: str | None = None) -> list[str]:
@@ -556,7 +557,7 @@ def replay_policy(
     server = Service(f"serve-{policy}", serve_argv(policy, port, args.num_blocks, args.model_path), None,
                      args.case_dir / "logs")
     try:
-        server.wait_healthy(url)
+        server.wait_healthy(url, timeout_s=STARTUP_TIMEOUT_S)
         with credentials().client(timeout=30.0) as operator:
             workers = operator.get(url + "/debug/workers").json()
         # No warm-up request: the phase log must hold exactly the replay, and every policy starts equally cold.

@@ -18,21 +18,41 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from splitserve.core.router_feed import WorkerReport
+from splitserve.core.scheduler import SchedulerLoad
 from splitserve.runtime.wire import encoder
 
-if TYPE_CHECKING:
-    from splitserve.runtime.worker.app import Worker
+
+class _Pool(Protocol):
+    event_seq: int  # the last KV event the BlockPool emitted
+
+
+class _Engine(Protocol):
+    pool: _Pool
+
+
+class _Loads(Protocol):
+    def load(self) -> SchedulerLoad: ...
+
+
+class StateSource(Protocol):
+    """What the stream reads of a worker (`app.Worker`; a Protocol, since app.py includes this module)."""
+
+    engine: _Engine
+    async_engine: _Loads
+
+    async def state(self, after: int, snapshot: bool) -> WorkerReport: ...
 
 CHECK_S = 0.005  # how often the stream looks for news: a cheap local read, far below a step's time
 HEARTBEAT_S = 1.0  # a report at least this often, news or not: the router sees the stream is alive
 
 
-async def reports(worker: Worker, after: int, check_s: float = CHECK_S, heartbeat_s: float = HEARTBEAT_S
+async def reports(worker: StateSource, after: int, check_s: float = CHECK_S, heartbeat_s: float = HEARTBEAT_S
                   ) -> AsyncIterator[bytes]:
     """Reports from event `after` on, as NDJSON lines, for as long as the client reads them."""
     pool = worker.engine.pool
@@ -48,7 +68,7 @@ async def reports(worker: Worker, after: int, check_s: float = CHECK_S, heartbea
         await asyncio.sleep(check_s)
 
 
-def include_state_stream(app: FastAPI, worker: Worker) -> None:
+def include_state_stream(app: FastAPI, worker: StateSource) -> None:
     @app.get("/internal/state/stream")
     async def state_stream(after: int = 0) -> StreamingResponse:
         return StreamingResponse(reports(worker, after), media_type="application/x-ndjson")
