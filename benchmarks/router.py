@@ -9,8 +9,12 @@
             are also timed with precomputed hashes (`route`), and the hashing alone. Loads change every 50
             requests. p50/p99 per repetition; reported: the median over repetitions and their range.
 
-  replay    the Mooncake conversation trace (../shared/traces/) replayed on real deployments of the bundled
-            SmolLM2-135M, one per policy, each fresh (cold caches): `splitserve serve --prefill 2 --decode 1
+  replay    the Mooncake conversation trace (../shared/traces/) replayed on real deployments, one per policy,
+            each fresh (cold caches), in cases: two model speeds (`--models`: the tests' tiny random Llama,
+            ~10x faster than the bundled SmolLM2-135M, the speed that broke a fixed prior in issue 18) times
+            two conversation samples (`--replay-seeds`: 5 % of the conversations each, drawn with different
+            seeds, so about 95 % apart: the second is held out from any tuning on the first).
+            `splitserve serve [--model tiny] --prefill 2 --decode 1
             --router-policy P --no-conditional --num-blocks 512 --transfer-deadline 300`, so every prompt is
             computed on a prefill worker and the prefill-side prefix hit rate is what the policy controls.
             Every policy gets the same request list: whole conversations (5 % of them; a conversation is the
@@ -34,6 +38,9 @@
 
     python -m benchmarks.router [--sections decision replay] [--quick] [--reps 5] [--requests 2000]
                                 [--replay-rate 0.6] [--conversations 0.05] [--num-blocks 512]
+                                [--models tiny smollm2] [--replay-seeds 0 1] [--policies ...]
+    issue 18's run: --section replay --policies kv_aware round_robin --num-blocks 768 (at 512 blocks the second
+    sample's eviction alone holds any policy to 0.85 of the infinite-cache oracle: one pooled LRU 0.234 of 0.275)
 
 Writes results/router.json and results/router.png (raw data of the replay, and the decision latency samples
 the plot needs, under results/router/); the last line printed is a JSON summary of every section in
