@@ -50,6 +50,9 @@ def test_a_chunked_unit_better_than_every_unchunked_one_is_found():
     chunked = [r["goodput_rps"] for r in rows if "chunked" in r["config"]]
     whole = [r["goodput_rps"] or 0.0 for r in rows if "chunked" not in r["config"]]
     assert chunked and whole and max(chunked) > max(whole)
+    # Beside the tail rule's verdict, the steady-state rule's figure (means within the targets): never lower.
+    assert result.colocated.steady_goodput_rps >= result.colocated.goodput_rps
+    assert any(r.startswith("pass rule: 90% of requests") and "steady state" in r for r in result.reasons)
 
 
 def test_every_pd_ratio_in_lowest_terms_that_fits_the_cluster_is_a_candidate():
