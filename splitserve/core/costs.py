@@ -23,8 +23,16 @@ local (D computes)
 cost = ready + interference; the cheaper path wins (ties go local: no bytes on the wire).
 
 A worker's prefill time is `fixed + marginal x tokens`: an exponentially weighted least-squares line
-through what it measured (`observe_prefill`, per step), the configured per-token prior (and no fixed part)
-until it has measured. The fixed part matters for routing: a worker that mostly serves follow-up turns
+through what it measured (`observe_prefill`, per step). Workers belong to pools (`join_pool`); the router
+says which pools' workers are alike (same role, same KV capacity: `set_alike`), and alike workers share one
+pool-wide fit fed by all of them. Two identical workers then cost exactly the same per token: separate fits
+differ by measurement noise (10-20 %), enough to send a request away from the worker holding its prefix, and
+a worker that looked slower once would never be picked, so never measured again. A worker of an unlike pool
+keeps its own fit, but its weight halves every `half_life_s` without a new measurement, the pool-wide fit
+taking its place: an idle worker's estimate decays to its pool's, so it is tried again (re-probed) rather
+than left out for good on a stale reading. Before a pool has measured anything its estimate is another
+measured pool's (same model, most likely the same GPUs), and only then the configured per-token prior: a
+prior can be 30x off (300 tokens/s configured, 10k measured), and a worker judged on it is never used. The fixed part matters for routing: a worker that mostly serves follow-up turns
 (short uncached suffixes) spends most of each step on per-step overhead, and a ratio through the origin
 would call it several times slower per token than an identical worker serving new prompts. The router
 would then pile every new conversation on the "fast" one and evict its cache. The link's speed and each
@@ -143,7 +151,12 @@ class CostModel:
     remote_overhead_s: float = 0.0
     interference_weight: float = 1.0  # request-seconds of others' stall worth one second of this request
     alpha: float = 0.2  # EWMA weight of each new measurement
+    half_life_s: float = 30.0  # an unlike worker's own fit loses half its weight to its pool's per idle span
     _prefill: dict[WorkerId, _LineEwma] = field(default_factory=dict, init=False, repr=False)
+    _measured_at: dict[WorkerId, float] = field(default_factory=dict, init=False, repr=False)
+    _pool_of: dict[WorkerId, Hashable] = field(default_factory=dict, init=False, repr=False)
+    _pools: dict[Hashable, _LineEwma] = field(default_factory=dict, init=False, repr=False)
+    _alike: set[Hashable] = field(default_factory=set, init=False, repr=False)
     _decode: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
     _link: _Ewma = field(init=False, repr=False)
 
@@ -168,11 +181,29 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ measurements
 
-    def observe_prefill(self, worker: WorkerId, tokens: int, seconds: float, steps: int = 1) -> None:
+    def join_pool(self, worker: WorkerId, pool: Hashable) -> None:
+        """`worker`'s measurements also feed `pool`'s fit (the router's pools: its role)."""
+        self._pool_of[worker] = pool
+
+    def set_alike(self, pool: Hashable, alike: bool) -> None:
+        """Whether `pool`'s workers are alike, so share its fit (the router re-decides on every join)."""
+        if alike:
+            self._alike.add(pool)
+        else:
+            self._alike.discard(pool)
+
+    def observe_prefill(
+        self, worker: WorkerId, tokens: int, seconds: float, steps: int = 1, now: float | None = None
+    ) -> None:
         """`steps` prefill steps computing `tokens` uncached tokens in all took `seconds` of compute on
-        `worker` (not its queueing)."""
+        `worker` (not its queueing), measured at `now` (None: a measurement that never ages)."""
         if tokens > 0 and seconds > 0 and steps > 0:
             self._prefill.setdefault(worker, _LineEwma(self.alpha)).add(tokens / steps, seconds / steps, steps)
+            pool = self._pool_of.get(worker)
+            if pool is not None:
+                self._pools.setdefault(pool, _LineEwma(self.alpha)).add(tokens / steps, seconds / steps, steps)
+            if now is not None:
+                self._measured_at[worker] = now
 
     def observe_decode_step(self, worker: WorkerId, seconds: float) -> None:
         """One decode step (or the mean of several) took `seconds` on `worker`."""
@@ -188,18 +219,42 @@ class CostModel:
         """A restarted or removed worker's measurements no longer describe it."""
         self._prefill.pop(worker, None)
         self._decode.pop(worker, None)
+        self._measured_at.pop(worker, None)
 
-    def prefill_fit(self, worker: WorkerId) -> tuple[float, float]:
-        """(fixed seconds per prefill, marginal seconds per uncached token) of `worker`."""
-        e = self._prefill.get(worker)
-        return e.fit() if e else (0.0, self.prefill_s_per_token)
+    def pool_fit(self, pool: Hashable) -> tuple[float, float]:
+        """(fixed, marginal) of `pool` from all its workers' measurements; unmeasured: the mean of the
+        measured pools' fits, or the prior."""
+        e = self._pools.get(pool)
+        if e is not None:
+            return e.fit()
+        fits = [f.fit() for f in self._pools.values()]
+        if not fits:
+            return 0.0, self.prefill_s_per_token
+        return sum(f[0] for f in fits) / len(fits), sum(f[1] for f in fits) / len(fits)
 
-    def per_token_s(self, worker: WorkerId) -> float:
-        return self.prefill_fit(worker)[1]
+    def prefill_fit(self, worker: WorkerId, now: float | None = None) -> tuple[float, float]:
+        """(fixed seconds per prefill, marginal seconds per uncached token) of `worker` at `now` (None:
+        its own fit as last measured, for an unlike worker)."""
+        pool = self._pool_of.get(worker)
+        if pool in self._alike:
+            return self.pool_fit(pool)
+        own = self._prefill.get(worker)
+        if own is None:
+            return self.pool_fit(pool)
+        fit = own.fit()
+        at = self._measured_at.get(worker)
+        if now is None or at is None:
+            return fit
+        weight = 0.5 ** (max(0.0, now - at) / self.half_life_s)
+        shared = self.pool_fit(pool)
+        return tuple(weight * a + (1 - weight) * b for a, b in zip(fit, shared))  # type: ignore[return-value]
 
-    def prefill_s(self, worker: WorkerId, tokens: float) -> float:
+    def per_token_s(self, worker: WorkerId, now: float | None = None) -> float:
+        return self.prefill_fit(worker, now)[1]
+
+    def prefill_s(self, worker: WorkerId, tokens: float, now: float | None = None) -> float:
         """Compute time of a prefill of `tokens` uncached tokens on `worker` (0 when nothing to compute)."""
-        fixed, per_tok = self.prefill_fit(worker)
+        fixed, per_tok = self.prefill_fit(worker, now)
         return fixed + per_tok * tokens if tokens > 0 else 0.0
 
     def step_s(self, worker: WorkerId) -> float:
@@ -218,19 +273,25 @@ class CostModel:
         L = self.num_layers
         return transfer(nbytes, bandwidth, self.link_latency_s, self.pipelined, L, prefill_s / L).exposed_s
 
-    def remote(self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: float, transfer_tokens: int) -> PathCost:
+    def remote(
+        self, prefill_worker: WorkerId, new_tokens: int, queued_tokens: float, transfer_tokens: int,
+        now: float | None = None,
+    ) -> PathCost:
         """Prefill `new_tokens` on `prefill_worker` behind `queued_tokens`, then send `transfer_tokens`."""
-        queue = queued_tokens * self.per_token_s(prefill_worker)
-        prefill = self.prefill_s(prefill_worker, new_tokens)
+        queue = queued_tokens * self.per_token_s(prefill_worker, now)
+        prefill = self.prefill_s(prefill_worker, new_tokens, now)
         transfer = self.transfer_s(transfer_tokens, prefill)
         ttft = queue + prefill + self.remote_overhead_s
         terms = {"queue_s": queue, "prefill_s": prefill, "overhead_s": self.remote_overhead_s, "transfer_s": transfer}
         return PathCost(ttft, ttft + transfer, ttft + transfer, terms)
 
-    def local(self, decode_worker: WorkerId, new_tokens: int, queued_tokens: float, running: int) -> PathCost:
+    def local(
+        self, decode_worker: WorkerId, new_tokens: int, queued_tokens: float, running: int, now: float | None = None
+    ) -> PathCost:
         """Prefill `new_tokens` on `decode_worker`, behind `queued_tokens`, while it decodes `running`."""
-        queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * self.per_token_s(decode_worker)
-        prefill = self.prefill_s(decode_worker, new_tokens)
+        per_token = self.per_token_s(decode_worker, now)
+        queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * per_token
+        prefill = self.prefill_s(decode_worker, new_tokens, now)
         interference = self.interference_weight * running * prefill
         ready = queue + prefill
         terms = {"queue_s": queue, "prefill_s": prefill, "interference_s": interference}
@@ -239,15 +300,17 @@ class CostModel:
     def decide(
         self, *, prompt_tokens: int, decode_worker: WorkerId, decode_cached_tokens: int,
         decode_queued_tokens: float, decode_running: int, prefill_worker: WorkerId | None = None,
-        prefill_cached_tokens: int = 0, prefill_queued_tokens: float = 0.0,
+        prefill_cached_tokens: int = 0, prefill_queued_tokens: float = 0.0, now: float | None = None,
     ) -> Decision:
         """Remote prefill on `prefill_worker` or local prefill on `decode_worker` for one prompt.
         Cached token counts are what each worker will really reuse (whole blocks, at least one token left)."""
-        local = self.local(decode_worker, prompt_tokens - decode_cached_tokens, decode_queued_tokens, decode_running)
+        local = self.local(
+            decode_worker, prompt_tokens - decode_cached_tokens, decode_queued_tokens, decode_running, now
+        )
         if prefill_worker is None:
             return Decision(False, local, None)
         remote = self.remote(
             prefill_worker, prompt_tokens - prefill_cached_tokens, prefill_queued_tokens,
-            prompt_tokens - decode_cached_tokens,
+            prompt_tokens - decode_cached_tokens, now,
         )
         return Decision(remote.cost_s < local.cost_s, local, remote)

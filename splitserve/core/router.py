@@ -9,14 +9,26 @@ Policies, comparable on one load (`conditional` disaggregation works with any of
 worker is picked as a decode worker is:
   round_robin   each pool in turn
   least_loaded  decode: fewest running requests, then most free blocks; prefill: fewest queued prompt tokens
-  kv_aware      decode: overlap_weight x prompt blocks it lacks + blocks in use (fewest running breaks ties),
-                among workers with room for the prompt; prefill: estimated seconds, overlap_weight x the
-                prefill of the tokens it lacks + its queued prompt tokens. Workers that match as many
-                blocks and cost within `cost_tolerance` of the cheapest are a tie, won by the one caching
-                the fewest blocks: two identical workers' measured costs differ by noise (~10-20 %), and a
-                strict minimum would send every new conversation to the one that looked faster, filling
-                its cache (evicting its prefixes) while the other's sits unused.
+  kv_aware      decode: overlap_weight x prompt blocks it lacks + blocks in use (fewest running, then the
+                least cache pressure break ties), among workers with room for the prompt; prefill: estimated
+                seconds, overlap_weight x the prefill of the tokens it lacks + its queued prompt tokens.
+                Alike workers (a pool's workers with the same KV capacity) share one pool-wide speed fit
+                (`CostModel.set_alike`), so among them this is a cost in work units, tokens to compute plus
+                queued tokens, with no per-worker speed guess to be wrong about. Workers that match as many
+                blocks and cost within `cost_tolerance` of the cheapest are a tie, won by the one under the
+                least cache pressure: a strict minimum would send every new conversation to the one that
+                looked cheaper, filling its cache (evicting its prefixes) while the other's sits unused.
 Ties rotate, so idle workers share the load.
+
+Cache pressure: the KV blocks a worker was sent to compute or receive lately, over its capacity. It decays
+by the blocks its pool took in since, relative to the pool's capacity (scale-free: a cache is turned over
+after about its own size in new blocks, whatever the request rate). Placing new prefix trees by it spreads
+the trees' blocks evenly, so no worker's cache is evicted while another's sits idle; counting prefixes
+cached (`num_cached`) would not, as every cache is full in steady state.
+
+A request whose prefix (k blocks) only one alike prefill worker caches goes there unless that worker's
+queued prompt tokens exceed the least queued other's by more than overlap_weight x k x block_size: the
+tokens it saves (tests/core/test_router_properties.py checks this bound).
 
 Loads are the workers' last reports plus what the router itself routed since (a burst between two reports
 must not all land on the one worker that looked idle); a report replaces them. Queued prompt tokens drain
@@ -34,6 +46,7 @@ authority: the index lags the worker by the events in flight).
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Literal, Sequence, TypeVar
@@ -93,6 +106,7 @@ class Router:
         self.index = PrefixIndex()
         self.workers: dict[WorkerId, WorkerState] = {}
         self._turn = {"decode": itertools.count(), "prefill": itertools.count()}  # per pool: rotations
+        self._pressure: dict[WorkerId, float] = {}  # blocks sent lately (decayed), see the module's doc
 
     # ------------------------------------------------------------------------------ membership
 
@@ -106,11 +120,23 @@ class Router:
         if not self._follow(worker_id, generation):
             return
         self.workers[worker_id] = WorkerState(role, total_blocks, total_blocks)
+        self.costs.join_pool(worker_id, role)
+        self._pressure[worker_id] = 0.0
+        self._judge_alike(role)
 
     def deregister(self, worker_id: WorkerId) -> None:
-        self.workers.pop(worker_id, None)
+        w = self.workers.pop(worker_id, None)
         self.index.remove(worker_id)
         self.costs.forget(worker_id)
+        self._pressure.pop(worker_id, None)
+        if w is not None:
+            self._judge_alike(w.role)
+
+    def _judge_alike(self, role: Role) -> None:
+        """A pool's workers are alike when they hold as many KV blocks: the same model on the same
+        accelerator (a different GPU or TP size changes the capacity). Alike workers share one speed fit."""
+        sizes = {w.total_blocks for w in self.workers.values() if w.role == role}
+        self.costs.set_alike(role, len(sizes) <= 1)
 
     def drain(self, worker_id: WorkerId) -> None:
         """Route nothing new to the worker; its index entries and load stay until `deregister`."""
@@ -152,8 +178,10 @@ class Router:
             self.costs.forget(worker_id)
         return True
 
-    def observe_prefill(self, worker_id: WorkerId, tokens: int, seconds: float, steps: int = 1) -> None:
-        self.costs.observe_prefill(worker_id, tokens, seconds, steps)
+    def observe_prefill(
+        self, worker_id: WorkerId, tokens: int, seconds: float, steps: int = 1, now: float | None = None
+    ) -> None:
+        self.costs.observe_prefill(worker_id, tokens, seconds, steps, now)
 
     def observe_decode_step(self, worker_id: WorkerId, seconds: float) -> None:
         self.costs.observe_decode_step(worker_id, seconds)
@@ -191,13 +219,14 @@ class Router:
         queued = {i: self._queued(i, now) for i in decoders + prefillers}
 
         d = self._pick_decode(decoders, cached, num_blocks)
-        p = self._pick_prefill(prefillers, cached, queued, num_tokens) if prefillers else None
+        p = self._pick_prefill(prefillers, cached, queued, num_tokens, now) if prefillers else None
         decision = None
         if self.conditional and not colocated:
             decision = self.costs.decide(
                 prompt_tokens=num_tokens, decode_worker=d, decode_cached_tokens=cached[d] * bs,
                 decode_queued_tokens=queued[d], decode_running=self.workers[d].running,
                 prefill_worker=p, prefill_cached_tokens=cached.get(p, 0) * bs, prefill_queued_tokens=queued.get(p, 0),
+                now=now,
             )
             if not decision.remote:
                 p = None
@@ -209,11 +238,29 @@ class Router:
         cw = self.workers[computer]
         cw.queued_prefill_tokens = queued[computer] + num_tokens - cached[computer] * bs
         cw.queue_as_of = now
+        self._press(d, num_blocks - cached[d])
+        if p is not None:
+            self._press(p, num_blocks - cached[p])
         return RouteDecision(d, p, num_blocks, cached[d], cached.get(p, 0), decision)
+
+    def pressure(self, worker_id: WorkerId) -> float:
+        """The worker's cache pressure: blocks sent to it lately (decayed) over its capacity."""
+        return self._pressure.get(worker_id, 0.0) / max(1, self.workers[worker_id].total_blocks)
+
+    def _press(self, worker_id: WorkerId, blocks: int) -> None:
+        """`worker_id` takes `blocks` new blocks into its cache: its pool's older pressure decays by them."""
+        if blocks <= 0:
+            return
+        role = self.workers[worker_id].role
+        pool = [i for i, w in self.workers.items() if w.role == role]
+        keep = math.exp(-blocks / max(1, sum(self.workers[i].total_blocks for i in pool)))
+        for i in pool:
+            self._pressure[i] *= keep
+        self._pressure[worker_id] += blocks
 
     def _queued(self, worker_id: WorkerId, now: float) -> float:
         w = self.workers[worker_id]
-        drained = max(0.0, now - w.queue_as_of) / self.costs.per_token_s(worker_id)
+        drained = max(0.0, now - w.queue_as_of) / self.costs.per_token_s(worker_id, now)
         return max(0.0, w.queued_prefill_tokens - drained)
 
     def _pool(self, role: Role) -> list[WorkerId]:
@@ -229,21 +276,23 @@ class Router:
         roomy = [i for i in ids if num_blocks - cached[i] <= ws[i].free_blocks] or ids
         return self._min("decode", roomy, lambda i: (
             self.overlap_weight * (num_blocks - cached[i]) + ws[i].total_blocks - ws[i].free_blocks, ws[i].running,
+            self.pressure(i),
         ))
 
     def _pick_prefill(
-        self, ids: list[WorkerId], cached: dict[WorkerId, int], queued: dict[WorkerId, float], num_tokens: int
+        self, ids: list[WorkerId], cached: dict[WorkerId, int], queued: dict[WorkerId, float], num_tokens: int,
+        now: float,
     ) -> WorkerId:
         if self.policy == "round_robin":
             return ids[next(self._turn["prefill"]) % len(ids)]
         if self.policy == "least_loaded":
             return self._min("prefill", ids, lambda i: queued[i])
         bs, c = self.block_size, self.costs
-        cost = {i: self.overlap_weight * c.prefill_s(i, num_tokens - cached[i] * bs) + c.per_token_s(i) * queued[i]
-                for i in ids}
+        cost = {i: self.overlap_weight * c.prefill_s(i, num_tokens - cached[i] * bs, now)
+                + c.per_token_s(i, now) * queued[i] for i in ids}
         best = min(ids, key=lambda i: (cost[i], -cached[i]))
         ties = [i for i in ids if cached[i] == cached[best] and cost[i] <= cost[best] * (1 + self.cost_tolerance)]
-        return self._min("prefill", ties, lambda i: self.index.num_cached(i))
+        return self._min("prefill", ties, self.pressure)
 
     def _min(self, role: Role, ids: list[WorkerId], key: Callable[[WorkerId], T]) -> WorkerId:
         start = next(self._turn[role]) % len(ids)

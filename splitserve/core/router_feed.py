@@ -116,10 +116,10 @@ class RouterFeed:
         load = r.load
         router.update_load(worker_id, free_blocks=load.free_blocks, running=running(load),
                            queued_prefill_tokens=load.queued_prefill_tokens, now=now)
-        self._measure(worker_id, r)
+        self._measure(worker_id, r, now)
         return True
 
-    def _measure(self, worker_id: WorkerId, r: WorkerReport) -> None:
+    def _measure(self, worker_id: WorkerId, r: WorkerReport, now: float) -> None:
         """Per-token prefill cost, decode step time and link speed from the counters' growth since the
         worker's previous report of the same generation (a restarted worker's counters start again)."""
         prev = self._seen.get(worker_id)
@@ -130,7 +130,7 @@ class RouterFeed:
         p, router = prev.counters, self.router
         steps, tokens, seconds = c.prefill_steps - p.prefill_steps, c.prefill_tokens - p.prefill_tokens, c.prefill_s - p.prefill_s
         if steps > 0 and tokens > 0 and seconds > 0:
-            router.observe_prefill(worker_id, tokens, seconds, steps)
+            router.observe_prefill(worker_id, tokens, seconds, steps, now)
         steps, seconds = c.decode_steps - p.decode_steps, c.decode_s - p.decode_s
         if steps > 0 and seconds > 0:
             router.observe_decode_step(worker_id, seconds / steps)

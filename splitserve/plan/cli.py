@@ -26,6 +26,7 @@ from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
 from splitserve.plan.sweep import AXES, sweep
 from splitserve.sim.cluster_spec import InfeasibleConfig
 from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
+from splitserve.sim.kernel_efficiency import kernel_table
 from splitserve.sim.models import model as model_preset
 from splitserve.sim.perf import Efficiency
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
@@ -98,15 +99,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("SLO")
-    g.add_argument("--slo-ttft", type=float, help="time-to-first-token target, seconds")
-    g.add_argument("--slo-tpot", type=float, help="time-per-output-token target, seconds")
+    g.add_argument("--slo-ttft", help="time-to-first-token target: 2, 2s or 600ms (plain: seconds)")
+    g.add_argument("--slo-tpot", help="time-per-output-token target: 0.05, 0.05s or 50ms")
     g.add_argument("--attainment", type=float, default=0.9, help="fraction of requests within both (default %(default)s)")
 
     g = p.add_argument_group("search")
     g.add_argument("--tp", default="1,2,4,8", help="tensor parallel sizes to try (default %(default)s)")
     g.add_argument("--chunks", default="512,2048", help="chunked-prefill token budgets to try colocated (default %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="running-batch cap per worker (default %(default)s)")
-    g.add_argument("--max-instances", type=int, default=4, help="workers per simulated unit (default %(default)s)")
+    g.add_argument("--max-unit-gpus", type=int, default=32, help="with --rate and no --gpus: the most GPUs of one "
+                   "disaggregated unit, so the P:D ratios tried (default %(default)s)")
     g.add_argument("--top-k", type=int, default=4, help="configurations per mode to simulate (default %(default)s)")
     g.add_argument("--requests", type=int, default=400, help="requests per simulated probe (default %(default)s)")
     g.add_argument("--jobs", type=int, default=0, help="simulation processes (default: one per core)")
@@ -118,6 +120,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print the result as one JSON document")
     g.add_argument("--out", type=Path, help="write JSON, plots and an HTML page to this folder")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+_UNITS = {"ms": 1e-3, "s": 1.0, "": 1.0}
+
+
+def duration(text: str, name: str) -> float:
+    """Seconds from `600ms`, `0.6s` or `0.6` (seconds): SLOs are quoted either way."""
+    t = text.strip().lower()
+    unit = "ms" if t.endswith("ms") else "s" if t.endswith("s") else ""
+    try:
+        value = float(t[: len(t) - len(unit)].strip())
+    except ValueError:
+        raise PlanError(f"--{name} takes a duration such as 600ms, 0.6s or 0.6 (seconds), got {text!r}") from None
+    if not value > 0:
+        raise PlanError(f"--{name} must be positive, got {text!r}")
+    return value * _UNITS[unit]
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -150,8 +168,10 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
                 raise PlanError("give --gpu (h100, h200, a100, l40s, b200) or --calibration FILE")
         hw, m = gpu(args.gpu), model_preset(args.model)
         m = m.with_dtype(DTYPES[args.dtype])
+        eff = kernel_table(args.gpu).efficiency  # published kernel figures for the preset, where found
     if args.slo_ttft is None or args.slo_tpot is None:
-        raise PlanError("give both --slo-ttft and --slo-tpot (seconds)")
+        raise PlanError("give both --slo-ttft and --slo-tpot (seconds, or with a unit: 600ms, 2s)")
+    slo = SLO(duration(args.slo_ttft, "slo-ttft"), duration(args.slo_tpot, "slo-tpot"))
     if args.block_size is not None and args.block_size < 1:
         raise PlanError(f"--block-size must be >= 1, got {args.block_size}")
     if args.requests < 10:
@@ -178,10 +198,10 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     return PlanSpec(
         prefill_hardware=pick(getattr(args, "prefill_gpu", None)), decode_hardware=pick(getattr(args, "decode_gpu", None)),
         search_hardware=search, prices=tuple(sorted(prices.items())),
-        model=m, hardware=hw, network=network(args.network, hw), workload=wl, slo=SLO(args.slo_ttft, args.slo_tpot),
+        model=m, hardware=hw, network=network(args.network, hw), workload=wl, slo=slo,
         gpus=args.gpus, rate=args.rate, attainment=args.attainment, gpu_hour_cost=args.gpu_hour_cost, efficiency=eff,
         pipelined=args.pipelined, tp_options=_ints(args.tp, "tp"), chunk_options=_ints(args.chunks, "chunks"),
-        max_num_seqs=args.max_num_seqs, max_instances=args.max_instances, top_k=args.top_k, jobs=args.jobs,
+        max_num_seqs=args.max_num_seqs, max_unit_gpus=args.max_unit_gpus, top_k=args.top_k, jobs=args.jobs,
         router=args.router, conditional=args.conditional, block_size=args.block_size,
     )
 

@@ -7,8 +7,12 @@ the planner reports comes from the simulator.
 
     colocated, whole prompts   B decoding requests; each waits out the B prefills that arrive during its
                                life: TPOT = d(B) + B S / O, rate = B / (O TPOT)
-    colocated, chunked (c)     every step carries B decodes and c prompt tokens: TPOT = s(B, c),
-                               rate = min(B / (O s), c / (prompt s))
+    colocated, chunked (c)     a step carries B decodes and, while prompts are pending, c prompt tokens
+                               (s(B, c), else d(B)); over a request's O steps the B prompts that arrive
+                               meanwhile take f = min(1, B I / (c O)) of them: TPOT = d + f (s - d),
+                               rate = min(B / (O TPOT), c / (prompt s)). (Assuming every step carries
+                               a full chunk scored every chunked unit 0 under a tight TPOT, so the search
+                               never simulated one, though they often win.)
     prefill worker             rate = rho / S, rho limited by TTFT queueing and the link (KV bytes out)
     decode worker              rate = B / (O d(B)), B as large as TPOT (plus exposed transfer) and KV allow
 """
@@ -112,10 +116,11 @@ def colocated(pm: PerfModel, t: Traffic, slo: SLO, max_num_seqs: int, chunk: int
         else:
             c = min(chunk, int(iu))
             s = pm.mixed_step_time(b, ctx, c, t.mean_input - iu + iu / 2)
-            tpot = s
+            d = pm.decode_step_time(b, ctx)
+            tpot = d + min(1.0, b * iu / (c * out)) * max(0.0, s - d)
             steps = math.ceil(iu / c)
             rho_max = max(0.0, min(MAX_RHO, (ttft - steps * s) / ttft))
-            rate_tpot = BATCH_FILL * b / (out * s)
+            rate_tpot = BATCH_FILL * b / (out * tpot)
             rate_ttft = rho_max * c / (iu * s)
         if tpot > tau:
             reasons["tpot"] = True

@@ -97,7 +97,9 @@ def _rows(r: ModeResult | None) -> list[str]:
     return [
         r.config,
         str(r.gpus),
-        f"{r.goodput_rps:,.3g} ({r.rps_per_gpu:,.3g} per GPU)",
+        f"{r.goodput_rps:,.3g} ({r.rps_per_gpu:,.3g} per GPU used"
+        + (f", {r.rps_per_cluster_gpu:,.3g} per cluster GPU" if r.rps_per_cluster_gpu is not None else "") + ")",
+        f"{r.steady_goodput_rps:,.3g}" if r.steady_goodput_rps else "not met at the probed rates",
         f"{r.tokens_per_s_per_gpu:,.0f}",
         f"{r.output_tokens_per_s_per_gpu:,.0f}",
         " / ".join(_ms(m["ttft"][k]) for k in ("p50", "p90", "p99")),
@@ -112,7 +114,8 @@ def _rows(r: ModeResult | None) -> list[str]:
 
 
 LABELS = [
-    "configuration", "GPUs used", "goodput, req/s", "tokens/s per GPU (in+out)", "output tokens/s per GPU",
+    "configuration", "GPUs used", "goodput, req/s (tail rule)", "steady state, req/s (at least)",
+    "tokens/s per GPU (in+out)", "output tokens/s per GPU",
     "TTFT p50/p90/p99, ms", "TPOT p50/p90/p99, ms", "compute / bandwidth util", "mean phase times, ms",
     "$ per M tokens (in+out)", "$ per M input tokens", "$ per M output tokens", "binds first above goodput",
 ]

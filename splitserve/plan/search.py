@@ -2,21 +2,24 @@
 
 Search (fixed cluster of N GPUs):
 1. Enumerate units. Colocated: one replica of tensor parallel size tp (with or without chunked prefill, a
-   few chunk sizes). Disaggregated: x prefill workers of TP p and y decode workers of TP d,
-   x + y <= `max_instances`, x p + y d <= N. A cluster is as many copies of its unit as N holds: each copy
+   few chunk sizes). Disaggregated: x prefill workers of TP p and y decode workers of TP d for every ratio
+   x:y in lowest terms with x p + y d <= N (`pd_ratios`). A cluster is as many copies of its unit as N holds,
+   the GPUs left over idle and counted (`cluster_cost`): each copy
    is simulated alone on its share of the traffic (a random split of Poisson arrivals is Poisson), which
    keeps simulations small. Every probe lasts several request lifetimes so that batches fill up, and is
    judged past its warm-up.
-2. Screen every unit with the closed-form estimate (`estimate.py`); keep the `top_k` best of each mode.
+2. Screen every unit with the closed-form estimate (`estimate.py`); keep the `top_k` best of each mode,
+   and the best chunked and unchunked colocated unit whatever their rank.
 3. Simulate each kept unit on the real Scheduler and search its goodput: the highest request rate at which
    at least `attainment` of the requests meet both TTFT and TPOT (bench's `attainment`) and waiting does not
    keep growing (overload), bracketed around the estimate and bisected to `resolution`. Within a mode,
    later candidates are first probed at the rate they need to beat the best so far (branch and bound).
-4. Compare goodput per GPU used; the verdict says which mode wins and why (which SLO fails first above the
+4. Compare goodput per GPU of the cluster; the verdict says which mode wins and why (which SLO fails first above the
    goodput, where the time goes, utilisation of each pool, the transfer's share).
 With a target rate instead (`rate`), each unit needs ceil(rate / its goodput) copies: the fewest GPUs wins.
 
-Limits: a unit has at most `max_instances` workers; copies are independent (no cross-unit balancing);
+Limits: with a target rate and no cluster size, a unit has at most `max_unit_gpus` GPUs; copies are
+independent (no cross-unit balancing);
 tensor parallelism stays within a node (tp <= gpus per node).
 """
 
@@ -103,7 +106,7 @@ class PlanSpec:
     tp_options: tuple[int, ...] = (1, 2, 4, 8)
     chunk_options: tuple[int, ...] = (512, 2048)
     max_num_seqs: int = 256
-    max_instances: int = 4
+    max_unit_gpus: int = 32  # with `rate` and no `gpus`: the largest disaggregated unit (P:D ratio) tried
     top_k: int = 4
     resolution: float = 0.05  # relative width of the final rate bracket
     jobs: int = 0  # processes for simulations; 0 = one per CPU core
@@ -253,30 +256,44 @@ def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> 
                 bw = min(net.instance_bandwidth(tp_p, hw_p.gpus_per_node), net.instance_bandwidth(tp_d, hw_d.gpus_per_node))
                 exposed = est.exposed_transfer(perf[hw_p.name, tp_p], traffic, bw, net.latency_s, plan.pipelined)
                 dec = est.decode_worker(perf[hw_d.name, tp_d], traffic, plan.slo, plan.max_num_seqs, exposed)
-                for x in range(1, plan.max_instances):
-                    for y in range(1, plan.max_instances - x + 1):
-                        unit_gpus = x * tp_p + y * tp_d
-                        if plan.gpus is not None and unit_gpus > plan.gpus:
-                            continue
-                        copies = plan.gpus // unit_gpus if plan.rate is None else 1
-                        rp, rd = x * pre[tp_p].rate, y * dec.rate
-                        binding = f"prefill pool: {pre[tp_p].binding}" if rp <= rd else f"decode pool: {dec.binding}"
-                        unit = ClusterSpec(
-                            pools=(PoolSpec("prefill", x, tp_p, plan.max_num_seqs, hardware=hw_p if mode == "heterogeneous" else tag(hw_p)),
-                                   PoolSpec("decode", y, tp_d, plan.max_num_seqs, hardware=hw_d if mode == "heterogeneous" else tag(hw_d))),
-                            network=net, pipelined=plan.pipelined, **base,
-                        )
-                        cands.append(Candidate(mode, unit, copies, min(rp, rd), binding))
+                for x, y in pd_ratios(plan.gpus or plan.max_unit_gpus, tp_p, tp_d):
+                    unit_gpus = x * tp_p + y * tp_d
+                    copies = plan.gpus // unit_gpus if plan.rate is None else 1
+                    rp, rd = x * pre[tp_p].rate, y * dec.rate
+                    binding = f"prefill pool: {pre[tp_p].binding}" if rp <= rd else f"decode pool: {dec.binding}"
+                    unit = ClusterSpec(
+                        pools=(PoolSpec("prefill", x, tp_p, plan.max_num_seqs, hardware=hw_p if mode == "heterogeneous" else tag(hw_p)),
+                               PoolSpec("decode", y, tp_d, plan.max_num_seqs, hardware=hw_d if mode == "heterogeneous" else tag(hw_d))),
+                        network=net, pipelined=plan.pipelined, **base,
+                    )
+                    cands.append(Candidate(mode, unit, copies, min(rp, rd), binding))
     return cands
 
 
+def pd_ratios(max_gpus: int, tp_p: int, tp_d: int) -> list[tuple[int, int]]:
+    """Every prefill:decode worker ratio x:y in lowest terms whose unit (x TP-p + y TP-d workers) fits in
+    `max_gpus`: a cluster copies the unit, so 2:2 is two copies of 1:1, while 5:3, 10:3 or 6:1 are
+    ratios of their own (a cap of 4 workers per unit could only say 1:3 ... 3:1)."""
+    return [(x, y) for x in range(1, max_gpus // tp_p + 1) for y in range(1, (max_gpus - x * tp_p) // tp_d + 1)
+            if math.gcd(x, y) == 1]
+
+
+def cluster_cost(plan: PlanSpec, c: Candidate) -> float:
+    """USD per hour of the whole fixed cluster with `c`'s copies on it (GPUs where prices are unknown): the
+    GPUs its copies leave idle are paid for too, at the unit's mean price per GPU. (Dividing by the GPUs
+    used made a unit using 10 of 16 GPUs look 1.57x better per GPU while serving 0.98x over the cluster.)"""
+    unit = plan.unit_cost(c.unit)
+    idle = (plan.gpus or 0) - c.copies * c.unit.gpus
+    return c.copies * unit + max(0, idle) * unit / c.unit.gpus
+
+
 def _score(plan: PlanSpec, c: Candidate, unit_rate: float) -> float:
-    """Higher is better: goodput per GPU (fixed cluster) or -GPUs needed (target rate)."""
+    """Higher is better: goodput per GPU of the cluster (fixed cluster) or -GPUs needed (target rate)."""
     if unit_rate <= 0:
         return -math.inf
     cost = plan.unit_cost(c.unit)  # USD/h (the GPU count where prices are unknown): per GPU as before on one type
     if plan.rate is None:
-        return unit_rate / cost
+        return unit_rate * c.copies / cluster_cost(plan, c)
     return -math.ceil(plan.rate / unit_rate) * cost + unit_rate / cost * 1e-9
 
 
@@ -300,6 +317,15 @@ def shortlist(plan: PlanSpec, cands: Sequence[Candidate], mode: Mode) -> list[Ca
             break
         if c not in out and all(c.unit.describe() != o.unit.describe() for o in out):
             out.append(c)
+    if mode == "colocated":
+        # Chunked and whole-prompt units are screened by different formulas: the best of each kind is always
+        # simulated, or the closed form's bias alone decides which kind is never tried.
+        for chunked in (True, False):
+            every = sorted((c for c in cands if c.mode == mode), reverse=True,
+                           key=lambda c: (_score(plan, c, c.estimate), -c.unit.gpus))
+            kind = [c for c in every if c.unit.pools[0].chunked_prefill == chunked]
+            if kind and not any(o.unit.pools[0].chunked_prefill == chunked for o in out):
+                out.append(kind[0])
     return out
 
 
@@ -316,6 +342,7 @@ class Probe:
     growth: float = 0.0  # seconds the median wait grew from the first to the last third of the judged requests
     metrics: dict | None = None  # filled for the probe reported (see `probe_metrics`)
     passed: bool = False  # attainment reached and latency not growing (a stable queue)
+    steady: bool = False  # mean TTFT and mean TPOT within the targets, a stable queue (see `steady_state`)
 
 
 def probe_size(plan: PlanSpec, rate: float) -> int:
@@ -366,8 +393,21 @@ def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False
     att = attainment(recs, slo)
     g = growth(judged(plan, res.waits))
     metrics = probe_metrics(plan, res, wl, rate) if full or not res.stopped_early else None
-    passed = att >= plan.attainment and g <= plan.max_wait_growth * slo.ttft_s
-    return Probe(rate, att, ttft_miss, tpot_miss, res.stopped_early, g, metrics, passed)
+    stable = g <= plan.max_wait_growth * slo.ttft_s
+    passed = att >= plan.attainment and stable
+    steady = stable and not res.stopped_early and steady_state(recs, slo)
+    return Probe(rate, att, ttft_miss, tpot_miss, res.stopped_early, g, metrics, passed, steady)
+
+
+def steady_state(recs: Sequence, slo: SLO) -> bool:
+    """The average-based rule many planners use: mean TTFT and mean TPOT within the targets (failed requests
+    at most 1 %). Reported beside the tail rule (`attainment` of requests within both), which is stricter:
+    Poisson bursts put a tail of requests over the target long before the means get there."""
+    ttfts = [v for r in recs if (v := ttft(r)) is not None]
+    tpots = [v for r in recs if r.ok and (v := tpot(r)) is not None]
+    if not ttfts or len(ttfts) < 0.99 * len(recs):
+        return False
+    return float(np.mean(ttfts)) <= slo.ttft_s and (not tpots or float(np.mean(tpots)) <= slo.tpot_s)
 
 
 def growth(waits: Sequence[float | None]) -> float:
@@ -393,6 +433,12 @@ class Evaluated:
     first_fail: Probe | None  # the lowest failing probe above it
     target: float = 0.9
     below: float | None = None  # not searched: it failed at this rate, which it needed to beat the best
+
+    @property
+    def steady_goodput(self) -> float:
+        """The highest probed rate per unit that met the steady-state rule (a lower bound: the search probes
+        around the tail rule's limit, not this one's)."""
+        return max((p.rate for p in self.probes if p.steady), default=0.0)
 
     @property
     def binding(self) -> str:
@@ -442,7 +488,7 @@ def _bar(plan: PlanSpec, c: Candidate, best: Evaluated) -> float:
     """The unit rate `c` must sustain to beat `best` (inf: it cannot, whatever its goodput)."""
     mine, theirs = plan.unit_cost(c.unit), plan.unit_cost(best.candidate.unit)
     if plan.rate is None:
-        return best.goodput / theirs * mine * (1 + plan.resolution)
+        return _score(plan, best.candidate, best.goodput) * cluster_cost(plan, c) / c.copies * (1 + plan.resolution)
     best_cost = math.ceil(plan.rate / best.goodput) * theirs
     copies = math.ceil(best_cost / mine - 1e-9) - 1  # the most copies that still cost less
     return plan.rate / copies if copies >= 1 else math.inf
@@ -508,6 +554,8 @@ class ModeResult:
     cost_per_hour: float | None = None  # USD, the GPUs used
     cost_per_m_input_tokens: float | None = None
     utilisation: list[dict] = field(default_factory=list)  # per pool: role, hardware, GPUs, compute and bandwidth util
+    rps_per_cluster_gpu: float | None = None  # goodput over every GPU of the cluster, idle ones included
+    steady_goodput_rps: float | None = None  # the whole cluster under the steady-state rule (at least)
 
 
 @dataclass
@@ -567,7 +615,27 @@ def _mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
         cost_per_hour=hourly,
         cost_per_m_input_tokens=cost / 3600 / per_gpu_in * 1e6 if cost and per_gpu_in else None,
         utilisation=util,
+        rps_per_cluster_gpu=ev.goodput * copies / plan.gpus if plan.rate is None and plan.gpus else None,
+        steady_goodput_rps=steady_goodput(plan, ev) * copies if plan.rate is None else None,
     )
+
+
+STEADY_STEP, STEADY_STEPS = 1.2, 3  # above the tail-rule goodput: +20 %, +44 %, +73 %
+
+
+def steady_goodput(plan: PlanSpec, ev: Evaluated) -> float:
+    """The rate per unit the steady-state rule still allows: upwards from the tail-rule goodput in steps of
+    `STEADY_STEP`, each a full probe, until one fails (a lower bound, to within a step; at most
+    `STEADY_STEPS` probes, for the winner of each mode only: the search itself stays on the tail rule)."""
+    rate = max(ev.steady_goodput, ev.goodput if ev.best is not None and ev.best.steady else 0.0)
+    if rate <= 0:
+        return 0.0
+    for _ in range(STEADY_STEPS):
+        p = run_probe(plan, ev.candidate.unit, rate * STEADY_STEP, full=True)
+        if not p.steady:
+            break
+        rate = p.rate
+    return rate
 
 
 def _pct(x: float) -> str:
@@ -611,15 +679,24 @@ def verdict(plan: PlanSpec, colo: ModeResult | None, dis: ModeResult | None, col
         reasons.append(f"{dis.mode} costs ${dis.cost_per_m_tokens:.3g} per M tokens, colocated ${colo.cost_per_m_tokens:.3g}"
                        f" ({adv:.2f}x tokens per dollar)" + ("" if v == "disaggregate" or adv < 1 else ": within 5 %, not worth a second pool"))
     elif plan.rate is None:
-        adv = dis.rps_per_gpu / colo.rps_per_gpu
+        # Over the whole cluster: GPUs a configuration leaves idle are not free.
+        adv = dis.rps_per_cluster_gpu / colo.rps_per_cluster_gpu
         v = "disaggregate" if adv >= 1.05 else "colocate"
         more = f"{adv:.2f}x the goodput per GPU" if adv >= 1 else f"{1 - adv:.0%} less goodput per GPU"
-        reasons.append(f"disaggregated serves {more} ({dis.rps_per_gpu:.3g} vs {colo.rps_per_gpu:.3g} req/s per GPU)"
+        reasons.append(f"disaggregated serves {more} of the cluster ({dis.rps_per_cluster_gpu:.3g} vs "
+                       f"{colo.rps_per_cluster_gpu:.3g} req/s per GPU; per GPU used {dis.rps_per_gpu:.3g} vs "
+                       f"{colo.rps_per_gpu:.3g}, using {dis.gpus} and {colo.gpus} of {plan.gpus})"
                        + ("" if v == "disaggregate" or adv < 1 else ": within 5 %, not worth a second pool"))
     else:
         adv = colo.gpus / dis.gpus
         v = "disaggregate" if dis.gpus < colo.gpus else "colocate"
         reasons.append(f"at {plan.rate:g} req/s disaggregated needs {dis.gpus} GPUs, colocated {colo.gpus}")
+    steady = [(n, r) for n, r in (("colocated", colo), ("disaggregated", dis)) if r is not None and r.steady_goodput_rps]
+    reasons.append(
+        f"pass rule: {plan.attainment:.0%} of requests (Poisson arrivals) within both TTFT and TPOT, queue stable"
+        + ("; steady state (mean TTFT and TPOT within the targets), at least: "
+           + ", ".join(f"{n} {r.steady_goodput_rps:.3g} req/s (tail rule {r.goodput_rps:.3g})" for n, r in steady)
+           if steady else ""))
     for name, r in (("colocated", colo), (dis.mode if dis is not None else "disaggregated", dis)):
         if r is None:
             continue
@@ -652,6 +729,19 @@ def auto_block_size(mean_input: float) -> int:
     while bs < 128 and mean_input > bs * 128:
         bs *= 2
     return bs
+
+
+def check_context(plan: PlanSpec, lengths: Sequence[int]) -> None:
+    """Refuse at once a workload whose requests (prompt + output) do not fit the model's context often
+    enough to miss the attainment anywhere: every server refuses them, whatever the configuration (found
+    by simulating every one, this took a minute and named TTFT as the reason)."""
+    limit = plan.model.max_position_embeddings
+    over = [n for n in lengths if n > limit]
+    if len(over) > (1 - plan.attainment) * len(lengths):
+        raise PlanError(
+            f"{len(over) / len(lengths):.0%} of requests need more than {plan.model.name}'s context of {limit:,} tokens "
+            f"(prompt + output up to {max(over):,}): at most {1 - plan.attainment:.0%} may fail the SLO"
+        )
 
 
 def check_slo(plan: PlanSpec, traffic: est.Traffic, longest: int) -> None:
@@ -748,7 +838,9 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         raise PlanError("the workload has no requests")
     traffic = est.Traffic.of(sample)
     spec = replace(spec, mean_output=traffic.mean_output, block_size=spec.block_size or auto_block_size(traffic.mean_input))
-    longest = max(r.input_len + r.output_len for r in spec.workload.at(1.0, spec.max_requests).requests) + 1
+    lengths = [r.input_len + r.output_len for r in spec.workload.at(1.0, spec.max_requests).requests]
+    check_context(spec, lengths)
+    longest = max(lengths) + 1
     check_slo(spec, traffic, longest)
     cands = enumerate_candidates(spec, traffic, longest)
     short = {mode: shortlist(spec, cands, mode) for mode in MODES}
@@ -805,6 +897,7 @@ def plan(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> PlanR
         "block_size": spec.block_size,
         "kv_bytes_per_token": spec.model.kv_bytes_per_token(),
         "placement": f"core Router {spec.router}" + (", conditional disaggregation" if spec.conditional else ""),
+        "efficiency": asdict(spec.efficiency),
     }
     inputs["prefill_gpu"] = (spec.prefill_hardware or spec.hardware).name
     inputs["decode_gpu"] = (spec.decode_hardware or spec.hardware).name

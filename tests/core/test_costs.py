@@ -131,3 +131,29 @@ def test_from_perf_uses_the_roofline_model_and_decides_sensibly_for_llama_8b():
     assert not decide(cm, prompt=4096, d_cached=4064, d_running=32).remote
     assert not decide(CostModel.from_perf(perf, network("eth-25").instance_bandwidth(1), pipelined=False),
                       prompt=4096, d_running=1).remote
+
+
+def test_alike_workers_share_their_pool_fit_and_an_unmeasured_pool_borrows_a_measured_one():
+    cm = make()
+    for w, pool in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        cm.join_pool(w, pool)
+    cm.set_alike("prefill", True)
+    cm.observe_prefill("p0", 1000, 0.01)  # 10k tokens/s, where the prior guessed 1/PER_TOK
+    assert cm.per_token_s("p1") == cm.per_token_s("p0") == pytest.approx(1e-5)  # p1 never measured
+    # The decode pool has measured nothing: a measured pool of the same model beats the configured prior.
+    assert cm.per_token_s("d0") == pytest.approx(1e-5)
+
+
+def test_an_idle_unlike_workers_own_estimate_decays_to_its_pools():
+    cm = make(half_life_s=10.0)
+    for w in ("p0", "p1"):
+        cm.join_pool(w, "prefill")
+    cm.set_alike("prefill", False)
+    cm.observe_prefill("p0", 1000, 1.0, now=0.0)  # one slow reading (1 ms/token), never repeated
+    for t in range(1, 20):
+        cm.observe_prefill("p1", 1000, 0.1, now=float(t))  # 0.1 ms/token
+    assert cm.per_token_s("p0", now=0.0) == pytest.approx(1e-3)
+    pool = cm.pool_fit("prefill")[1]
+    assert cm.per_token_s("p0", now=10.0) == pytest.approx(0.5 * 1e-3 + 0.5 * pool)
+    # Idle long enough, it looks like its pool again, so it is tried (and measured) again.
+    assert cm.per_token_s("p0", now=100.0) == pytest.approx(pool, rel=0.01)

@@ -20,7 +20,7 @@ def make_feed() -> tuple[RouterFeed, list[tuple[str, float, float]]]:
     costs = CostModel(kv_bytes_per_token=100, num_layers=4, link_bytes_per_s=1e9, prefill_s_per_token=1e-4, decode_step_s=0.01)
     router = Router("kv_aware", 4, costs)
     measured: list[tuple[str, float, float]] = []
-    router.observe_prefill = lambda w, tokens, seconds, steps=1: measured.append(("prefill", tokens, seconds))
+    router.observe_prefill = lambda w, tokens, seconds, steps=1, now=None: measured.append(("prefill", tokens, seconds))
     router.observe_decode_step = lambda w, seconds: measured.append(("decode", 1, seconds))
     router.observe_transfer = lambda nbytes, seconds: measured.append(("link", nbytes, seconds))
     return RouterFeed(router), measured

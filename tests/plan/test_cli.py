@@ -29,6 +29,9 @@ def run(argv, capsys):
         ({"--slo-tpot": "0.0001"}, "TPOT 0.1 ms is impossible"),
         ({"--gpus": "0"}, "--gpus must be >= 1"),
         ({"--tp": "x"}, "--tp takes comma-separated integers"),
+        ({"--slo-ttft": "soon"}, "--slo-ttft takes a duration such as 600ms"),
+        ({"--slo-tpot": "0ms"}, "--slo-tpot must be positive"),
+        ({"--isl": "200000"}, "Llama-3.1-8B's context of 131,072 tokens"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(change, message, capsys):
@@ -82,3 +85,29 @@ def test_table_output_and_module_entry_point():
     assert "verdict:" in proc.stdout and "goodput" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "splitserve.plan", *FAST[:2], "--gpu", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("splitserve plan: error:") and "Traceback" not in bad.stderr
+
+
+def test_an_over_context_prompt_is_refused_at_once(capsys):
+    """Before: every configuration simulated (31-74 s), then "no configuration meets TTFT"."""
+    import time
+
+    from tests.runtime.deployment import loaded_bound
+
+    argv = list(FAST)
+    argv[argv.index("--isl") + 1] = "200000"
+    t0 = time.monotonic()
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "context of 131,072 tokens" in err
+    assert time.monotonic() - t0 < loaded_bound(1.0)  # 1 s on a quiet machine, stretched by the load
+
+
+def test_slo_durations_take_units():
+    from splitserve.plan.cli import build_parser, spec_from_args
+
+    def slo(ttft, tpot):
+        argv = list(FAST)
+        argv[argv.index("--slo-ttft") + 1], argv[argv.index("--slo-tpot") + 1] = ttft, tpot
+        return spec_from_args(build_parser().parse_args(argv)).slo
+
+    assert slo("600ms", "50ms") == slo("0.6s", "0.05") == slo("0.6", "0.05s")
+    assert slo("600ms", "50ms").ttft_s == 0.6

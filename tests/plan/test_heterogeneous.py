@@ -21,7 +21,7 @@ def spec(**kw) -> PlanSpec:
     wl = WorkloadDef(synthetic=SyntheticSpec(rate=1, input=LengthDist("fixed", 2048), output=LengthDist("fixed", 64), num_requests=60),
                      num_requests=60)
     base = dict(model=models.model("llama-3.1-8b"), hardware=FLOPPY, network=hardware.network("rdma-400"), workload=wl,
-                slo=SLO(1.0, 0.03), gpus=4, tp_options=(1,), chunk_options=(512,), top_k=2, max_instances=3,
+                slo=SLO(1.0, 0.03), gpus=4, tp_options=(1,), chunk_options=(512,), top_k=2,
                 max_requests=600, jobs=1)
     base.update(kw)
     return PlanSpec(**base)

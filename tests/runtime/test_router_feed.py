@@ -1,5 +1,6 @@
-"""RouterPoll.run: every worker polled on its own loop, so a slow one holds back nobody, and a poll that
-crashes on a bug is logged and started again."""
+"""RouterPoll.run: every worker followed on its own task, so a slow one holds back nobody, and one that
+crashes on a bug is logged and started again; a worker's pushed state stream feeds the Router, a gap in it
+is resynced from a snapshot; a worker without a stream is polled."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
-from splitserve.runtime.frontend.router_feed import RouterPoll
+from splitserve.runtime.frontend.router_feed import RouterPoll, StreamUnsupported
 
 
 class ScriptedFeed(RouterPoll):
+    """Workers without a state stream: each is polled through `refresh`."""
+
     def __init__(self) -> None:
         super().__init__(router=None, http=None)
         self.calls: dict[str, int] = {"fast": 0, "slow": 0, "buggy": 0}
@@ -21,6 +24,9 @@ class ScriptedFeed(RouterPoll):
             await asyncio.sleep(10)  # a worker in a long prefill: its state read waits for the step
         if w.url == "buggy" and self.calls["buggy"] == 1:
             raise KeyError("a bug, not an unreachable worker")
+
+    async def stream(self, w) -> None:
+        raise StreamUnsupported(w.url)
 
 
 def test_each_worker_polls_on_its_own_and_a_crashed_poll_restarts(caplog):
@@ -37,7 +43,7 @@ def test_each_worker_polls_on_its_own_and_a_crashed_poll_restarts(caplog):
     assert feed.calls["slow"] == 1
     assert feed.calls["fast"] >= 5
     assert feed.calls["buggy"] >= 3
-    assert "polling buggy failed" in caplog.text
+    assert "following buggy failed" in caplog.text
 
 
 def test_the_poller_and_a_direct_feed_leave_the_router_in_the_same_state():
@@ -101,3 +107,50 @@ def test_the_poller_and_a_direct_feed_leave_the_router_in_the_same_state():
     assert a.index.position("http://w") == b.index.position("http://w")
     assert a.workers == b.workers
     assert a.costs.prefill_fit("http://w") == b.costs.prefill_fit("http://w") != (0.0, a.costs.prefill_s_per_token)
+
+
+def test_a_pushed_stream_feeds_the_router_and_a_gap_in_it_is_resynced_from_a_snapshot():
+    import httpx
+
+    from splitserve.core.blocks import NO_PARENT, BlockPool, KVEvent
+    from splitserve.core.costs import CostModel
+    from splitserve.core.router import Router
+    from splitserve.core.router_feed import StepCounters, WorkerReport
+    from splitserve.core.scheduler import Scheduler, SchedulerConfig
+    from splitserve.runtime.wire import encoder
+
+    load = Scheduler(SchedulerConfig(max_model_len=64), BlockPool(48, 4)).load()
+
+    def report(last_seq, events=None, snapshot=None) -> bytes:
+        return encoder.encode(WorkerReport(7, last_seq, events, snapshot, load, StepCounters()))
+
+    def stored(seq, h):
+        return KVEvent(seq, "stored", h, NO_PARENT)
+
+    asked: list[tuple[str, dict]] = []
+    # The stream: events 1-3, then 5-6 (event 4, evicting block 11, was lost): the router must resync.
+    lines = [report(3, [stored(1, 11), stored(2, 12), stored(3, 13)]), report(6, [stored(5, 15), stored(6, 16)])]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append((request.url.path, dict(request.url.params)))
+        if request.url.path == "/internal/state/stream":
+            return httpx.Response(200, content=b"\n".join(lines) + b"\n")
+        return httpx.Response(200, content=report(6, snapshot=[12, 13, 15, 16]))
+
+    costs = CostModel(kv_bytes_per_token=100, num_layers=4, link_bytes_per_s=1e9, prefill_s_per_token=1e-4,
+                      decode_step_s=0.01)
+    feed = RouterPoll(Router("kv_aware", 4, costs), httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    feed.feed.join("http://w", "prefill", 7, 48)
+    worker = SimpleNamespace(url="http://w")
+
+    asyncio.run(feed.stream(worker))
+    router = feed.feed.router
+    assert router.index.cached("http://w") == frozenset({12, 13, 15, 16})  # the snapshot, not 11's ghost
+    assert router.index.position("http://w") == (7, 6)
+    assert asked[0] == ("/internal/state/stream", {"after": "0"})
+    assert asked[1] == ("/internal/state", {"after": "3", "snapshot": "1"})
+    # A new stream continues from the snapshot's position: no event is asked for twice.
+    lines[:] = [report(7, [stored(7, 17)])]
+    asyncio.run(feed.stream(worker))
+    assert asked[2] == ("/internal/state/stream", {"after": "6"}) and len(asked) == 3
+    assert 17 in router.index.cached("http://w")

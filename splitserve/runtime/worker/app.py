@@ -24,6 +24,7 @@ from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.engine_client import EngineOverloaded, EngineStatsCollector, EngineUnavailable, TokenOutput
 from splitserve.runtime.worker.prefill_role import PrefillFailed, PrefillRole, WrongTicket
 from splitserve.runtime.worker.kv_event_log import KVEventLog
+from splitserve.runtime.worker.state_stream import include_state_stream
 from splitserve.runtime.worker.utilization import UtilizationCollector, UtilizationMeter
 from splitserve.core.router_feed import WorkerReport
 from splitserve.runtime.auth import Guard, Rule, Verifier
@@ -156,6 +157,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
     # reserve blocks, send prompts with tickets, read state. /health and /metrics stay open (read-only load).
     app.add_middleware(Guard, rules=[Rule("/internal/", signed=True)], verifier=Verifier(worker.secret))
     engine = worker.async_engine
+    include_state_stream(app, worker)
 
     @app.get("/health")
     async def health() -> JSONResponse:
