@@ -99,10 +99,22 @@ def test_killed_prefill_worker_is_recomputed_on_decode(checkpoint, hf):
         assert_blocks_back(dep, before, [d["url"]])
 
 
-def test_killed_decode_worker_mid_stream_continues_elsewhere(checkpoint, hf):
+def _nixl_missing() -> bool:
+    from splitserve.transfer.nixl_agent import module_name
+
+    return module_name() is None
+
+
+@pytest.mark.parametrize(
+    "transfer",
+    ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(_nixl_missing(), reason="NIXL not installed (make test installs it)"))],
+)
+def test_killed_decode_worker_mid_stream_continues_elsewhere(checkpoint, hf, transfer):
+    # Over NIXL the dead decode worker's agent is gone with it: the prefill side's WRITEs to it fail and the
+    # request continues on the surviving decode worker, as over TCP.
     n = 600
     ref_tokens, ref_logits = ref_greedy(hf, PROMPT, n)
-    with Deployment(checkpoint, "--prefill", "1", "--decode", "2", *COMMON) as dep:
+    with Deployment(checkpoint, "--prefill", "1", "--decode", "2", "--transfer", transfer, *COMMON) as dep:
         before = dep.free_blocks()
         text, killed_at, gap_after_kill, victim = [], None, None, None
         for arrived, chunk in stream_tokens(dep.url, PROMPT, n):
