@@ -39,15 +39,12 @@ Cached counts mirror what a worker's scheduler will reuse: leading whole blocks,
 left to compute (`KVCacheManager.prefix_hit`). Blocks the decode worker already holds are neither reserved
 nor sent again; the decision's `decode_cached_blocks` sizes the transfer (the reservation's ticket is the
 authority: the index lags the worker by the events in flight).
-
-`AdmissionQueue` is the router's bounded waiting room in front of all this (429 + Retry-After when full).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Literal, Sequence, TypeVar
 
@@ -298,42 +295,3 @@ class Router:
         start = next(self._turn[role]) % len(ids)
         return min(ids[start:] + ids[:start], key=key)
 
-
-class AdmissionQueue:
-    """The router's bounded waiting room: requests admitted but not yet placed (e.g. waiting for decode
-    blocks). Full → refuse (HTTP 429) with a Retry-After of how long the current queue takes to drain at
-    the rate requests have been leaving it, so clients come back when there is likely room."""
-
-    def __init__(self, capacity: int, min_retry_s: float = 1.0, max_retry_s: float = 60.0, window: int = 64) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.min_retry_s, self.max_retry_s = min_retry_s, max_retry_s
-        self.waiting = 0
-        self._departures: deque[float] = deque(maxlen=window)  # times of recent departures
-
-    def __len__(self) -> int:
-        return self.waiting
-
-    def offer(self) -> bool:
-        """Take a place if there is one."""
-        if self.waiting >= self.capacity:
-            return False
-        self.waiting += 1
-        return True
-
-    def leave(self, now: float) -> None:
-        """A request left the queue: placed, refused or aborted."""
-        if self.waiting <= 0:
-            raise ValueError("leave() without a matching offer()")
-        self.waiting -= 1
-        self._departures.append(now)
-
-    def retry_after(self, now: float) -> float:
-        d = self._departures
-        if len(d) < 2 or now <= d[0]:
-            return self.min_retry_s  # no drain rate measured yet
-        # Departures per second over the window, the silence since the last one included: a stalled
-        # queue's rate decays, and its Retry-After grows.
-        rate = (len(d) - 1) / (now - d[0])
-        return min(self.max_retry_s, max(self.min_retry_s, self.waiting / rate))

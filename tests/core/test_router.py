@@ -6,7 +6,7 @@ from splitserve.core.blocks import BlockPool, hash_blocks
 from splitserve.core.costs import CostModel
 from splitserve.core.kv_manager import KVCacheManager
 from splitserve.core.request import Request, SamplingParams
-from splitserve.core.router import AdmissionQueue, NoWorker, Router
+from splitserve.core.router import NoWorker, Router
 
 BS = 4
 PER_TOK = 1e-4
@@ -197,19 +197,6 @@ def test_unknown_policy_and_negative_tolerance_are_refused():
         Router("random", BS, costs())
     with pytest.raises(ValueError, match="cost_tolerance"):
         Router("kv_aware", BS, costs(), cost_tolerance=-0.1)
-
-
-def test_admission_queue_is_bounded_and_retry_after_follows_the_drain_rate():
-    q = AdmissionQueue(3, min_retry_s=0.5, max_retry_s=60.0)
-    assert all(q.offer() for _ in range(3)) and not q.offer() and len(q) == 3
-    assert q.retry_after(now=0.0) == 0.5  # nothing measured yet
-    for t in (1.0, 2.0):  # one departure a second
-        q.leave(t)
-        assert q.offer()
-    assert q.retry_after(now=2.0) == pytest.approx(3.0)  # 3 waiting at 1/s
-    assert q.retry_after(now=11.0) == pytest.approx(30.0)  # stalled: 1 departure in 10 s
-    with pytest.raises(ValueError):
-        AdmissionQueue(1).leave(0.0)
 
 
 def test_a_request_computed_whole_goes_to_a_decode_worker_even_without_conditional_placement():
