@@ -247,7 +247,14 @@ class Scheduler:
         while self._ready and budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._ready[0]
             if not self.kv.allocate(req, 1):
-                return budget
+                if self._running:
+                    return budget  # a running request finishes (or is preempted) and frees a block
+                # Nothing runs, and reservations and ready requests hold every block (prompts of whole blocks
+                # need one more for their first decode step): no block would ever free. This one goes back to
+                # be recomputed here (it keeps its tokens), so the others can move.
+                self._preempt(self._ready.popleft())
+                out.preempted.append(req)
+                continue
             self._running.append(self._ready.popleft())
             out.seqs.append(self._scheduled(req, 1))
             budget -= 1

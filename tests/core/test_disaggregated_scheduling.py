@@ -78,3 +78,28 @@ def test_first_token_can_finish_the_request_and_failed_transfer_recomputes():
     run(d, [again])
     assert again.output_token_ids == reference(prompt, 4)
     assert d.pool.num_free_blocks == d.pool.num_blocks
+
+
+def test_ready_requests_that_fill_the_pool_do_not_wedge_it():
+    # Prompts of whole blocks: each ready request needs one more block for its first decode step. With the
+    # pool full of them and nothing running, no block would free (a live 300-stream test hung this way):
+    # one goes back to be recomputed here, and every request still gives the reference tokens.
+    d = Scheduler(SchedulerConfig(max_model_len=16), BlockPool(6, 4))
+    dm = FakeModel(d.pool)
+    prompts = {"a": list(range(1, 9)), "b": list(range(20, 28)), "c": list(range(40, 48))}  # 2 blocks each
+    reqs = {rid: make(rid, prompt, 3) for rid, prompt in prompts.items()}
+    for rid, r in reqs.items():
+        assert d.reserve(r) == 0
+    assert d.pool.num_free_blocks == 0
+    for rid, r in reqs.items():
+        for pos, t in enumerate(prompts[rid]):  # the KV a prefill worker would have sent
+            dm.slots[r.block_ids[pos // 4] * 4 + pos % 4] = t
+        assert d.kv_arrived(rid, reference(prompts[rid], 1)[0], now=0.0) is None
+    steps = 0
+    while d.has_work():
+        out = d.schedule(float(steps))
+        d.update(out, dm.step(out))
+        steps += 1
+        assert steps < 1000, "the decode worker wedged"
+    assert {rid: r.output_token_ids for rid, r in reqs.items()} == {rid: reference(p, 3) for rid, p in prompts.items()}
+    assert d.pool.num_free_blocks == 6 and d.load().idle
