@@ -289,6 +289,7 @@ class PoolClient:
     async def _generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
         rec = PhaseRecord(rid, time.monotonic(), prompt_tokens=len(prompt))
         admitted = False
+        stream: AsyncIterator[TokenOutput] | None = None
         try:
             if self.pools["colocated"]:
                 rec.path = "colocated"
@@ -308,6 +309,11 @@ class PoolClient:
                     rec.finish_reason, rec.error = out.finish_reason, out.error
                 yield out
         finally:
+            if stream is not None:
+                # The inner stream's own teardown (releases, the split's phases into `rec`) runs before the
+                # record is written: a caller that stops reading at the finished output closes only this
+                # generator, and the inner one would otherwise be finalized later, after the record.
+                await stream.aclose()
             now = time.monotonic()
             if not admitted:  # refused, failed or aborted before its first output: no measure of speed
                 self.admission.leave(now, started=False)
