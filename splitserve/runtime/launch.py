@@ -110,8 +110,10 @@ def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(roles))
     cpus = [i % (os.cpu_count() or 1) if args.pin else None for i in range(len(roles))]
     procs: list[subprocess.Popen] = []
-    terminate_on_signals(procs)
     supervisor: Supervisor | None = None
+    # A shutdown stops the supervisor before the workers: it would otherwise take their exits for deaths
+    # and start them again.
+    terminate_on_signals(procs, first=lambda: supervisor.stop() if supervisor is not None else None)
     try:
         for role, port, cpu in zip(roles, ports, cpus):
             procs.append(_spawn_worker(args, role, port, secret_file, cpu, threads))

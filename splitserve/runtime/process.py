@@ -34,10 +34,12 @@ def dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
     return set_death_signal
 
 
-def terminate_on_signals(procs: list[subprocess.Popen]) -> None:
-    """On SIGTERM, stop `procs` (as they are then: the list may grow after this call) and exit."""
+def terminate_on_signals(procs: list[subprocess.Popen], first: Callable[[], None] = lambda: None) -> None:
+    """On SIGTERM, call `first` (e.g. stop whatever restarts workers), stop `procs` (as they are then: the list
+    may grow after this call) and exit."""
 
     def handler(signum: int, frame: object) -> None:
+        first()
         stop_processes(procs)
         raise SystemExit(128 + signum)
 
