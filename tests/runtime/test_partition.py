@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.runtime.deployment import Deployment, loaded_bound
-from tests.runtime.test_faults import COMMON, PROMPT, stream_tokens
+from tests.runtime.test_faults import COMMON, stream_signalling_a_busy_decode_worker
 from tests.tiny_models import make_tiny_checkpoint
 
 LIVENESS_S = 5.0  # the frontend's PoolConfig.liveness_s
@@ -26,29 +26,16 @@ def checkpoint(tmp_path_factory):
 
 def test_a_partitioned_decode_worker_is_found_by_the_heartbeat(checkpoint):
     with Deployment(checkpoint, "--prefill", "1", "--decode", "2", *COMMON) as dep:
-        victim, stopped_at, gap, text = None, None, None, 0
+        victim, gap, _ = stream_signalling_a_busy_decode_worker(dep, N, signal.SIGSTOP)
         try:
-            for arrived, chunk in stream_tokens(dep.url, PROMPT, N):
-                assert "error" not in chunk, chunk
-                text += 1
-                if stopped_at is not None and gap is None:
-                    gap = arrived - stopped_at
-                if victim is None:
-                    busy = [w for w in dep.workers("decode") if w["in_flight"] > 0]
-                    if busy:
-                        victim = busy[0]
-                        os.kill(victim["pid"], signal.SIGSTOP)
-                        stopped_at = time.monotonic()
-            assert victim is not None, "no decode worker was busy"
             # Silence for liveness_s (plus a heartbeat period and a health call's 2 s timeout), then the
             # recompute on the other worker: far from the 120 s read timeout this replaced.
-            assert gap is not None and gap < loaded_bound(LIVENESS_S + 4.0), gap
+            assert gap < loaded_bound(LIVENESS_S + 4.0), gap
             (rec,) = dep.requests()
             assert rec["path"] == "recompute" and rec["finish_reason"] == "length" and rec["output_tokens"] == N, rec
             assert any("heartbeat" in e for e in rec["events"]), rec["events"]
         finally:
-            if victim is not None:
-                os.kill(victim["pid"], signal.SIGCONT)
+            os.kill(victim["pid"], signal.SIGCONT)
         end = time.monotonic() + loaded_bound(10)
         while victim["url"] not in [w["url"] for w in dep.workers("decode")]:
             assert time.monotonic() < end, dep.workers()
