@@ -62,31 +62,6 @@ def test_layers_land_by_write_with_a_notification_each(dtype, make_receiver, mak
     assert receiver.fenced("t")
 
 
-def test_interleaved_tickets_and_an_unclaimed_cancel(make_receiver, make_sender):
-    src, dst = make_cache(seed=2, num_blocks=40), make_cache(num_blocks=40)
-    layout = layout_of(src)
-    receiver, rec = make_receiver(dst, "nixl")
-    sender = make_sender(layout)
-    plans = {f"t{i}": (list(range(i * 10, i * 10 + 7)), list(range(39 - i * 10, 32 - i * 10, -1))) for i in range(3)}
-    tickets = {}
-    for tid, (src_ids, dst_ids) in plans.items():
-        receiver.expect(tid, dst_ids, time.monotonic() + 10)
-        tickets[tid] = sender.start_ticket(receiver.endpoint, tid, len(src_ids))
-    receiver.expect("never-claimed", [0], time.monotonic() + 10)
-    assert receiver.cancel("never-claimed")  # no peer was granted it: nothing can write it
-    for layer in range(layout.num_layers):
-        for tid, (src_ids, _) in plans.items():
-            tickets[tid].send_layer(layer, src, src_ids)
-    for tid in reversed(plans):
-        tickets[tid].finish()
-    for tid, (src_ids, dst_ids) in plans.items():
-        assert tickets[tid].wait(5), tickets[tid].error
-        assert rec.wait(tid) == ""
-        assert_landed(src, src_ids, dst, dst_ids)
-    late = sender.start_ticket(receiver.endpoint, "never-claimed", 1)  # a claim after the end is refused
-    assert not late.wait(5) and "cancelled" in late.error
-
-
 def test_cancel_mid_ticket_quarantines_until_the_sender_fences(make_receiver, make_sender):
     src, dst = make_cache(seed=5), make_cache()
     receiver, rec = make_receiver(dst, "nixl")
