@@ -101,6 +101,7 @@ class WorkerClient:
         self.http = http
         self.info = info
         self.in_flight = 0  # requests this frontend has on the worker now
+        self.prompt_tokens_in_flight = 0  # prompt tokens of this frontend's prefill calls it has not answered
         self.draining = False  # takes no new requests
         # Set when the frontend drops the worker (its heartbeat went silent or it left): every call still
         # waiting on it ends then. Calls have no read timeout of their own: a slow stream is not a failure.

@@ -59,6 +59,7 @@ class FakeWorker:
         self.url, self.role = f"http://{role}", role
         self.info = dataclasses.make_dataclass("Info", ["role"])(role)
         self.in_flight, self.draining, self.lost = 0, False, asyncio.Event()
+        self.prompt_tokens_in_flight = 0
         self.kv, self.tokens, self.no_room = kv, tokens, no_room
 
     async def stream(self, path: str, body):

@@ -340,8 +340,12 @@ class PoolClient:
         room takes to drain at its measured rate."""
         return max(1.0, self.admission.expected_wait(time.monotonic()) or 1.0)
 
-    def _deadline(self, prompt: list[int]) -> float:
-        return self.config.deadline_base_s + self.config.deadline_per_token_s * len(prompt)
+    def _deadline(self, prompt: list[int], queued_tokens: int = 0) -> float:
+        """How long a decode worker holds a reservation for the KV: the prefill worker computes the prompts
+        sent to it before this one first, so they count too. Without them, a burst queued on the prefill
+        worker let tickets expire while their KV was on its way, and each expiry recomputed its whole prompt
+        on the decode worker (seen at load 10: 3 of 16 requests)."""
+        return self.config.deadline_base_s + self.config.deadline_per_token_s * (len(prompt) + queued_tokens)
 
     async def _routed(self, rid: str, prompt: list[int], params: SamplingParams, rec: PhaseRecord) -> AsyncIterator[TokenOutput]:
         """Route; then prefill remotely and stream from the decode worker (a `SplitRequest` says what to do at
@@ -396,7 +400,7 @@ class PoolClient:
                 if isinstance(act, Emit):
                     yield calls.output(split, act)
                 elif isinstance(act, Reserve):
-                    todo += split.handle(await calls.reserve(act.decode), time.monotonic())
+                    todo += split.handle(await calls.reserve(act.decode, split.prefill), time.monotonic())
                 elif isinstance(act, SendPrompt):
                     calls.send_prompt(act.prefill, act.decode)
                 elif isinstance(act, Release):
@@ -505,6 +509,11 @@ def _note(rec: PhaseRecord, split: SplitRequest) -> None:
     rec.events = list(split.causes)
 
 
+def _prefill_answered(p: WorkerClient, prompt_tokens: int) -> None:
+    p.in_flight -= 1
+    p.prompt_tokens_in_flight -= prompt_tokens
+
+
 class _Calls:
     """The HTTP calls of one split request: the decode worker's stream, the prefill call, and the events they
     turn into."""
@@ -527,8 +536,9 @@ class _Calls:
         self.decode_logprobs: deque[TokenLogprobs] = deque()
         self.lost: dict[str, asyncio.Future] = {}  # per side: done when the frontend drops that worker
 
-    async def reserve(self, d: WorkerClient) -> Event:
-        body = DecodeRequest(self.rid, self.prompt, self.params, self.pool._deadline(self.prompt))
+    async def reserve(self, d: WorkerClient, p: WorkerClient | None) -> Event:
+        queued = p.prompt_tokens_in_flight if p is not None else 0
+        body = DecodeRequest(self.rid, self.prompt, self.params, self.pool._deadline(self.prompt, queued))
         events = d.stream("/internal/decode", body)
         try:
             ev = await unless_lost(d, anext(events))
@@ -546,12 +556,13 @@ class _Calls:
         d.in_flight += 1
         self.counted.append(d)
         p.in_flight += 1
+        p.prompt_tokens_in_flight += len(self.prompt)
         # The decode side enforces the deadline and says why it gave up; the extra second lets its verdict
         # arrive before ours, and httpx's own timeout comes later still.
         self.first_token_by = time.monotonic() + self.ticket.deadline_s + 1.0
         body = PrefillRequest(self.rid, self.prompt, self.params, self.ticket)
         self.p_task = asyncio.ensure_future(p.prefill(body, timeout=self.ticket.deadline_s + 2.0))
-        self.p_task.add_done_callback(lambda _: setattr(p, "in_flight", p.in_flight - 1))
+        self.p_task.add_done_callback(lambda _: _prefill_answered(p, len(self.prompt)))
         self.p = p
         self.d_next = asyncio.ensure_future(anext(self.d_events))
         self.lost = {"prefill": asyncio.ensure_future(p.lost.wait()), "decode": asyncio.ensure_future(d.lost.wait())}
