@@ -18,7 +18,7 @@ from tests.tiny_models import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 LENGTHS = 150
-# Capped, the caches hold ~64 primitives of ~0.4 MB each whatever the lengths (measured: +27 MB); uncapped
+# Capped, the caches hold ~64 primitives of ~0.5 MB each whatever the lengths (measured: +27 MB); uncapped
 # (oneDNN's default 1024 entries) the tiny model kept ~2 MB per new length (+415 MB over 200). Memory, not
 # time: the bound holds however loaded the machine is.
 BOUND_MB = 100.0
