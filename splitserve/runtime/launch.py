@@ -46,8 +46,10 @@ def setup_logging(level: str) -> None:
 
 def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
     from splitserve.model.loader import load_model
+    from splitserve.runtime.worker.kernel_caches import bound_kernel_caches
     from splitserve.runtime.worker.step_log import StepLog
 
+    bound_kernel_caches()  # before the model first runs: the caches read their size once
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
