@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +27,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 # -march=native: the build runs on the machine that runs the kernel. -fopenmp: at::parallel_for's inline
 # OpenMP region (the process already has torch's libgomp loaded, which the extension then uses).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# A build takes ~30 s on a loaded 2-core machine; a lock this old was left by a builder that died.
+STALE_LOCK_S = 600.0
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -34,6 +38,14 @@ _ok = False
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
+
+
+def build_directory() -> Path:
+    """Where the kernel is built and cached: per torch and Python version (the .so links against both)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}"
 
 
 def _build() -> None:
@@ -50,9 +62,18 @@ def _build() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         from torch.utils import cpp_extension
 
+        build_dir = build_directory()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = build_dir / "lock"
+        # torch's builder waits, with no time limit, while this lock exists; a worker killed mid-build leaves
+        # it behind, and every later start would then wait forever (on the gather path, silently).
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale paged-kernel build lock (%s)", lock)
+            lock.unlink(missing_ok=True)
         cpp_extension.load(
             name="splitserve_paged",
             sources=[str(_SOURCE)],
+            build_directory=str(build_dir),
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -161,19 +162,27 @@ print("TOKENS", greedy(loaded, [[1, 2, 3, 4, 5]], 6))
 """
 
 
-def test_a_failed_build_falls_back_to_the_gather_path_with_one_log_line(tmp_path):
-    """A compiler that fails (CXX=false) and an empty extension cache: one warning, no error, and the model
-    decodes the same tokens as with the kernel disabled."""
+def test_a_failed_build_falls_back_to_the_gather_path_with_one_log_line(tmp_path, monkeypatch):
+    """A compiler that fails (CXX=false), an extension cache holding only a stale lock: one warning for the
+    build, no error, and the model decodes the same tokens as with the kernel disabled."""
     from tests.tiny_models import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path / "model")
     script = _FALLBACK.format(path=str(path))
     base = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": os.getcwd()}
+    # A lock left by a builder that died: torch's builder would wait on it forever (then the run times out).
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = paged_kernel.build_directory() / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - paged_kernel.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
     broken = subprocess.run(
         [sys.executable, "-c", script], env={**base, "CXX": shutil.which("false") or "/bin/false"},
         capture_output=True, text=True, timeout=300,
     )
     assert broken.returncode == 0, broken.stderr
+    assert "stale paged-kernel build lock" in broken.stderr
     lines = [ln for ln in broken.stderr.splitlines() if "paged attention kernel unavailable" in ln]
     assert len(lines) == 1 and lines[0].startswith("WARNING"), broken.stderr
     assert "Traceback" not in broken.stderr
