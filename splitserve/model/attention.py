@@ -3,9 +3,11 @@
 `AttentionPlan.build` turns a ForwardBatch into index tensors and masks once per step; every layer then
 runs `paged_attention` with them: write the new K/V at their slots, then attend.
 
-- Decode sequences (one new token) are batched into one SDPA call, their contexts copied out of the cache
-  and padded to the longest, with a mask. Grouped-query heads are folded: the query heads sharing a KV
-  head become that head's "query rows", so K/V are never repeated.
+- Decode sequences (one new token), where the C++ kernel is built (paged_kernel.py; fp32 CPU caches): one
+  kernel call reads each sequence's blocks in place through its block table. Otherwise (the gather path)
+  they are batched into one SDPA call, their contexts copied out of the cache and padded to the longest,
+  with a mask. Either way grouped-query heads are folded: the query heads sharing a KV head become that
+  head's "query rows", so K/V are never repeated.
 - A prefill chunk that starts a sequence attends only to its own new K/V (plain causal attention).
 - A prefill chunk that continues one (chunked prefill, prefix-cache hit) copies its whole context the same
   way and uses a causal mask shifted by start_pos.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from splitserve.model import paged_kernel
 from splitserve.model.batch import ForwardBatch, pad_block_tables
 
 
@@ -34,6 +37,13 @@ class _Decodes:
     v_runs: torch.Tensor
     shape: tuple[int, int, int]  # B, kv_heads, L (the longest context; at most nb * block_size)
     mask: torch.Tensor | None  # [B, 1, 1, L], None when every context has length L
+
+
+@dataclass
+class _KernelDecodes:
+    rows: slice | torch.Tensor
+    tables: torch.Tensor  # [B, longest table] int32, padded with block 0 (never read: lens bound each walk)
+    lens: torch.Tensor  # [B] int32 context lengths
 
 
 @dataclass
@@ -49,12 +59,13 @@ class _Prefill:
 class AttentionPlan:
     k_rows: torch.Tensor  # [T * kv_heads]: where each new token's K of each head is written ([-1, head_dim] rows)
     v_rows: torch.Tensor
-    decodes: _Decodes | None
+    decodes: _Decodes | _KernelDecodes | None
     prefills: list[_Prefill]
     kv_heads: int
 
     @classmethod
-    def build(cls, batch: ForwardBatch, block_size: int, kv_heads: int) -> AttentionPlan:
+    def build(cls, batch: ForwardBatch, block_size: int, kv_heads: int, decode_kernel: bool = False) -> AttentionPlan:
+        """decode_kernel: decodes run in paged_kernel (the caller checked paged_kernel.usable on its cache)."""
         device = batch.slot_mapping.device
         bs = block_size
         heads = torch.arange(kv_heads, device=device)
@@ -81,9 +92,17 @@ class AttentionPlan:
                 prefills.append(_Prefill(slice(start, start + q), k_runs, v_runs, mask))
             start += q
 
-        decodes = None
+        decodes: _Decodes | _KernelDecodes | None = None
         if decode_ids:
             lens = [batch.context_lens[i] for i in decode_ids]
+            token_rows = torch.cumsum(torch.tensor(batch.query_lens), 0)[decode_ids] - 1
+            first = int(token_rows[0])
+            contiguous = token_rows.tolist() == list(range(first, first + len(decode_ids)))
+            decode_rows = slice(first, first + len(decode_ids)) if contiguous else token_rows.to(device)
+        if decode_ids and decode_kernel:
+            tables = pad_block_tables([batch.block_tables[i][: -(-n // bs)] for i, n in zip(decode_ids, lens)])
+            decodes = _KernelDecodes(decode_rows, tables.int(), torch.tensor(lens, dtype=torch.int32))
+        elif decode_ids:
             longest = max(lens)
             # Each table cut to the blocks its context uses; the padding (block 0) is read, then masked.
             tables = pad_block_tables([batch.block_tables[i][: -(-n // bs)] for i, n in zip(decode_ids, lens)], device)
@@ -92,10 +111,6 @@ class AttentionPlan:
                 valid = torch.arange(longest, device=device) < torch.tensor(lens, device=device)[:, None]
                 mask = valid[:, None, None, :]
             k_runs, v_runs = runs(tables)
-            token_rows = torch.cumsum(torch.tensor(batch.query_lens), 0)[decode_ids] - 1
-            first = int(token_rows[0])
-            contiguous = token_rows.tolist() == list(range(first, first + len(decode_ids)))
-            decode_rows = slice(first, first + len(decode_ids)) if contiguous else token_rows.to(device)
             decodes = _Decodes(decode_rows, k_runs, v_runs, (len(decode_ids), kv_heads, longest), mask)
         return cls(k_rows, k_rows + kv_heads * bs, decodes, prefills, kv_heads)
 
@@ -119,7 +134,12 @@ def paged_attention(
     groups = len(plan.prefills) + (plan.decodes is not None)
     out = None if groups == 1 else q.new_empty(num_tokens, num_heads * head_dim)
     d = plan.decodes
-    if d is not None:
+    if isinstance(d, _KernelDecodes):
+        o = paged_kernel.decode(q[d.rows], cache_layer, d.tables, d.lens, head_dim**-0.5).flatten(1)
+        if out is None:
+            return o
+        out[d.rows] = o
+    elif d is not None:
         b, kv_heads, length = d.shape
         ks = _context(d.k_runs, cache_layer, b, kv_heads, length)
         vs = _context(d.v_runs, cache_layer, b, kv_heads, length)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.model import paged_kernel
 from splitserve.model.attention import AttentionPlan, paged_attention
 from splitserve.model.batch import ForwardBatch
 from splitserve.core.model_spec import ModelSpec
@@ -93,6 +94,9 @@ class LlamaModel(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # A plain attribute, not a buffer: it must survive `to_empty` when the loader builds the model on "meta".
         self._inv_freq = inv_frequencies(config)
+        # The decode-attention kernel builds (first time on a machine) or loads on a background thread;
+        # forward uses it from the first step after it is ready, the gather path before.
+        paged_kernel.start()
         # Matrices are kept column-major (their transpose is contiguous): a linear then runs as x @ W^T with no
         # transposed copy, and on CPU decode's skinny products run faster than with row-major weights (MKL:
         # ~25% at batch 1; oneDNN: 15-25% at batch 2-8). `.to()`, `to_empty()` and loading keep these strides.
@@ -110,7 +114,8 @@ class LlamaModel(nn.Module):
         device = batch.input_ids.device
         if self._inv_freq.device != device:
             self._inv_freq = self._inv_freq.to(device)
-        plan = AttentionPlan.build(batch, kv_cache.block_size, self.config.num_kv_heads)
+        decode_kernel = paged_kernel.usable(kv_cache.tensor)
+        plan = AttentionPlan.build(batch, kv_cache.block_size, self.config.num_kv_heads, decode_kernel)
         h = self.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(self._inv_freq, batch.positions, h.dtype)
         for i, layer in enumerate(self.layers):

@@ -10,3 +10,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="package")
+def paged_kernel_ready():
+    """Model tests run decode attention in the C++ kernel (built once per machine; the background build
+    would otherwise leave the first steps, or all of a short test, on the gather path). Without a compiler
+    this returns at once and they run the gather path, which test_paged_kernel's fallback test covers."""
+    from splitserve.model import paged_kernel
+
+    paged_kernel.load()

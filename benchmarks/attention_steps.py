@@ -1,0 +1,101 @@
+"""Forward-step times of the bundled SmolLM2-135M: the paged decode kernel against the gather path.
+
+Decode steps at batch 1/4/16 with 1k contexts, a mixed step (a 512-token chunk beside 15 decodes) and a
+1k-token prefill, each timed with the kernel and with SPLITSERVE_PAGED_KERNEL=0 in alternation (A, B, A,
+B, ...) so that load from other processes hits both alike; medians of --repeats rounds. The load average
+is printed beside them.
+
+    python -m benchmarks.attention_steps [--threads N] [--repeats 7] [--context 1024]
+
+The last line printed is a JSON summary (also written to results/attention_steps.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from splitserve.model import paged_kernel
+from splitserve.model.batch import SeqInput, build_forward_batch
+from splitserve.model.kv_cache import PagedKVCache
+from splitserve.model.loader import load_model
+
+BLOCK = 16
+
+
+def steps(context: int, vocab: int) -> dict[str, list[SeqInput]]:
+    """Step kinds: each a list of SeqInputs over sequence i's blocks [i * width, (i + 1) * width)."""
+    width = -(-(context + 1) // BLOCK)
+    table = lambda i: list(range(i * width, (i + 1) * width))  # noqa: E731
+    tok = lambda i: (7 * i + 3) % vocab  # noqa: E731
+    decode = lambda b: [SeqInput([tok(i)], context, table(i), True) for i in range(b)]  # noqa: E731
+    mixed = [SeqInput([tok(j) for j in range(512)], context - 512, table(15), True)] + decode(15)
+    return {
+        "decode_b1": decode(1),
+        "decode_b4": decode(4),
+        "decode_b16": decode(16),
+        "mixed_512+15": mixed,
+        "prefill_1k": [SeqInput([tok(j) for j in range(context)], 0, table(16), True)],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--context", type=int, default=1024)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    kernel = paged_kernel.load()
+    print(f"paged kernel {'ready' if kernel else 'UNAVAILABLE'} after {time.perf_counter() - t0:.1f} s")
+    loaded = load_model()
+    cfg = loaded.config
+    width = -(-(args.context + 1) // BLOCK)
+    cache = PagedKVCache(cfg, 17 * width, BLOCK, loaded.dtype, loaded.device)
+    # Real K/V in every context: prefill each sequence once (its 1k tokens), as a server's cache would hold.
+    kinds = steps(args.context, cfg.vocab_size)
+    for i in range(16):
+        seq = SeqInput([(11 * i + j) % cfg.vocab_size for j in range(args.context)], 0, kinds["decode_b16"][i].block_table, True)
+        loaded.model(build_forward_batch([seq], BLOCK, loaded.device), cache)
+
+    def timed(seqs: list[SeqInput], use_kernel: bool) -> float:
+        os.environ[paged_kernel.ENV] = "1" if use_kernel else "0"
+        batch = build_forward_batch(seqs, BLOCK, loaded.device)
+        t = time.perf_counter()
+        loaded.model(batch, cache)
+        return (time.perf_counter() - t) * 1000
+
+    modes = ["kernel", "gather"] if kernel else ["gather"]
+    times: dict[str, dict[str, list[float]]] = {k: {m: [] for m in modes} for k in kinds}
+    load_before = os.getloadavg()[0]
+    for name, seqs in kinds.items():
+        for m in modes:  # warm-up, untimed
+            timed(seqs, m == "kernel")
+        for _ in range(args.repeats):
+            for m in modes:
+                times[name][m].append(timed(seqs, m == "kernel"))
+    os.environ.pop(paged_kernel.ENV, None)
+    load_after = os.getloadavg()[0]
+    summary = {"threads": args.threads, "context": args.context, "repeats": args.repeats,
+               "loadavg_1m": [round(load_before, 2), round(load_after, 2)]}
+    for name, by_mode in times.items():
+        med = {m: statistics.median(v) for m, v in by_mode.items()}
+        line = "  ".join(f"{m} {v:7.1f} ms [{min(by_mode[m]):.1f}-{max(by_mode[m]):.1f}]" for m, v in med.items())
+        ratio = med["gather"] / med["kernel"] if kernel else None
+        print(f"{name:14s} {line}" + (f"  gather/kernel {ratio:.2f}x" if ratio else ""))
+        summary[name] = {f"{m}_ms": round(v, 2) for m, v in med.items()} | ({"speedup": round(ratio, 3)} if ratio else {})
+    print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
+    Path("results").mkdir(exist_ok=True)
+    Path("results/attention_steps.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+// Decode attention that reads the paged KV cache in place (no gather copy of each context).
+//
+// Cache layer [num_blocks, 2, kv_heads, block_size, head_dim] (see kv_cache.py): block b's K of head h is one
+// contiguous [block_size, head_dim] run, its V kv_heads runs further. One task per (sequence, kv head) walks
+// that sequence's block table, scoring the query heads of the group against each block together (each K/V
+// row is loaded once for all of them), with an online softmax in fp32 (flash-decoding's running max and sum).
+// Loops are plain and fixed-stride so g++ -O3 -march=native vectorizes them; `omp simd` marks the reductions
+// (float sums are not reassociated without it, and -ffast-math would change the whole process's FP mode).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (scores minus their running max), written without a libm call so the loop vectorizes:
+// 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, Cephes' expf polynomial (relative error ~1e-7).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp underflows; clamping keeps 2^n a normal float
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+// HD > 0: head_dim known at compile time (full unrolling); HD == 0: any head_dim, given at run time.
+template <int HD>
+void decode_task(const float* q, const float* cache, const int32_t* table, int64_t len, int64_t group,
+                 int64_t kv_heads, int64_t kvh, int64_t bs, int64_t head_dim_rt, float scale, float* out,
+                 float* scores, float* acc, float* run_max, float* run_sum) {
+  const int64_t D = HD > 0 ? HD : head_dim_rt;
+  const int64_t run = bs * D;  // floats in one [block_size, head_dim] run
+  std::fill(acc, acc + group * D, 0.0f);
+  std::fill(run_max, run_max + group, -std::numeric_limits<float>::infinity());
+  std::fill(run_sum, run_sum + group, 0.0f);
+  const int64_t blocks = (len + bs - 1) / bs;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n = std::min(bs, len - blk * bs);
+    const int64_t base = (static_cast<int64_t>(table[blk]) * 2 * kv_heads + kvh) * run;
+    const float* k = cache + base;
+    const float* v = cache + base + kv_heads * run;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * D;
+      float* s = scores + g * bs;
+      float m = run_max[g];
+      int64_t t = 0;
+      // Four keys at a time: four independent FMA chains, each q element loaded once for them.
+      for (; t + 4 <= n; t += 4) {
+        const float *k0 = k + t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t d = 0; d < D; ++d) {
+          d0 += qg[d] * k0[d];
+          d1 += qg[d] * k1[d];
+          d2 += qg[d] * k2[d];
+          d3 += qg[d] * k3[d];
+        }
+        s[t] = d0 * scale;
+        s[t + 1] = d1 * scale;
+        s[t + 2] = d2 * scale;
+        s[t + 3] = d3 * scale;
+      }
+      for (; t < n; ++t) {
+        const float* kt = k + t * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kt[d];
+        s[t] = dot * scale;
+      }
+      for (t = 0; t < n; ++t) m = std::max(m, s[t]);
+      // The first block has nothing to correct (and -inf - -inf would be NaN).
+      const float correction = blk == 0 ? 0.0f : exp_nonpositive(run_max[g] - m);
+      run_max[g] = m;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        s[t] = exp_nonpositive(s[t] - m);
+        sum += s[t];
+      }
+      run_sum[g] = run_sum[g] * correction + sum;
+      float* a = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] *= correction;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = v + t * D;
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = scores[g * bs + t];
+        float* a = acc + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] += p * vt[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = 1.0f / run_sum[g];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
+  }
+}
+
+// q [B, heads, head_dim] float32; cache_layer [num_blocks, 2, kv_heads, block_size, head_dim] float32
+// contiguous; block_tables [B, width] int32; context_lens [B] int32 (each >= 1). Returns [B, heads, head_dim].
+at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& block_tables,
+                        const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && cache.dim() == 5, "paged_decode: q must be 3-D and cache_layer 5-D");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "paged_decode: float32 only");
+  TORCH_CHECK(cache.is_contiguous(), "paged_decode: cache_layer must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "paged_decode: block_tables and context_lens must be int32");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor tables = block_tables.contiguous();
+  const at::Tensor lens = context_lens.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = cache.size(2), bs = cache.size(3);
+  TORCH_CHECK(cache.size(1) == 2 && cache.size(4) == head_dim && heads % kv_heads == 0,
+              "paged_decode: cache_layer shape does not match q");
+  TORCH_CHECK(tables.size(0) == batch && lens.size(0) == batch, "paged_decode: one table and length per row");
+  const int64_t group = heads / kv_heads, width = tables.size(1);
+  const int32_t* lens_p = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens_p[b] >= 1 && lens_p[b] <= width * bs, "paged_decode: context length out of its table");
+  }
+  at::Tensor out = at::empty_like(q);
+  const float* q_p = q.data_ptr<float>();
+  const float* cache_p = cache.data_ptr<float>();
+  const int32_t* tables_p = tables.data_ptr<int32_t>();
+  float* out_p = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(group * bs + group * head_dim + 2 * group);
+    float* scores = scratch.data();
+    float* acc = scores + group * bs;
+    float* run_max = acc + group * head_dim;
+    float* run_sum = run_max + group;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      const float* qg = q_p + (b * heads + kvh * group) * head_dim;
+      float* og = out_p + (b * heads + kvh * group) * head_dim;
+      const int32_t* table = tables_p + b * width;
+      if (head_dim == 64) {
+        decode_task<64>(qg, cache_p, table, lens_p[b], group, kv_heads, kvh, bs, 64, s, og, scores, acc, run_max,
+                        run_sum);
+      } else if (head_dim == 128) {
+        decode_task<128>(qg, cache_p, table, lens_p[b], group, kv_heads, kvh, bs, 128, s, og, scores, acc,
+                         run_max, run_sum);
+      } else {
+        decode_task<0>(qg, cache_p, table, lens_p[b], group, kv_heads, kvh, bs, head_dim, s, og, scores, acc,
+                       run_max, run_sum);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(splitserve_paged, m) {
+  m.def("decode(Tensor q, Tensor cache_layer, Tensor block_tables, Tensor context_lens, float scale) -> Tensor");
+  m.impl("decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
+}

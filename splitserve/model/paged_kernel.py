@@ -1,0 +1,125 @@
+"""The C++ paged decode-attention kernel (csrc/paged_attention.cpp), built on the machine that runs it.
+
+torch's extension builder compiles it once per machine into its cache (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions; its file lock serialises workers that start together) and later loads it from
+there. The first build takes tens of seconds, so `start()` runs it on a background thread: a worker serves
+with the gather path (attention.py) until the kernel is ready, and start-up never waits for a compiler.
+No compiler, a failed build, a non-CPU device or a non-fp32 cache: the gather path, with one log line.
+SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "SPLITSERVE_PAGED_KERNEL"
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+# -march=native: the build runs on the machine that runs the kernel. -fopenmp: at::parallel_for's inline
+# OpenMP region (the process already has torch's libgomp loaded, which the extension then uses).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# A build takes ~30 s on a loaded 2-core machine; a lock this old was left by a builder that died.
+STALE_LOCK_S = 600.0
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+_ready = threading.Event()
+_ok = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def build_directory() -> Path:
+    """Where the kernel is built and cached: per torch and Python version (the .so links against both)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def _build() -> None:
+    global _ok
+    compiler = os.environ.get("CXX", "c++")  # what torch's builder runs
+    try:
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C++ compiler: {compiler!r} not found")
+        if shutil.which("ninja") is None:
+            # torch's builder runs `ninja` from PATH; the PyPI package's binary sits in the venv's bin,
+            # which is not on PATH when a worker is started as .venv/bin/splitserve without activating it.
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        from torch.utils import cpp_extension
+
+        build_dir = build_directory()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = build_dir / "lock"
+        # torch's builder waits, with no time limit, while this lock exists; a worker killed mid-build leaves
+        # it behind, and every later start would then wait forever (on the gather path, silently).
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale paged-kernel build lock (%s)", lock)
+            lock.unlink(missing_ok=True)
+        cpp_extension.load(
+            name="splitserve_paged",
+            sources=[str(_SOURCE)],
+            build_directory=str(build_dir),
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        _ok = True
+    except Exception as e:  # noqa: BLE001 - any build/load failure means "use the fallback", reported once
+        # The first line, cut short: a build error's first line goes on with the whole compiler command.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        log.warning("paged attention kernel unavailable (%s): decode attention uses the gather path", first)
+        log.debug("paged attention kernel build failure", exc_info=True)
+    finally:
+        _ready.set()
+
+
+def start() -> None:
+    """Begin building/loading the kernel in the background (idempotent; a no-op when disabled)."""
+    global _thread
+    if not enabled():
+        return
+    with _lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_build, name="paged-kernel-build", daemon=True)
+            _thread.start()
+
+
+def load(timeout: float | None = None) -> bool:
+    """Wait for the kernel (building it if needed); True when it is usable."""
+    start()
+    return enabled() and _ready.wait(timeout) and _ok
+
+
+def usable(cache_layer: torch.Tensor) -> bool:
+    """Whether this step's decode attention can run in the kernel: built, not disabled, fp32 CPU cache."""
+    return (
+        _ready.is_set()
+        and _ok
+        and enabled()
+        and cache_layer.device.type == "cpu"
+        and cache_layer.dtype == torch.float32
+        and cache_layer.is_contiguous()
+    )
+
+
+def decode(
+    q: torch.Tensor, cache_layer: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, heads, head_dim] -> [B, heads, head_dim]; tables [B, width] and lens [B] int32."""
+    return torch.ops.splitserve_paged.decode(q, cache_layer, block_tables, context_lens, scale)
