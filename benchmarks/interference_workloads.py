@@ -79,14 +79,14 @@ def cases(workdir: Path, requests: int) -> dict[str, Case]:
     mixed = mixed_trace(workdir / "mixed_trace.csv")
     all_cases = [
         Case("prompt_heavy", SyntheticSpec(rate=0.2, input=LengthDist("lognormal", 1024, 0.4), output=LengthDist("fixed", 128)),
-             0.05, 0.8, "the seed's load: prompts lognormal mean 1,024 sigma 0.4, 128-token answers", seed_like=True),
+             0.1, 0.6, "the seed's load: prompts lognormal mean 1,024 sigma 0.4, 128-token answers", seed_like=True),
         Case("mooncake", TraceLoad(str(MOONCAKE), "mooncake", Scaling(length_scale=1 / 16, output_scale=1 / 4, jitter_s=3.0)),
-             0.05, 0.8, "Mooncake conversations: prompts x1/16 (mean ~750), answers x1/4 (mean ~86), shared prefixes kept"),
+             0.1, 0.8, "Mooncake conversations: prompts x1/16 (mean ~750), answers x1/4 (mean ~86), shared prefixes kept"),
         Case("azure_code", TraceLoad(str(AZURE_CODE), "azure", Scaling(length_scale=1 / 8, output_scale=1.0)),
-             0.1, 2.0, "Azure code trace: prompts x1/8 (mean ~340), answers as in the trace (short: code completion)"),
+             0.2, 2.0, "Azure code trace: prompts x1/8 (mean ~340), answers as in the trace (short: code completion)"),
         Case("short_prompts", SyntheticSpec(rate=1.0, input=LengthDist("lognormal", 64, 0.4), output=LengthDist("fixed", 128)),
-             0.2, 4.0, "short prompts, long answers: little prefill to isolate; a split gives decode one core of two"),
+             0.5, 4.0, "short prompts, long answers: little prefill to isolate; a split gives decode one core of two"),
         Case("mixed", TraceLoad(str(mixed), "azure", Scaling()),
-             0.1, 2.0, "70 % prompts ~96 tokens, 30 % ~1,536, 96-token answers: conditional placement's case"),
+             0.2, 2.0, "70 % prompts ~96 tokens, 30 % ~1,536, 96-token answers: conditional placement's case"),
     ]
     return {c.name: c.with_requests(requests) for c in all_cases}
