@@ -55,7 +55,7 @@ class Case:
         return workload_at(self.load, trace, rate, trial)
 
 
-def mixed_trace(path: Path, n: int = 400, seed: int = 0, short: int = 96, long: int = 1536,
+def mixed_trace(path: Path, n: int = 400, seed: int = 0, short: int = 64, long: int = 1024,
                 long_share: float = 0.3, output: int = 96) -> Path:
     """Write an Azure-format trace of a bimodal load: most prompts short (cheap to prefill beside running
     decodes, so conditional placement keeps them on the decode worker and off the transfer), some long (worth
@@ -87,6 +87,6 @@ def cases(workdir: Path, requests: int) -> dict[str, Case]:
         Case("short_prompts", SyntheticSpec(rate=1.0, input=LengthDist("lognormal", 64, 0.4), output=LengthDist("fixed", 128)),
              0.5, 4.0, "short prompts, long answers: little prefill to isolate; a split gives decode one core of two"),
         Case("mixed", TraceLoad(str(mixed), "azure", Scaling()),
-             0.2, 2.0, "70 % prompts ~96 tokens, 30 % ~1,536, 96-token answers: conditional placement's case"),
+             0.2, 2.0, "70 % prompts ~64 tokens, 30 % ~1,024 (the seed's), 96-token answers: conditional placement's case"),
     ]
     return {c.name: c.with_requests(requests) for c in all_cases}
