@@ -139,7 +139,9 @@ def main() -> None:
                                 bracket(case, args.parts), args.trials, args.attainment)
             predicted[w][d] = g.lower
             prediction_probes[w][d] = [{"rate": p.rate, "median": p.median} for p in g.probes]
-        print(f"[{w}] predicted goodput (req/s): {predicted[w]}; predicted winner {winner(predicted[w])}", file=sys.stderr)
+        print(f"[{w}] predicted goodput (req/s): {predicted[w]}; predicted winner "
+              f"{winner(predicted[w]) if any(predicted[w].values()) else 'none (no deployment passed the lowest rate)'}",
+              file=sys.stderr)
 
     started = time.time()
     measured: dict[str, dict[str, dict]] = {}

@@ -101,6 +101,11 @@ def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: s
     agree = {r["workload"]: r["agrees"] for r in rows}
     out: dict = {"planner_winner_agreement": sum(agree.values()) / len(agree) if agree else None,
                  "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
+    mixed = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == "mixed"}
+    if "1p1d_conditional" in mixed and len(mixed) > 1:
+        # Conditional placement's own case: does it beat both always splitting and never splitting?
+        others = [g for d, g in mixed.items() if d != "1p1d_conditional"]
+        out["conditional_wins_mixed"] = mixed["1p1d_conditional"] > max(others)
     if seed_like is None:
         return out
     lat = latency.get(seed_like, {})
