@@ -25,9 +25,9 @@ class PoolSpec:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     chunked_prefill: bool = False
-    prefill_tokens_while_decoding: int | None = None  # as the runtime's decode workers (SchedulerConfig)
     hardware: Hardware | None = None  # None: the cluster's (different hardware per pool: issue #7)
     efficiency: Efficiency | None = None  # None: the cluster's
+    prefill_tokens_while_decoding: int | None = None  # as the runtime's decode workers (SchedulerConfig)
 
     @property
     def gpus(self) -> int:

@@ -80,13 +80,14 @@ class Scaling:
 
     time_scale: float = 1.0  # arrival times are multiplied by this: > 1 stretches the trace (lower rate)
     length_scale: float = 1.0  # prompt and output lengths (and the prefix block size) are multiplied by this
-    # Outputs' own scale (None: length_scale): a trace of long prompts shrunk to fit a small machine keeps
-    # answers long enough to have something to decode (issue 19).
-    output_scale: float | None = None
     max_requests: int | None = None  # keep the first N requests
     max_duration_s: float | None = None  # keep requests arriving within this many (scaled) seconds
     jitter_s: float = 0.0  # spread each arrival uniformly over [t, t + jitter_s) of trace time (undo quantisation)
     seed: int = 0
+    # Outputs' own scale (None: length_scale): a trace of long prompts shrunk to fit a small machine keeps
+    # answers long enough to have something to decode (issue 19).
+    # Last: callers build a Scaling positionally.
+    output_scale: float | None = None
 
 
 @dataclass(frozen=True)
