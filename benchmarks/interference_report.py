@@ -89,7 +89,8 @@ def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted:
                 "workload": w, "deployment": d, "measured_goodput": lo, "measured_upper": hi,
                 "predicted_goodput": p, "error": (p - lo) / lo if p is not None and lo > 0 else None,
                 "measured_winner": best, "predicted_winner": pick,
-                "agrees": pick is not None and within_spread(by_dep, pick),
+                # None when no deployment passed even the lowest rate: nothing to agree with.
+                "agrees": None if not any(g for g, _ in by_dep.values()) else pick is not None and within_spread(by_dep, pick),
             })
     return rows
 
@@ -98,8 +99,9 @@ def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: s
     """The benchmark's last line: the planner's agreement over workloads, and on the seed-like workload the
     1P1D p99 inter-token gap over colocated's (at the sweep's lowest rate, which every deployment runs) and
     the best split deployment's goodput over the best colocated one's."""
-    agree = {r["workload"]: r["agrees"] for r in rows}
+    agree = {r["workload"]: r["agrees"] for r in rows if r["agrees"] is not None}
     out: dict = {"planner_winner_agreement": sum(agree.values()) / len(agree) if agree else None,
+                 "workloads_judged": len(agree),
                  "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
     mixed = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == "mixed"}
     if "1p1d_conditional" in mixed and len(mixed) > 1:

@@ -92,6 +92,8 @@ def test_the_table_and_headline_judge_the_planner_by_the_measured_spread():
     assert head["best_split_goodput_ratio"] is None and "best_split_goodput_ratio_note" in head
     mixed = table({"mixed": {"colocated": (0.4, 0.6), "1p1d": (0.6, 0.8), "1p1d_conditional": (0.8, 1.0)}}, {})
     assert headline(mixed, {}, None)["conditional_wins_mixed"]
+    nothing = table({"heavy": {"colocated": (0.0, 0.1), "1p1d": (0.0, 0.1)}}, {"heavy": {"colocated": 0.0, "1p1d": 0.2}})
+    assert nothing[0]["agrees"] is None and headline(nothing, {}, None)["planner_winner_agreement"] is None
     assert not within_spread({"a": (1.0, 1.2), "b": (0.5, 0.9)}, "b") and within_spread({"a": (1.0, 1.2), "b": (0.5, None)}, "b")
 
 
