@@ -1,33 +1,33 @@
-"""Prefill/decode interference under a prompt-heavy trace: colocated, colocated with chunked prefill, 1P1D.
+"""Where splitting pays on this 2-core machine: five deployments of equal hardware, loads with real decode,
+an SLO that counts the stall, measured goodput beside the planner's prediction (issue 19).
 
-Three deployments of the bundled SmolLM2-135M, each through `splitserve serve` and the same frontend code
-path, on this machine's 2 cores:
-  colocated   one colocated worker, 2 threads (both cores)
-  chunked     the same, with --chunked-prefill --max-num-batched-tokens CHUNK
-  1p1d        one prefill and one decode worker, pinned to one core each, 1 thread each
-The load is the Azure code trace (../shared/traces/AzureLLMInferenceTrace_code.csv) through `splitserve
-bench` (run_bench): its first requests, lengths x LENGTH_SCALE, arrivals scaled to the asked rate. For
-each deployment: one fixed-rate run of FIXED_REQUESTS at a common RATE (TTFT and inter-token latency
-distributions), then the goodput sweep over the first REQUESTS: the highest rate at which >= 90 % of requests meet both the TTFT
-and the TPOT SLO, by bisection over [RATE_LO, RATE_HI], each probed rate judged by the median of TRIALS.
+Deployments (benchmarks/interference_measure.py has their `splitserve serve` flags), the bundled SmolLM2-135M:
+  colocated          one worker, 2 threads
+  replicas           two colocated workers, one core and one thread each
+  chunked            one worker, 2 threads, at most --chunk tokens a step
+  1p1d               prefill and decode worker pinned to a core each, every prompt split (--no-conditional)
+  1p1d_conditional   the same, the router prefilling a prompt on the decode worker when its costs say so
+Workloads (benchmarks/interference_workloads.py): prompt_heavy (the seed's: lognormal 1,024 sigma 0.4 / 128
+out), mooncake (conversations, prompts x1/16, answers x1/4), azure_code (prompts x1/8, answers kept),
+short_prompts (64 / 128: splitting should lose), mixed (70 % ~64-token, 30 % ~1,024-token prompts: conditional's case).
+SLO: TTFT <= 8 s, mean TPOT <= 0.25 s and no gap between two tokens over 0.5 s (--slo-*), for >= 90 % of
+requests. Goodput: `splitserve bench`'s sweep over the workload's rate bracket, --trials runs per rate judged
+by their median attainment; the latencies (TTFT, TPOT, inter-token p99, worst gap per request, in seconds and
+in decode steps of the same run from the workers' step logs) are medians over the trials of each rate, with
+their spread.
 
-Scales and SLOs, chosen for a quiet 2-core machine (SmolLM2 prefill ~330 tok/s and batch-1 decode ~18
-tok/s on one core):
-  length x1/8: mean prompt ~340 tokens (~1 s of one-core prefill), longest 930 (~3 s); outputs 1-3 tokens
-    (the trace's outputs are short, and the one scale shrinks them too);
-  20 requests per trial: a trial at the 1P1D's prefill capacity (~1 req/s) takes ~20-30 s, the whole
-    run ~25 min (--quick: 12 requests, 1 trial, ~10 min);
-  TTFT SLO 4 s: the longest prompts' one-core prefill (~3 s) plus a queue of about one mean prompt;
-  TPOT SLO 0.15 s: about 3x a one-core batch-1 decode step (~55 ms): room for batching, none for a
-    whole prompt's prefill stalling a decode step;
-  CHUNK 64 tokens: a chunked step of 64 prompt tokens on 2 threads takes ~0.1 s, inside the TPOT SLO.
+The planner (splitserve/plan/local_deployments.py) simulates each deployment from this machine's calibration
+(one for a 1-thread worker, one for a 2-thread worker: --calibration-1t/-2t, made with `splitserve plan
+calibrate --threads N` when missing) through the same core Scheduler and Router, over the same requests and
+sweep, and names the winner per workload.
 
-    python -m benchmarks.interference [--quick] [--rate 0.6] [--rate-lo 0.4] [--rate-hi 2.4] [--trials 3]
+    python -m benchmarks.interference [--quick] [--workloads a,b] [--deployments a,b] [--trials 3]
+                                      [--requests 20] [--predict-only] [--estimate-only]
 
-Writes results/interference.json, results/interference.png, and bench's own result.json and plots per
-deployment and run under results/interference/; the last line printed is a JSON object with
-goodput_ratio_vs_colocated (1P1D / colocated goodput; target >= 3) and goodput_ratio_vs_chunked (target
->= 1.5), the goodputs, SLOs and scales.
+Prints the estimated wall time first. Writes results/interference/result.json, results/interference.png and
+bench's own files per workload and deployment under results/interference/<workload>/<deployment>/; the last
+line printed is a JSON object with planner_winner_agreement, split_stall_ratio_vs_colocated and
+best_split_goodput_ratio. The full run needs hours of a quiet machine (the estimate says how many).
 """
 
 from __future__ import annotations
@@ -37,221 +37,155 @@ import json
 import os
 import sys
 import time
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
-import httpx
-import numpy as np
-
-from benchmarks.netns import Service, credentials
-from splitserve.workload import slo as metrics
+from benchmarks.interference_report import estimate_s, headline, table
+from benchmarks.interference_workloads import DEFAULT_SLO, cases
+from splitserve.calibrate.table import Calibration
+from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, predict_goodput, winner
+from splitserve.runtime.config import DECODE_PREFILL_CHUNK
+from splitserve.workload.goodput import Bracket
 from splitserve.workload.slo import SLO
-from splitserve.bench.results import summary_dict
-from splitserve.bench import BenchConfig, BenchResult, SweepConfig, TraceLoad, run_bench
-from splitserve.runtime.process import free_port
-from splitserve.workload.requests import Scaling, at_rate, from_trace, read_trace
 
-RESULTS = Path("results")
-TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv"
-DEPLOYMENTS = ("colocated", "chunked", "1p1d")
-LABELS = {"colocated": "colocated, 2 threads", "chunked": "colocated + chunked prefill", "1p1d": "1P1D, pinned"}
+OUT = Path("results") / "interference"
+# 20 requests a run, 3 runs a rate, the bracket bisected to a sixth of its width: ~7 h for the 25 sweeps.
+REQUESTS, TRIALS, PARTS = 20, 3, 6
+DRAIN_S = 60.0
 
 
-def serve_args(deployment: str, chunk: int, split_only: bool = False) -> list[str]:
-    if deployment == "colocated":
-        return ["--colocated", "1", "--threads", "2"]
-    if deployment == "chunked":
-        return ["--colocated", "1", "--threads", "2", "--chunked-prefill", "--max-num-batched-tokens", str(chunk)]
-    if deployment == "1p1d":
-        return ["--prefill", "1", "--decode", "1", "--pin", "--threads", "1", *(["--no-conditional"] if split_only else [])]
-    raise ValueError(f"unknown deployment {deployment!r}")
+def calibration(path: Path, threads: int, quick: bool) -> Calibration:
+    """This machine's calibration for a worker of `threads` threads: from `path`, or made now and saved there."""
+    if path.is_file():
+        cal = Calibration.load(path)
+        if cal.machine.get("threads") != threads:
+            raise SystemExit(f"{path} was calibrated with {cal.machine.get('threads')} threads, not {threads}")
+        return cal
+    from splitserve.calibrate.profile import calibrate
+
+    print(f"calibrating a {threads}-thread worker (splitserve plan calibrate{' --quick' if quick else ''})...", file=sys.stderr)
+    cal = calibrate(None, threads, quick, cpu_time=threads == 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
 
 
-def goodput_ratio(num: dict, den: dict) -> float | None:
-    """num's goodput / den's, each the highest rate that passed (0 when even rate_lo failed); None when den's
-    is 0. A sweep that passed rate_hi (upper None) only bounds its goodput from below: so does the ratio."""
-    return num["goodput"] / den["goodput"] if den["goodput"] > 0 else None
-
-
-def cdf(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.sort(np.asarray(values, dtype=float))
-    return x, np.arange(1, len(x) + 1) / max(1, len(x))
-
-
-def latencies(result: BenchResult) -> dict[str, list[float]]:
-    """TTFT and inter-token gaps of the successful requests of a single run."""
-    ok = [r for r in result.runs[-1].records if r.ok]
-    return {"ttft_s": [v for v in map(metrics.ttft, ok) if v is not None],
-            "itl_s": [g for r in ok for g in metrics.itls(r)]}
-
-
-def run_deployment(name: str, args: argparse.Namespace, scaling: Scaling, fixed_scaling: Scaling, slo: SLO,
-                   out: Path) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    model = ["--model", args.model] if args.model else []
-    flags = serve_args(name, args.chunk, args.split_only)
-    server = Service(f"serve-{name}", ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                                       *flags, *model], None, out / "logs")
-    try:
-        server.wait_healthy(url)
-        httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120).raise_for_status()
-        base = dict(url=url, tokenizer=args.model, slo=slo, attainment=args.attainment, timeout_s=args.timeout)
-        fixed = run_bench(BenchConfig(
-            load=TraceLoad(str(args.trace), "azure", fixed_scaling),
-            deadline_s=args.fixed_requests / args.rate + args.drain, out_dir=out / name / "fixed", **base))
-        # Where the frontend sent each request (past the warm-up): 1P1D's router may prefill on the decode worker.
-        with credentials().client() as operator:
-            records = operator.get(url + "/debug/requests", params={"limit": 10_000}).json()[1:]
-        paths = Counter(r["path"] for r in records)
-        print(f"[{name}] rate {args.rate:g}: attainment {fixed.summary.attainment:.2f}, "
-              f"TTFT p90 {_s(fixed.summary.ttft.p90)}, TPOT p90 {_s(fixed.summary.tpot.p90)}, paths {dict(paths)}",
-              file=sys.stderr)
-        sweep = run_bench(BenchConfig(
-            load=TraceLoad(str(args.trace), "azure", scaling),
-            sweep=SweepConfig(args.rate_lo, args.rate_hi, args.trials, args.resolution),
-            deadline_s=args.requests / args.rate_lo + args.drain, out_dir=out / name / "sweep", **base))
-        s = sweep.sweep
-        assert s is not None
-        print(f"[{name}] goodput {s.goodput} req/s (in [{s.lower:g}, {s.upper}])", file=sys.stderr)
-    finally:
-        server.stop()
-    return {
-        "serve_args": flags,
-        "fixed_rate": {"rate": args.rate, "paths": dict(paths), "summary": summary_dict(fixed.runs[-1]),
-                       **latencies(fixed)},
-        # s.lower is the highest rate that passed, 0 if none did: the goodput, in [lower, upper].
-        "sweep": {"goodput": s.lower, "upper": s.upper,
-                  "probes": [{"rate": p.rate, "attainments": list(p.attainments), "median": p.median,
-                              "passed": p.passed} for p in s.probes]},
-    }
-
-
-def describe(trace_path: Path, scaling: Scaling) -> dict:
-    """What the scaled trace asks of the server: the lengths, and the rate before any rate scaling."""
-    w = from_trace(read_trace(trace_path, "azure"), scaling)
-    prompts = [r.input_len for r in w.requests]
-    outputs = [r.output_len for r in w.requests]
-    return {"requests": len(prompts), "prompt_tokens_mean": float(np.mean(prompts)), "prompt_tokens_max": max(prompts),
-            "output_tokens_mean": float(np.mean(outputs)), "output_tokens_max": max(outputs),
-            "trace_rate_req_s": w.mean_rate}
-
-
-def at_rate_scaling(trace_path: Path, scaling: Scaling, rate: float) -> Scaling:
-    """`scaling` with the time scale that gives a mean of `rate` req/s: the sweep's own rate mapping."""
-    return replace(scaling, time_scale=at_rate(read_trace(trace_path, "azure"), scaling, rate).params["time_scale"])
-
-
-def _s(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f} s"
-
-
-def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ta, ia, ga) = plt.subplots(1, 3, figsize=(15, 4.2))
-    slo = doc["slo"]
-    for name, d in doc["deployments"].items():
-        fixed = d["fixed_rate"]
-        for ax, key in ((ta, "ttft_s"), (ia, "itl_s")):
-            if fixed[key]:
-                x, y = cdf(fixed[key])
-                ax.step(x, y, where="post", label=f"{LABELS[name]} (n={len(x)})")
-        probes = sorted(d["sweep"]["probes"], key=lambda p: p["rate"])
-        ga.plot([p["rate"] for p in probes], [p["median"] for p in probes], "-o", label=f"{LABELS[name]}: "
-                f"goodput {d['sweep']['goodput']:.3g}")
-    ta.axvline(slo["ttft_s"], color="grey", linestyle="--", linewidth=1, label="TTFT SLO")
-    ia.axvline(slo["tpot_s"], color="grey", linestyle="--", linewidth=1, label="TPOT SLO")
-    ga.axhline(doc["attainment_target"], color="grey", linestyle="--", linewidth=1, label="target")
-    rate = doc["workload"]["fixed"]["rate"]
-    ta.set(title=f"TTFT at {rate:g} req/s", xlabel="s", ylabel="cumulative fraction", xscale="log")
-    ia.set(title=f"inter-token latency at {rate:g} req/s", xlabel="s", xscale="log")
-    ga.set(title=f"SLO attainment vs rate (median of trials)\n1P1D goodput / colocated: "
-                 f"{_fmt(doc['goodput_ratio_vs_colocated'])}, / chunked: {_fmt(doc['goodput_ratio_vs_chunked'])}",
-           xlabel="req/s", ylim=(-0.02, 1.02))
-    for ax in (ta, ia, ga):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def bracket(case, resolution_parts: int) -> Bracket:
+    """The bracket `splitserve bench`'s sweep searches (SweepConfig's), so both sides probe alike."""
+    return Bracket(case.rate_lo, case.rate_hi, (case.rate_hi - case.rate_lo) / resolution_parts)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="12 requests, 1 trial, a coarse sweep: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="8 requests, 1 trial, a 2-part bisection: a smoke test")
+    ap.add_argument("--workloads", default=None, help="comma-separated (default: all)")
     ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
-    ap.add_argument("--trace", type=Path, default=TRACE)
-    ap.add_argument("--model", default=None, help="as for `splitserve serve` (default: bundled SmolLM2-135M)")
-    ap.add_argument("--length-scale", type=float, default=1 / 8)
-    ap.add_argument("--requests", type=int, default=20, help="the trace's first N requests, every sweep trial")
-    ap.add_argument("--fixed-requests", type=int, default=40, help="the trace's first N requests, fixed-rate runs")
-    ap.add_argument("--rate", type=float, default=0.6, help="req/s of the fixed-rate runs (latency distributions)")
-    ap.add_argument("--rate-lo", type=float, default=0.4)
-    ap.add_argument("--rate-hi", type=float, default=2.4)
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--resolution", type=float, default=0.25, help="req/s: bisection stops at this bracket")
-    ap.add_argument("--slo-ttft", type=float, default=4.0)
-    ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--requests", type=int, default=None, help=f"requests per run (default {REQUESTS}; --quick 8)")
+    ap.add_argument("--trials", type=int, default=None, help=f"runs per probed rate (default {TRIALS}; --quick 1)")
+    ap.add_argument("--parts", type=int, default=None, help=f"bisection stops at (rate_hi - rate_lo) / PARTS "
+                                                            f"(default {PARTS}; --quick 2)")
     ap.add_argument("--attainment", type=float, default=0.9)
-    ap.add_argument("--chunk", type=int, default=64, help="--max-num-batched-tokens of the chunked deployment")
-    ap.add_argument("--split-only", action="store_true",
-                    help="1P1D: every prompt on the prefill worker (default: serve's router may use the decode worker)")
+    ap.add_argument("--slo-ttft", type=float, default=DEFAULT_SLO.ttft_s)
+    ap.add_argument("--slo-tpot", type=float, default=DEFAULT_SLO.tpot_s)
+    ap.add_argument("--slo-gap", type=float, default=DEFAULT_SLO.max_gap_s, help="worst gap between two tokens, s")
+    ap.add_argument("--chunk", type=int, default=128, help="--max-num-batched-tokens of the chunked deployment")
+    ap.add_argument("--drain", type=float, default=DRAIN_S, help="seconds a run may take past its last arrival")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    ap.add_argument("--drain", type=float, default=60.0, help="seconds a run may take past its last arrival")
+    ap.add_argument("--model", default=None, help="as for `splitserve serve` (default: bundled SmolLM2-135M)")
+    ap.add_argument("--calibration-1t", type=Path, default=Path("results/sim_accuracy/calibration.json"))
+    ap.add_argument("--calibration-2t", type=Path, default=None, help="default OUT/calibration-2t.json")
+    ap.add_argument("--out", type=Path, default=OUT, help="where results go (the plot beside it: OUT/../interference.png)")
+    ap.add_argument("--quick-calibration", action="store_true", help="the coarse grid if a calibration is made")
+    ap.add_argument("--predict-only", action="store_true", help="the planner's table only, no server")
+    ap.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate and stop")
     args = ap.parse_args()
-    if args.quick:
-        args.requests, args.fixed_requests, args.trials = 12, 12, 1
-        args.resolution = (args.rate_hi - args.rate_lo) / 4
-    names = [d.strip() for d in args.deployments.split(",") if d.strip()]
-    for n in names:
-        serve_args(n, args.chunk)  # unknown names fail before anything starts
+    quick = dict(requests=8, trials=1, parts=2) if args.quick else dict(requests=REQUESTS, trials=TRIALS, parts=PARTS)
+    for key, value in quick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    out = args.out
+    args.calibration_2t = args.calibration_2t or out / "calibration-2t.json"
+    every = cases(out, args.requests)
+    names = [w.strip() for w in (args.workloads or ",".join(every)).split(",") if w.strip()]
+    deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    for w in names:
+        if w not in every:
+            raise SystemExit(f"unknown workload {w!r}: one of {', '.join(every)}")
+    for d in deployments:
+        if d not in DEPLOYMENTS:
+            raise SystemExit(f"unknown deployment {d!r}: one of {', '.join(DEPLOYMENTS)}")
+    chosen = {w: every[w] for w in names}
+    slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_gap)
 
-    scaling = Scaling(length_scale=args.length_scale, max_requests=args.requests)
-    slo = SLO(args.slo_ttft, args.slo_tpot)
-    fixed_scaling = at_rate_scaling(args.trace, replace(scaling, max_requests=args.fixed_requests), args.rate)
-    workload = {"trace": str(args.trace), "length_scale": args.length_scale,
-                "sweep": {**describe(args.trace, scaling), "rate_lo": args.rate_lo, "rate_hi": args.rate_hi,
-                          "trials": args.trials, "resolution": args.resolution,
-                          "time_scale": "per probed rate: trace arrivals scaled to that mean rate (bench's at_rate)"},
-                "fixed": {**describe(args.trace, fixed_scaling), "rate": args.rate,
-                          "time_scale": fixed_scaling.time_scale}}
-    print(f"workload: {json.dumps(workload)}; SLO TTFT {args.slo_ttft:g} s, TPOT {args.slo_tpot:g} s, "
-          f"attainment {args.attainment:g}; chunk {args.chunk} tokens", file=sys.stderr)
-    out = RESULTS / "interference"
+    brackets = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / args.parts) for w, c in chosen.items()}
+    full = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / PARTS) for w, c in every.items()}
+    this_run = estimate_s(brackets, len(deployments), args.requests, args.trials)
+    print(f"estimated wall time: this run ~{this_run / 3600:.1f} h ({len(chosen)} workloads x {len(deployments)} "
+          f"deployments, {args.requests} requests x {args.trials} trials per rate); the full default run "
+          f"~{estimate_s(full, len(DEPLOYMENTS), REQUESTS, TRIALS) / 3600:.1f} h on a quiet machine", file=sys.stderr)
+    if args.estimate_only:
+        return
+
+    from benchmarks.sim_accuracy import loopback_bandwidth
+
+    machine = Machine(calibration(args.calibration_1t, 1, args.quick_calibration),
+                      calibration(args.calibration_2t, 2, args.quick_calibration),
+                      loopback_bandwidth(), chunk=args.chunk, decode_prefill_chunk=DECODE_PREFILL_CHUNK)
+    predicted: dict[str, dict[str, float]] = {}
+    prediction_probes: dict[str, dict[str, list]] = {}
+    for w, case in chosen.items():
+        predicted[w], prediction_probes[w] = {}, {}
+        for d in deployments:
+            g = predict_goodput(machine, d, lambda rate, trial: case.requests(rate, trial).requests, slo,
+                                bracket(case, args.parts), args.trials, args.attainment)
+            predicted[w][d] = g.lower
+            prediction_probes[w][d] = [{"rate": p.rate, "median": p.median} for p in g.probes]
+        print(f"[{w}] predicted goodput (req/s): {predicted[w]}; predicted winner "
+              f"{winner(predicted[w]) if any(predicted[w].values()) else 'none (no deployment passed the lowest rate)'}",
+              file=sys.stderr)
+
     started = time.time()
-    deployments = {n: run_deployment(n, args, scaling, fixed_scaling, slo, out) for n in names}
+    measured: dict[str, dict[str, dict]] = {}
+    if not args.predict_only:
+        from benchmarks.interference_measure import measure
 
-    sweeps = {n: d["sweep"] for n, d in deployments.items()}
-    vs = {other: goodput_ratio(sweeps["1p1d"], sweeps[other]) if "1p1d" in sweeps and other in sweeps else None
-          for other in ("colocated", "chunked")}
+        for w, case in chosen.items():
+            print(f"[{w}] {case.why}", file=sys.stderr)
+            measured[w] = {d: measure(case, d, slo, trials=args.trials, resolution=(case.rate_hi - case.rate_lo) / args.parts,
+                                      attainment=args.attainment, chunk=args.chunk, drain_s=args.drain,
+                                      timeout_s=args.timeout, out=out / w / d, model=args.model)
+                           for d in deployments}
+
+    brackets_measured = {w: {d: (m["goodput"], m["upper"]) for d, m in by.items()} for w, by in measured.items()}
+    rows = table(brackets_measured, predicted)
+    lowest = {w: {d: m["latency_by_rate"].get(f"{chosen[w].rate_lo:g}", {}) for d, m in by.items()}
+              for w, by in measured.items()}
+    seed_like = next((w for w, c in chosen.items() if c.seed_like), None)
+    head = headline(rows, lowest, seed_like)
     doc = {
-        "goodput_ratio_vs_colocated": vs["colocated"],
-        "goodput_ratio_vs_chunked": vs["chunked"],
-        "targets": {"goodput_ratio_vs_colocated": ">= 3", "goodput_ratio_vs_chunked": ">= 1.5"},
-        "goodput_req_s": {n: s["goodput"] for n, s in sweeps.items()},
-        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
-        "attainment_target": args.attainment,
-        "workload": workload,
-        "chunk_tokens": args.chunk,
-        "split_only": args.split_only,
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "wall_s": time.time() - started,
-        "deployments": deployments,
+        **head,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "max_gap_s": slo.max_gap_s, "attainment": args.attainment},
+        "workloads": {w: {"why": c.why, "rate_lo": c.rate_lo, "rate_hi": c.rate_hi, "requests": args.requests,
+                          "load": repr(c.load)} for w, c in chosen.items()},
+        "trials": args.trials, "parts": args.parts, "chunk_tokens": args.chunk,
+        "decode_prefill_chunk": DECODE_PREFILL_CHUNK,
+        "calibrations": {"1t": str(args.calibration_1t), "2t": str(args.calibration_2t)},
+        "link_bw": machine.link_bw,
+        "table": rows,
+        "predicted": predicted, "prediction_probes": prediction_probes,
+        "measured": measured,
+        "latency_at_rate_lo": lowest,
+        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "wall_s": time.time() - started, "quick": args.quick,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "interference.json").write_text(json.dumps(doc, indent=1))
-    plot(doc, RESULTS / "interference.png")
-    print(json.dumps({k: doc[k] for k in ("goodput_ratio_vs_colocated", "goodput_ratio_vs_chunked", "goodput_req_s",
-                                          "slo", "workload", "chunk_tokens")}))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(doc, indent=1))
+    if measured:
+        from benchmarks.interference_plot import plot
+
+        plot(doc, out.parent / "interference.png")
+    print(json.dumps({**head, "predicted_winners": {w: winner(p) for w, p in predicted.items()},
+                      "measured_goodput": {w: {d: m["goodput"] for d, m in by.items()} for w, by in measured.items()},
+                      "load_average": os.getloadavg(), "quick": args.quick}))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import httpx
 
 from splitserve.workload.record import RequestRecord
 from splitserve.workload.requests import RequestSpec
+
+_SSE_EOL = re.compile(r"\r\n|\r|\n")
 
 # Open loop must not queue behind a small pool, but a long trace must not open thousands of sockets either;
 # beyond this many in flight the wait for a connection shows up as client-side TTFT.
@@ -188,9 +191,22 @@ async def _request(
         _fail(rec, "stream", _describe(e), clock)
 
 
+async def _sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines as SSE ends them: at CR, LF or CRLF only. httpx's aiter_lines also ends one at
+    U+2028, U+0085 and other characters str.splitlines knows, which a JSON string may hold raw: a model's
+    text then broke an event in two. (A CRLF split across reads yields one extra blank line: harmless.)"""
+    pending = ""
+    async for text in resp.aiter_text():
+        *lines, pending = _SSE_EOL.split(pending + text)
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 async def _read_stream(resp: httpx.Response, rec: RequestRecord, clock) -> None:
     chunks, usage, done = 0, None, False
-    async for line in resp.aiter_lines():
+    async for line in _sse_lines(resp):
         if not line.startswith("data:"):
             continue  # blank separators, comments, "event:" lines
         data = line[5:].strip()

@@ -43,7 +43,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
         config.out_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after a long run
     trace = read_trace(config.load.path, config.load.format) if isinstance(config.load, TraceLoad) else None
     # Build one workload now, so a bad workload parameter is reported before any network traffic.
-    _workload(config.load, trace, config.sweep.rate_lo if config.sweep else None, 0)
+    workload_at(config.load, trace, config.sweep.rate_lo if config.sweep else None, 0)
     model = resolve_model(config.url, config.model)
     vocab = find_vocab(model, config.tokenizer)
     salt = config.salt if config.salt is not None else secrets.randbits(63)
@@ -53,7 +53,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     with RunProgress(config.progress, console, config.live_table) as progress:
 
         def measure(rate: float | None, trial: int) -> Run:
-            workload = _workload(config.load, trace, rate, trial)
+            workload = workload_at(config.load, trace, rate, trial)
             label = f"rate {rate:g} req/s, trial {trial + 1}" if rate is not None else "requests"
             progress.start_run(label, len(workload.requests))
             # Each run draws its own prompt tokens, so no trial finds an earlier trial's prompts cached.
@@ -91,7 +91,9 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     return result
 
 
-def _workload(load: TraceLoad | SyntheticSpec, trace: Trace | None, rate: float | None, trial: int) -> Workload:
+def workload_at(load: TraceLoad | SyntheticSpec, trace: Trace | None, rate: float | None, trial: int) -> Workload:
+    """The requests of one run: `load` at `rate` (None: as given), trial `trial` of that rate. Public, so a
+    simulation of the same run (benchmarks.interference's planner check) gets the very same requests."""
     if isinstance(load, SyntheticSpec):
         return synthetic(load if rate is None else replace(load, rate=rate, seed=load.seed + trial))
     assert trace is not None

@@ -9,6 +9,10 @@ Policy (one step):
    (its blocks freed, to be recomputed later): old requests keep making progress.
 2. Then waiting requests, in arrival order, while the token budget, the running cap and the free blocks
    allow. A prompt's cached prefix is taken from the prefix cache and not recomputed.
+3. With `prefill_tokens_while_decoding` set (chunked prefill), a step that decodes any request computes at
+   most that many prompt tokens: a prompt computed beside running decodes (a decode worker's recompute or
+   local prefill) stretches each of their steps by one small chunk instead of stalling them for its whole
+   prefill. With nothing decoding the usual budget holds, so an idle worker still prefills at full speed.
 
 Disaggregation uses the same object on both sides. A decode worker `reserve`s blocks for a prompt whose
 KV a prefill worker will send, and admits it with `kv_arrived` once every layer has landed. A prefill
@@ -37,8 +41,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = False
     max_waiting: int = 1024
+    prefill_tokens_while_decoding: int | None = None  # see the policy, point 3; None: no cap
 
     def __post_init__(self) -> None:
+        if self.prefill_tokens_while_decoding is not None and self.prefill_tokens_while_decoding < 1:
+            raise ValueError(f"prefill_tokens_while_decoding must be >= 1, got {self.prefill_tokens_while_decoding}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             # Without chunking a whole prompt must fit in one step.
             object.__setattr__(self, "max_num_batched_tokens", self.max_model_len)
@@ -202,10 +209,17 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        prefill = self._prefill_budget()
         i = 0
         while i < len(self._running) and budget > 0:
             req = self._running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new > 1:  # a prompt's chunk: within the prefill budget of a step that decodes
+                num_new = min(num_new, prefill)
+                if num_new == 0:
+                    i += 1
+                    continue
+                prefill -= num_new
             while not self.kv.allocate(req, num_new):
                 victim = self._running.pop()
                 self._preempt(victim)
@@ -219,8 +233,17 @@ class Scheduler:
                 continue
             break
         if not out.preempted:
-            budget = self._admit(out, budget, now)
+            budget = self._admit(out, budget, now, prefill)
         return out
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may compute: capped while a request decodes (or one is ready to),
+        unbounded (the token budget rules) otherwise."""
+        cap = self.config.prefill_tokens_while_decoding
+        if cap is None or not self.config.enable_chunked_prefill:
+            return self.config.max_num_batched_tokens
+        decoding = self._ready or any(r.num_tokens - r.num_computed_tokens <= 1 for r in self._running)
+        return cap if decoding else self.config.max_num_batched_tokens
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Record a computed step: advance progress, publish full blocks, append sampled tokens.
@@ -242,7 +265,7 @@ class Scheduler:
                 finished.append(req)
         return finished
 
-    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, now: float, prefill: int) -> int:
         # Requests whose KV arrived from a prefill worker come first: they only need one decode token.
         while self._ready and budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._ready[0]
@@ -263,7 +286,9 @@ class Scheduler:
             hit = self.kv.prefix_hit(req)
             num_new = req.num_tokens - req.num_computed_tokens - len(hit) * self.pool.block_size
             if self.config.enable_chunked_prefill:
-                num_new = min(num_new, budget)
+                num_new = min(num_new, budget, prefill)
+                if num_new < 1:
+                    break
             elif num_new > budget:
                 break
             if not self.kv.allocate(req, num_new, hit):
@@ -276,6 +301,7 @@ class Scheduler:
             self._running.append(req)
             out.seqs.append(self._scheduled(req, num_new))
             budget -= num_new
+            prefill -= num_new
         return budget
 
     def _record_hit(self, req: Request, hit_blocks: int) -> None:

@@ -28,6 +28,17 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_waiting: int = 256
+    # Prompt tokens a step may compute while requests decode (None: only max_num_batched_tokens). A decode
+    # worker defaults to DECODE_PREFILL_CHUNK: see build_engine.
+    prefill_tokens_while_decoding: int | None = None
+
+
+# A decode worker's prompts (recomputes after a failed transfer, local prefills) go this many tokens a step
+# while it decodes: on one core of this machine 32 prompt tokens cost about one batch-1 decode step
+# (~330 prompt tok/s vs 55-120 ms a decode step), so a running request's inter-token gap stays within about
+# two decode steps instead of a whole prompt's prefill (a 1,000-token recompute stalled every running
+# request for 3 s quiet, 9-16 s at load 10: issue 19).
+DECODE_PREFILL_CHUNK = 32
 
 
 def add_serve_args(serve: argparse.ArgumentParser) -> None:
@@ -110,6 +121,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split prompts across steps to keep each step within --max-num-batched-tokens (the default)")
     g.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
                    help="schedule every prompt whole (a step may then hold up to --max-model-len tokens)")
+    g.add_argument("--prefill-chunk-while-decoding", type=int, default=None, metavar="TOKENS",
+                   help="prompt tokens per step while requests decode (default: %d on decode workers, "
+                        "no cap elsewhere)" % DECODE_PREFILL_CHUNK)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--max-waiting", type=int, default=256, help="queue cap; beyond it requests get 429")
     g.add_argument("--step-log-dir", default=None, metavar="DIR",
@@ -127,6 +141,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching,
         max_waiting=args.max_waiting,
+        prefill_tokens_while_decoding=args.prefill_chunk_while_decoding,
     )
 
 

@@ -15,6 +15,7 @@ import os
 import secrets
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from splitserve.runtime.auth import Guard, Rule, Verifier
-from splitserve.runtime.config import engine_config, worker_argv, worker_command
+from splitserve.runtime.config import DECODE_PREFILL_CHUNK, engine_config, worker_argv, worker_command
 from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
 from splitserve.runtime.supervisor import Supervisor
 from splitserve.runtime.process import dies_with_parent, free_port, stop_processes, terminate_on_signals, wait_healthy
@@ -55,7 +56,10 @@ def build_engine(args: argparse.Namespace, role: str = "colocated") -> Engine:
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if args.served_model_name:
         loaded.name = args.served_model_name
-    engine = Engine(loaded, engine_config(args))
+    config = engine_config(args)
+    if role == "decode" and config.prefill_tokens_while_decoding is None:
+        config = replace(config, prefill_tokens_while_decoding=DECODE_PREFILL_CHUNK)
+    engine = Engine(loaded, config)
     if args.step_log_dir:
         engine.step_observers.append(StepLog(args.step_log_dir, role).observe)
     return engine

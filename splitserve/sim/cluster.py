@@ -92,6 +92,7 @@ class ClusterSim:
                     max_num_batched_tokens=pool.max_num_batched_tokens,
                     enable_chunked_prefill=pool.chunked_prefill,
                     max_waiting=spec.max_waiting,
+                    prefill_tokens_while_decoding=pool.prefill_tokens_while_decoding,
                 )
                 w = Worker(len(self.workers), pool, perf, Scheduler(cfg, BlockPool(blocks, bs, spec.prefix_caching)), link)
                 self.workers.append(w)

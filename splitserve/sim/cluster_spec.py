@@ -27,6 +27,7 @@ class PoolSpec:
     chunked_prefill: bool = False
     hardware: Hardware | None = None  # None: the cluster's (different hardware per pool: issue #7)
     efficiency: Efficiency | None = None  # None: the cluster's
+    prefill_tokens_while_decoding: int | None = None  # as the runtime's decode workers (SchedulerConfig)
 
     @property
     def gpus(self) -> int:

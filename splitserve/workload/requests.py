@@ -84,6 +84,10 @@ class Scaling:
     max_duration_s: float | None = None  # keep requests arriving within this many (scaled) seconds
     jitter_s: float = 0.0  # spread each arrival uniformly over [t, t + jitter_s) of trace time (undo quantisation)
     seed: int = 0
+    # Outputs' own scale (None: length_scale): a trace of long prompts shrunk to fit a small machine keeps
+    # answers long enough to have something to decode (issue 19).
+    # Last: callers build a Scaling positionally.
+    output_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,9 @@ def _read_azure(f, p: Path) -> list[TraceRow]:
 def from_trace(trace: Trace, scaling: Scaling = Scaling()) -> Workload:
     """Scale and cut a parsed trace into a workload; `notes` lists every change."""
     s = scaling
-    _check_positive(time_scale=s.time_scale, length_scale=s.length_scale, duration=s.max_duration_s)
+    _check_positive(time_scale=s.time_scale, length_scale=s.length_scale, duration=s.max_duration_s,
+                    output_scale=s.output_scale)
+    out_scale = s.length_scale if s.output_scale is None else s.output_scale
     if s.jitter_s < 0:
         raise WorkloadError(f"jitter must be >= 0, got {s.jitter_s}")
     if s.max_requests is not None and s.max_requests < 1:
@@ -258,6 +264,8 @@ def from_trace(trace: Trace, scaling: Scaling = Scaling()) -> Workload:
         notes.append(f"prompt and output lengths x{s.length_scale:g} (length_scale), rounded, at least 1")
         if trace.format == "mooncake":
             notes.append(f"prefix block size scaled with them: {MOONCAKE_BLOCK_TOKENS} -> {block} tokens")
+    if out_scale != s.length_scale:
+        notes.append(f"output lengths x{out_scale:g} instead (output_scale)")
 
     keep = len(rows)
     if s.max_requests is not None:
@@ -271,7 +279,7 @@ def from_trace(trace: Trace, scaling: Scaling = Scaling()) -> Workload:
 
     requests, raised = [], 0
     for t, r in zip(times[:keep], rows[:keep]):
-        inp, out = round(r.input_len * s.length_scale), round(r.output_len * s.length_scale)
+        inp, out = round(r.input_len * s.length_scale), round(r.output_len * out_scale)
         raised += inp < 1 or out < 1
         inp, out = max(1, inp), max(1, out)
         nblocks = min(len(r.hash_ids), math.ceil(inp / block))
@@ -284,6 +292,7 @@ def from_trace(trace: Trace, scaling: Scaling = Scaling()) -> Workload:
         "format": trace.format,
         "time_scale": s.time_scale,
         "length_scale": s.length_scale,
+        "output_scale": out_scale,
         "block_tokens": block,
         "max_requests": s.max_requests,
         "max_duration_s": s.max_duration_s,

@@ -20,10 +20,13 @@ from splitserve.workload.record import RequestRecord
 class SLO:
     ttft_s: float | None = None
     tpot_s: float | None = None
+    # The longest gap between two consecutive output chunks of a request (its worst stall): a mean TPOT
+    # hides a decode stalled for seconds by another request's prefill, the thing disaggregation protects.
+    max_gap_s: float | None = None
 
     @property
     def set(self) -> bool:
-        return self.ttft_s is not None or self.tpot_s is not None
+        return self.ttft_s is not None or self.tpot_s is not None or self.max_gap_s is not None
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,19 @@ def itls(r: RequestRecord) -> list[float]:
     return np.diff(r.token_times_s).tolist() if r.ok else []
 
 
+def worst_gap(r: RequestRecord) -> float | None:
+    """The longest gap between consecutive output chunks (None with fewer than two)."""
+    gaps = itls(r)
+    return max(gaps) if gaps else None
+
+
 def meets_slo(r: RequestRecord, slo: SLO) -> bool:
-    """Succeeded, and within both targets. A one-token reply has no TPOT, so it cannot miss that target."""
+    """Succeeded, and within every target set. A one-token reply has no TPOT and no gap, so it cannot miss those."""
     if not r.ok:
         return False
     if slo.ttft_s is not None and not ttft(r) <= slo.ttft_s:
+        return False
+    if slo.max_gap_s is not None and (gap := worst_gap(r)) is not None and not gap <= slo.max_gap_s:
         return False
     per_token = tpot(r)
     return slo.tpot_s is None or per_token is None or per_token <= slo.tpot_s

@@ -29,6 +29,7 @@ class Behaviour:
     break_stream: set[int] = field(default_factory=set)
     report_usage: bool = True
     max_output: int | None = None  # stop early, as a server that ignores ignore_eos would
+    text: str = " t"  # each token's text, sent raw (not ASCII-escaped) in the JSON, as servers may
     received: list[dict] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -89,8 +90,8 @@ def make_app(b: Behaviour) -> FastAPI:
                 if i:
                     await asyncio.sleep(b.token_delay_s)
                 finish = "length" if i == max_tokens - 1 else None
-                chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f" t{i}", "finish_reason": finish}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f"{b.text}{i}", "finish_reason": finish}]}
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                 if n in b.break_stream:
                     raise RuntimeError("injected stream break")
             if b.report_usage:

@@ -39,6 +39,15 @@ def test_streams_are_recorded_token_by_token_with_usage(fake_server):
     assert body["ignore_eos"] is True and body["max_tokens"] == 6 and len(body["prompt"]) == 20
 
 
+@pytest.mark.parametrize("text", ["\u2028", "\x85", "\x1c", "\x0b"])
+def test_a_token_whose_text_splits_lines_in_python_does_not_break_the_event(fake_server, text):
+    """SSE ends a line at CR or LF only; str.splitlines (and httpx's aiter_lines) also at these, which a
+    JSON string may hold raw: a model's text broke an event in two ('malformed event', issue 19's smoke run)."""
+    server = fake_server(text=text)
+    (r,) = run(server, specs(1, output_len=4))
+    assert r.ok and len(r.token_times_s) == 4, r.error
+
+
 def test_no_ignore_eos_leaves_the_field_out(fake_server):
     server = fake_server()
     run(server, specs(1), ignore_eos=False)

@@ -78,3 +78,14 @@ def test_empty_and_all_failed_runs_summarise_without_error():
     failed = [RequestRecord(0, 0.0, 1, 1, sent_s=0.0, end_s=1.0, status=503, error_kind="http")]
     s = summarize(failed, SLO(1.0))
     assert s.ttft.count == 0 and s.ttft.p50 is None and s.attainment == 0.0 and s.errors == {"HTTP 503": 1}
+
+
+def test_the_worst_gap_target_fails_a_request_stalled_once_whatever_its_mean():
+    r = RequestRecord(0, 0.0, 10, 5, sent_s=0.0, first_token_s=0.5, token_times_s=[0.5, 0.6, 0.7, 1.9, 2.0],
+                      end_s=2.0, completion_tokens=5, status=200)
+    assert meets_slo(r, SLO(ttft_s=1.0, tpot_s=0.5))  # mean TPOT 0.375 s hides the 1.2 s stall
+    assert not meets_slo(r, SLO(ttft_s=1.0, tpot_s=0.5, max_gap_s=1.0))
+    assert meets_slo(r, SLO(max_gap_s=1.25))
+    one = RequestRecord(1, 0.0, 10, 1, sent_s=0.0, first_token_s=0.5, token_times_s=[0.5], end_s=0.5,
+                        completion_tokens=1, status=200)
+    assert meets_slo(one, SLO(max_gap_s=0.01)) and SLO(max_gap_s=1.0).set

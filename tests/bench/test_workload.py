@@ -143,6 +143,16 @@ def test_time_and_length_scaling_are_applied_and_stated(mooncake):
     assert w.params["time_scale"] == 0.5 and w.params["block_tokens"] == 51
 
 
+def test_outputs_scale_on_their_own_when_asked(mooncake):
+    same = load_trace(mooncake, scaling=Scaling(length_scale=0.1))
+    w = load_trace(mooncake, scaling=Scaling(length_scale=0.1, output_scale=1.0))
+    assert [r.input_len for r in w.requests] == [r.input_len for r in same.requests]
+    assert [r.output_len for r in w.requests] == [r.output_len for r in load_trace(mooncake).requests]
+    assert "x1 instead (output_scale)" in "\n".join(w.notes) and w.params["output_scale"] == 1.0
+    with pytest.raises(WorkloadError, match="output_scale"):
+        load_trace(mooncake, scaling=Scaling(output_scale=0.0))
+
+
 def test_lengths_never_scale_below_one_token_and_the_notes_say_so(azure):
     w = load_trace(azure, scaling=Scaling(length_scale=0.01))
     assert min(min(r.input_len, r.output_len) for r in w.requests) == 1

@@ -1,26 +1,109 @@
-"""The pure parts of benchmarks.interference: deployments' serve flags, goodput ratios, CDFs."""
+"""The pure parts of benchmarks.interference (issue 19): the workloads, the deployments' flags, the latency
+figures, the wall-time estimate, the measured-vs-predicted table and headline, and the planner's prediction
+on this repository's calibration (simulation only, a few seconds)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from benchmarks.interference import cdf, goodput_ratio, serve_args
+from benchmarks.interference_measure import serve_args
+from benchmarks.interference_report import estimate_s, headline, latency_figures, planned_rates, table
+from benchmarks.interference_workloads import DEFAULT_SLO, cases
+from splitserve.calibrate.table import Calibration
+from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, cluster, simulated_attainment, within_spread
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.slo import SLO
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "results" / "sim_accuracy" / "calibration.json"
 
 
-def test_serve_args():
-    assert serve_args("chunked", 64)[-3:] == ["--chunked-prefill", "--max-num-batched-tokens", "64"]
-    assert "--pin" in serve_args("1p1d", 64)
+@pytest.fixture(scope="module")
+def every(tmp_path_factory):
+    return cases(tmp_path_factory.mktemp("wl"), 24)
+
+
+def test_every_deployment_has_flags_on_the_same_two_cores():
+    for d in DEPLOYMENTS:
+        flags = serve_args(d, 128)
+        threads = int(flags[flags.index("--threads") + 1])
+        workers = sum(int(flags[flags.index(f) + 1]) for f in ("--colocated", "--prefill", "--decode") if f in flags)
+        assert threads * workers == 2, d
+    assert "--no-conditional" in serve_args("1p1d", 128) and "--no-conditional" not in serve_args("1p1d_conditional", 128)
     with pytest.raises(ValueError):
-        serve_args("2p2d", 64)
+        serve_args("2p2d", 128)
 
 
-def test_goodput_ratio():
-    assert goodput_ratio({"goodput": 1.5, "upper": 1.6}, {"goodput": 0.5, "upper": 0.6}) == pytest.approx(3.0)
-    assert goodput_ratio({"goodput": 0.0, "upper": 0.4}, {"goodput": 0.5, "upper": 0.6}) == 0.0
-    assert goodput_ratio({"goodput": 1.0, "upper": 1.2}, {"goodput": 0.0, "upper": 0.4}) is None
+def test_the_workloads_decode_and_are_the_same_requests_for_the_same_run(every):
+    assert set(every) == {"prompt_heavy", "mooncake", "azure_code", "short_prompts", "mixed"}
+    for name, case in every.items():
+        w = case.requests(case.rate_lo, 0)
+        assert len(w.requests) == 24
+        assert [r.input_len for r in w.requests] == [r.input_len for r in case.requests(case.rate_lo, 0).requests]
+        assert w.mean_rate == pytest.approx(case.rate_lo, rel=0.5)
+        outputs = [r.output_len for r in w.requests]
+        assert np.mean(outputs) >= 16, f"{name}: answers too short to decode"
+    heavy = every["prompt_heavy"].requests(0.2, 0).requests
+    assert np.mean([r.input_len for r in heavy]) > 700 and {r.output_len for r in heavy} == {128}
+    short = every["short_prompts"].requests(1.0, 0).requests
+    assert max(r.input_len for r in short) < 300
+    mixed = [r.input_len for r in every["mixed"].requests(1.0, 0).requests]
+    assert min(mixed) < 200 and max(mixed) > 800  # bimodal: both kinds in the first 24
+    assert sum(c.seed_like for c in every.values()) == 1
 
 
-def test_cdf():
-    x, y = cdf([3.0, 1.0, 2.0])
-    assert x.tolist() == [1.0, 2.0, 3.0]
-    assert y.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+def _record(i: int, times: list[float]) -> RequestRecord:
+    return RequestRecord(i, 0.0, 100, len(times), sent_s=0.0, first_token_s=times[0], token_times_s=times,
+                         end_s=times[-1], completion_tokens=len(times), status=200)
+
+
+def test_latency_figures_are_medians_over_runs_with_their_spread_and_gaps_in_decode_steps():
+    run_a = [_record(0, [1.0, 1.1, 1.2, 2.2]), _record(1, [2.0, 2.1, 2.2, 2.3])]
+    run_b = [_record(0, [3.0, 3.1, 3.2, 3.3])]
+    f = latency_figures([run_a, run_b], decode_step_s=0.1)
+    assert f["worst_gap_max_s"] == pytest.approx((1.0 + 0.1) / 2)  # runs: 1.0 and 0.1
+    assert f["worst_gap_max_s_spread"] == pytest.approx([0.1, 1.0])
+    assert f["worst_gap_max_steps"] == pytest.approx(5.5)
+    assert f["ttft_p50_s"] == pytest.approx((1.5 + 3.0) / 2)
+
+
+def test_the_estimate_counts_every_run_of_every_sweep():
+    assert planned_rates(0.5, 1.5, 0.25) == [0.5, 1.5, 1.0, 1.0]
+    one = estimate_s({"w": (0.5, 1.5, 0.25)}, 1, 10, 1)
+    assert estimate_s({"w": (0.5, 1.5, 0.25)}, 2, 10, 3) == pytest.approx(2 * (3 * (one - 30.0) + 30.0))
+
+
+def test_the_table_and_headline_judge_the_planner_by_the_measured_spread():
+    measured = {"heavy": {"colocated": (0.0, 0.1), "1p1d": (0.3, 0.4), "1p1d_conditional": (0.2, 0.35)},
+                "short": {"colocated": (2.0, None), "1p1d": (1.0, 1.5)}}
+    predicted = {"heavy": {"colocated": 0.05, "1p1d": 0.25, "1p1d_conditional": 0.33}, "short": {"colocated": 1.0, "1p1d": 1.2}}
+    rows = table(measured, predicted)
+    by = {(r["workload"], r["deployment"]): r for r in rows}
+    assert by["heavy", "1p1d"]["measured_winner"] == "1p1d" and by["heavy", "1p1d"]["predicted_winner"] == "1p1d_conditional"
+    assert by["heavy", "1p1d"]["agrees"]  # conditional failed at 0.35, above 1p1d's 0.3: within the spread
+    assert not by["short", "1p1d"]["agrees"]  # 1p1d failed at 1.5, below colocated's 2.0
+    assert by["heavy", "1p1d"]["error"] == pytest.approx(-1 / 6)
+    lat = {"heavy": {"1p1d": {"itl_p99_s": 0.2}, "colocated": {"itl_p99_s": 2.0}}}
+    head = headline(rows, lat, "heavy")
+    assert head["planner_winner_agreement"] == 0.5
+    assert head["split_stall_ratio_vs_colocated"] == pytest.approx(0.1)
+    assert head["best_split_goodput_ratio"] is None and "best_split_goodput_ratio_note" in head
+    mixed = table({"mixed": {"colocated": (0.4, 0.6), "1p1d": (0.6, 0.8), "1p1d_conditional": (0.8, 1.0)}}, {})
+    assert headline(mixed, {}, None)["conditional_wins_mixed"]
+    nothing = table({"heavy": {"colocated": (0.0, 0.1), "1p1d": (0.0, 0.1)}}, {"heavy": {"colocated": 0.0, "1p1d": 0.2}})
+    assert nothing[0]["agrees"] is None and headline(nothing, {}, None)["planner_winner_agreement"] is None
+    assert not within_spread({"a": (1.0, 1.2), "b": (0.5, 0.9)}, "b") and within_spread({"a": (1.0, 1.2), "b": (0.5, None)}, "b")
+
+
+def test_the_planner_sees_a_colocated_decode_stall_that_the_split_avoids(every):
+    """On the seed's load, simulated from this machine's calibration: colocated's decodes stall behind each
+    long prefill (worst gaps over the 0.5 s SLO), the split's decode worker does not."""
+    cal = Calibration.load(CALIBRATION)
+    machine = Machine(cal, cal, link_bw=2e9)
+    requests = every["prompt_heavy"].requests(0.15, 0).requests
+    gap_only = SLO(max_gap_s=DEFAULT_SLO.max_gap_s)
+    assert simulated_attainment(machine, "1p1d", requests, gap_only) > simulated_attainment(machine, "colocated", requests, gap_only)
+    spec, _ = cluster(machine, "1p1d")
+    assert {p.role: p.prefill_tokens_while_decoding for p in spec.pools} == {"prefill": None, "decode": 32}

@@ -62,6 +62,7 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 max_waiting=config.max_waiting,
+                prefill_tokens_while_decoding=config.prefill_tokens_while_decoding,
             ),
             self.pool,
         )

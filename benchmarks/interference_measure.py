@@ -1,0 +1,86 @@
+"""One deployment of `benchmarks.interference` measured on one workload: `splitserve serve` started with the
+deployment's flags, `splitserve bench`'s goodput sweep against it, and every engine step logged (so the
+worst gaps can be stated in decode steps of the very run)."""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import median
+
+import httpx
+
+from benchmarks.interference_report import latency_figures
+from benchmarks.interference_workloads import Case
+from benchmarks.netns import Service
+from splitserve.bench import BenchConfig, SweepConfig, run_bench
+from splitserve.runtime.process import free_port
+from splitserve.runtime.worker.step_log import read_step_log
+from splitserve.workload.slo import SLO
+
+
+def serve_args(deployment: str, chunk: int) -> list[str]:
+    """`splitserve serve` flags of each deployment: all on the same two cores."""
+    if deployment == "colocated":
+        return ["--colocated", "1", "--threads", "2"]
+    if deployment == "replicas":
+        return ["--colocated", "2", "--pin", "--threads", "1"]
+    if deployment == "chunked":
+        return ["--colocated", "1", "--threads", "2", "--max-num-batched-tokens", str(chunk)]
+    if deployment == "1p1d":
+        return ["--prefill", "1", "--decode", "1", "--pin", "--threads", "1", "--no-conditional"]
+    if deployment == "1p1d_conditional":
+        return ["--prefill", "1", "--decode", "1", "--pin", "--threads", "1"]
+    raise ValueError(f"unknown deployment {deployment!r}")
+
+
+def decode_step_s(step_dir: Path) -> float | None:
+    """The median seconds of a step that only decodes (one token per sequence), over every worker that
+    decodes: the unit a stall is counted in."""
+    seconds = []
+    for path in glob.glob(str(step_dir / "steps-*.jsonl")):
+        header, steps = read_step_log(path)
+        if header["role"] == "prefill":
+            continue
+        seconds += [s["s"] for s in steps if s["b"] and all(b[0] == 1 for b in s["b"])]
+    return median(seconds) if seconds else None
+
+
+def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: float, attainment: float,
+            chunk: int, drain_s: float, timeout_s: float, out: Path, model: str | None = None) -> dict:
+    """The deployment's goodput sweep on `case` and the latencies of its runs at each probed rate."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = serve_args(deployment, chunk)
+    steps = out / "steps"
+    server = Service(f"serve-{deployment}", ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                             "warning", "--step-log-dir", str(steps), *flags,
+                                             *(["--model", model] if model else [])], None, out / "logs")
+    try:
+        server.wait_healthy(url)
+        httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120).raise_for_status()
+        n = case.load.num_requests if hasattr(case.load, "num_requests") else case.load.scaling.max_requests
+        result = run_bench(BenchConfig(
+            load=case.load, url=url, tokenizer=model, slo=slo, attainment=attainment, timeout_s=timeout_s,
+            sweep=SweepConfig(case.rate_lo, case.rate_hi, trials, resolution),
+            deadline_s=n / case.rate_lo + drain_s, out_dir=out / "bench"))
+    finally:
+        server.stop()
+    s = result.sweep
+    assert s is not None
+    step = decode_step_s(steps)
+    by_rate: dict[float, list] = defaultdict(list)
+    for run in result.runs:
+        by_rate[run.rate].append(run.records)
+    print(f"  [{case.name}/{deployment}] goodput {s.lower:g} req/s (failed at {s.upper}), decode step "
+          f"{'n/a' if step is None else f'{step * 1e3:.0f} ms'}", file=sys.stderr)
+    return {
+        "serve_args": flags,
+        "goodput": s.lower, "upper": s.upper,  # passed, failed (None: the top of the bracket passed)
+        "probes": [{"rate": p.rate, "attainments": list(p.attainments), "median": p.median, "passed": p.passed}
+                   for p in s.probes],
+        "latency_by_rate": {f"{rate:g}": latency_figures(runs, step) for rate, runs in sorted(by_rate.items())},
+        "decode_step_s": step,
+    }

@@ -1,0 +1,126 @@
+"""The pure parts of `benchmarks.interference`: latency figures of a set of runs, the wall-time estimate, the
+measured-vs-predicted table and the headline numbers. No server, no clock."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Sequence
+
+import numpy as np
+
+from splitserve.plan.local_deployments import SPLIT, winner, within_spread
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.slo import itls, tpot, ttft, worst_gap
+
+COLOCATED_FAMILY = ("colocated", "replicas", "chunked")
+SERVER_START_S = 30.0  # one `serve` start with its warm-up request, loaded machine
+# A run's last requests finish about this long after the last arrival (~128 answer tokens at ~0.1-0.15 s a
+# token); the run's deadline allows more, but a run ends when its last request does.
+TAIL_S = 20.0
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def latency_figures(runs: Sequence[Sequence[RequestRecord]], decode_step_s: float | None = None) -> dict:
+    """TTFT, mean TPOT, inter-token gaps and the worst gap per request over the successful requests of each
+    run: each figure the median over runs, with its spread (min, max) beside it. With the median decode
+    step, the worst gaps in decode steps too."""
+    per_run: list[dict[str, float | None]] = []
+    for records in runs:
+        ok = [r for r in records if r.ok]
+        gaps = [g for r in ok for g in itls(r)]
+        worst = [w for r in ok if (w := worst_gap(r)) is not None]
+        per_run.append({
+            "ttft_p50_s": _pct([t for r in ok if (t := ttft(r)) is not None], 50),
+            "ttft_p90_s": _pct([t for r in ok if (t := ttft(r)) is not None], 90),
+            "tpot_p50_s": _pct([t for r in ok if (t := tpot(r)) is not None], 50),
+            "tpot_p90_s": _pct([t for r in ok if (t := tpot(r)) is not None], 90),
+            "itl_p50_s": _pct(gaps, 50), "itl_p99_s": _pct(gaps, 99),
+            "worst_gap_p50_s": _pct(worst, 50), "worst_gap_p90_s": _pct(worst, 90),
+            "worst_gap_max_s": max(worst) if worst else None,
+            "ok": len(ok), "requests": len(records),
+        })
+    out: dict = {}
+    for key in per_run[0] if per_run else ():
+        vals = [r[key] for r in per_run if r[key] is not None]
+        out[key] = median(vals) if vals else None
+        out[key + "_spread"] = [min(vals), max(vals)] if vals else None
+    if decode_step_s:
+        out["decode_step_s"] = decode_step_s
+        for key in ("worst_gap_p50_s", "worst_gap_max_s"):
+            if out.get(key) is not None:
+                out[key.replace("_s", "_steps")] = out[key] / decode_step_s
+    return out
+
+
+def run_seconds(requests: int, rate: float, drain_s: float) -> float:
+    """How long one run of `requests` at `rate` lasts: the arrivals, then the last requests draining."""
+    return requests / rate + drain_s
+
+
+def planned_rates(lo: float, hi: float, resolution: float) -> list[float]:
+    """The rates a sweep will probably probe when its goodput lies mid-bracket: lo, hi, then bisection."""
+    steps = max(0, math.ceil(math.log2((hi - lo) / resolution))) if hi > lo else 0
+    return [lo, hi] + [(lo + hi) / 2] * steps
+
+
+def estimate_s(brackets: dict[str, tuple[float, float, float]], deployments: int, requests: int, trials: int) -> float:
+    """The wall time of a measured sweep per workload (lo, hi, resolution) and deployment."""
+    per_deployment = sum(trials * sum(run_seconds(requests, r, TAIL_S) for r in planned_rates(*b)) + SERVER_START_S
+                         for b in brackets.values())
+    return per_deployment * deployments
+
+
+def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted: dict[str, dict[str, float]]) -> list[dict]:
+    """Per workload and deployment: measured goodput bracket, predicted goodput, relative error; and per
+    workload the measured and predicted winners, and whether the planner's pick is within the measured spread
+    of the winner. `measured[w][d]` is (highest rate passed, lowest failed or None)."""
+    rows = []
+    for w, by_dep in measured.items():
+        pred = predicted.get(w, {})
+        best = winner({d: lo for d, (lo, _) in by_dep.items()})
+        pick = winner({d: pred[d] for d in by_dep if d in pred}) if any(d in pred for d in by_dep) else None
+        for d, (lo, hi) in by_dep.items():
+            p = pred.get(d)
+            rows.append({
+                "workload": w, "deployment": d, "measured_goodput": lo, "measured_upper": hi,
+                "predicted_goodput": p, "error": (p - lo) / lo if p is not None and lo > 0 else None,
+                "measured_winner": best, "predicted_winner": pick,
+                # None when no deployment passed even the lowest rate: nothing to agree with.
+                "agrees": None if not any(g for g, _ in by_dep.values()) else pick is not None and within_spread(by_dep, pick),
+            })
+    return rows
+
+
+def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: str | None) -> dict:
+    """The benchmark's last line: the planner's agreement over workloads, and on the seed-like workload the
+    1P1D p99 inter-token gap over colocated's (at the sweep's lowest rate, which every deployment runs) and
+    the best split deployment's goodput over the best colocated one's."""
+    agree = {r["workload"]: r["agrees"] for r in rows if r["agrees"] is not None}
+    out: dict = {"planner_winner_agreement": sum(agree.values()) / len(agree) if agree else None,
+                 "workloads_judged": len(agree),
+                 "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
+    mixed = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == "mixed"}
+    if "1p1d_conditional" in mixed and len(mixed) > 1:
+        # Conditional placement's own case: does it beat both always splitting and never splitting?
+        others = [g for d, g in mixed.items() if d != "1p1d_conditional"]
+        out["conditional_wins_mixed"] = mixed["1p1d_conditional"] > max(others)
+    if seed_like is None:
+        return out
+    lat = latency.get(seed_like, {})
+    split_p99 = (lat.get("1p1d") or {}).get("itl_p99_s")
+    colo_p99 = (lat.get("colocated") or {}).get("itl_p99_s")
+    if split_p99 is not None and colo_p99:
+        out["split_stall_ratio_vs_colocated"] = split_p99 / colo_p99
+    goodput = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == seed_like}
+    split = [goodput[d] for d in SPLIT if d in goodput]
+    colo = [goodput[d] for d in COLOCATED_FAMILY if d in goodput]
+    if split and colo and max(colo) > 0:
+        out["best_split_goodput_ratio"] = max(split) / max(colo)
+    elif split and colo:
+        out["best_split_goodput_ratio_note"] = (f"no colocated deployment passed the sweep's lowest rate; best split "
+                                                f"goodput {max(split):g} req/s")
+    return out
