@@ -519,8 +519,8 @@ def _bar(plan: PlanSpec, c: Candidate, best: Evaluated) -> float:
 def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate], prober: Prober[Probe] | None = None) -> list[Evaluated]:
     """Branch and bound: search the first candidate's goodput; each later one is first probed at the rate
     it would need to beat the best so far, and searched only if it sustains it. The later candidates' bar
-    probes are submitted together, against the first best found (side by side on a pool; a candidate that
-    passes a bar a later best has raised is searched in full, which costs time, not correctness)."""
+    probes are submitted together, against the first best found (side by side on a pool); one that passes
+    a bar a later best has raised since is probed again at the new bar, as one after the other would."""
     prober = prober or _inline(plan)
     out: list[Evaluated] = []
     best: Evaluated | None = None
@@ -535,10 +535,13 @@ def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate], prober: Prober[Pro
                     # No probe where the bar is out of reach: at any rate, or beyond its decode capacity.
                     bars[j] = (bar, None if math.isinf(bar) or bar > cands[j].capacity else prober.submit(cands[j].unit, bar))
             bar, pending = bars[i]
-            if pending is None:
+            p = pending.result() if pending is not None else None
+            if p is not None and p.passed and (raised := _bar(plan, c, best)) > bar:  # a later best raised the bar
+                bar = raised
+                p = None if math.isinf(bar) or bar > c.capacity else prober.submit(c.unit, bar).result()
+            if p is None:
                 out.append(Evaluated(c, 0.0, [], None, None, plan.attainment, below=0.0 if math.isinf(bar) else bar))
                 continue
-            p = pending.result()
             if not p.passed:
                 out.append(Evaluated(c, 0.0, [p], None, p, plan.attainment, below=bar))
                 continue
