@@ -119,8 +119,11 @@ class Scheduler:
         self.num_preemptions = 0
 
     def load(self) -> SchedulerLoad:
-        # One pass over the batch: the simulator asks after every step of every worker.
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in self._waiting)
+        # One pass over the batch: the simulator asks after every step of every worker. A waiting prompt's
+        # cached prefix is not work to do (the router compares this with the prefix it would hit elsewhere:
+        # counting it made a worker holding a prefix look busier than one without).
+        bs = self.pool.block_size
+        queued = sum(r.num_tokens - max(r.num_computed_tokens, len(self.kv.prefix_hit(r)) * bs) for r in self._waiting)
         context = owed = 0
         for r in self._running:
             n = r.num_tokens

@@ -38,6 +38,7 @@ class Traffic:
     mean_input: float
     mean_output: float
     hit_rate: float  # prompt tokens an unbounded prefix cache would serve
+    decode_context: float = 0.0  # mean context a decode step's token is computed at (0: prompt + half the output)
 
     @property
     def uncached_input(self) -> float:
@@ -61,7 +62,9 @@ class Traffic:
             hit += min(matched * r.block_tokens, r.input_len - 1) if matched else 0
             total += r.input_len
         n = len(requests)
-        return cls(total / n, sum(r.output_len for r in requests) / n, hit / total if total else 0.0)
+        steps = sum(r.output_len - 1 for r in requests)  # decode steps: the prefill samples the first token
+        context = sum((r.output_len - 1) * (r.input_len + r.output_len / 2) for r in requests) / steps if steps else 0.0
+        return cls(total / n, sum(r.output_len for r in requests) / n, hit / total if total else 0.0, context)
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,20 @@ def decode_worker(pm: PerfModel, t: Traffic, slo: SLO, max_num_seqs: int, expose
         best = BATCH_FILL * b / (out * d)
         why = f"{cap_reason} (batch {b})" if b == bmax else "TPOT: decode step time grows with the batch"
     return Estimate(best, why, {"batch_limit": bmax, "exposed_transfer_s": exposed_transfer_s})
+
+
+def decode_capacity(pm: PerfModel, t: Traffic, max_num_seqs: int) -> float:
+    """An upper bound on the requests per second one worker can decode, whatever the SLO: each decode step
+    costs at least the cheapest per-sequence share of a step up to the batch cap, at the mean context its
+    tokens are decoded at (a step's time is convex in its context, so the mean understates it). Prefill
+    work on the same worker, a smaller batch or less KV room only lower it. The search prunes a unit whose
+    bound is below the rate it would need to beat the best of its mode, without simulating it."""
+    steps = t.mean_output - 1
+    if steps <= 0:
+        return math.inf
+    ctx = t.decode_context or t.mean_input + t.mean_output / 2
+    per_token = min(pm.decode_step_time(b, ctx) / b for b in _batches(max_num_seqs))
+    return 1.0 / (steps * per_token)
 
 
 def exposed_transfer(p: PerfModel, t: Traffic, bandwidth: float, latency_s: float, pipelined: bool) -> float:

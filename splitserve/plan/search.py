@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
@@ -45,6 +45,7 @@ from splitserve.sim.perf import Efficiency, PerfModel
 from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import Scaling, SyntheticSpec, Trace, Workload, at_rate, synthetic
 from splitserve.plan import estimate as est
+from splitserve.plan.probes import Prober
 
 Mode = Literal["colocated", "disaggregated", "heterogeneous"]
 MODES: tuple[str, ...] = ("colocated", "disaggregated", "heterogeneous")
@@ -200,6 +201,7 @@ class Candidate:
     copies: int
     estimate: float  # req/s per unit, closed form
     binding: str  # the estimate's limiting constraint
+    capacity: float = math.inf  # req/s per unit its decode work alone allows, whatever the SLO (an upper bound)
 
     @property
     def gpus(self) -> int:
@@ -243,7 +245,8 @@ def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> 
             for chunk in (None, *plan.chunk_options):
                 e = est.colocated(perf[hw.name, tp], traffic, plan.slo, plan.max_num_seqs, chunk)
                 pool = PoolSpec("colocated", 1, tp, plan.max_num_seqs, chunk or 8192, chunk is not None, hardware=tag(hw))
-                cands.append(Candidate("colocated", ClusterSpec(pools=(pool,), **base), copies, e.rate, e.binding))
+                cap = est.decode_capacity(perf[hw.name, tp], traffic, plan.max_num_seqs)
+                cands.append(Candidate("colocated", ClusterSpec(pools=(pool,), **base), copies, e.rate, e.binding, cap))
     for hw_p, hw_d in plan.pool_pairs:
         net = plan.network_for(hw_p, hw_d)
         if net is None:
@@ -256,6 +259,7 @@ def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> 
                 bw = min(net.instance_bandwidth(tp_p, hw_p.gpus_per_node), net.instance_bandwidth(tp_d, hw_d.gpus_per_node))
                 exposed = est.exposed_transfer(perf[hw_p.name, tp_p], traffic, bw, net.latency_s, plan.pipelined)
                 dec = est.decode_worker(perf[hw_d.name, tp_d], traffic, plan.slo, plan.max_num_seqs, exposed)
+                cap = est.decode_capacity(perf[hw_d.name, tp_d], traffic, plan.max_num_seqs)
                 for x, y in pd_ratios(plan.gpus or plan.max_unit_gpus, tp_p, tp_d):
                     unit_gpus = x * tp_p + y * tp_d
                     copies = plan.gpus // unit_gpus if plan.rate is None else 1
@@ -266,7 +270,7 @@ def enumerate_candidates(plan: PlanSpec, traffic: est.Traffic, longest: int) -> 
                                PoolSpec("decode", y, tp_d, plan.max_num_seqs, hardware=hw_d if mode == "heterogeneous" else tag(hw_d))),
                         network=net, pipelined=plan.pipelined, **base,
                     )
-                    cands.append(Candidate(mode, unit, copies, min(rp, rd), binding))
+                    cands.append(Candidate(mode, unit, copies, min(rp, rd), binding, y * cap))
     return cands
 
 
@@ -433,6 +437,7 @@ class Evaluated:
     first_fail: Probe | None  # the lowest failing probe above it
     target: float = 0.9
     below: float | None = None  # not searched: it failed at this rate, which it needed to beat the best
+    steady_rate: float = 0.0  # per unit, the steady-state rule's (`steady_goodput`; the best of each mode only)
 
     @property
     def steady_goodput(self) -> float:
@@ -444,6 +449,9 @@ class Evaluated:
     def binding(self) -> str:
         f = self.first_fail
         if self.below is not None:
+            if not self.probes and self.below > self.candidate.capacity:
+                return (f"cannot beat the best of its mode (needs {self.below:.3g} req/s per unit; its decode work alone "
+                        f"allows at most {self.candidate.capacity:.3g})")
             return "cannot beat the best of its mode" + (f" (fails at {self.below:.3g} req/s per unit)" if self.below else "")
         if f is None:
             return "not reached within the probed rates"
@@ -466,21 +474,35 @@ def goodput_bracket(guess: float, resolution: float, passed: Probe | None = None
     return Bracket(lo, hi, resolution, relative=True, grow_steps=BRACKET_STEPS, shrink_steps=BRACKET_STEPS)
 
 
-def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None) -> Evaluated:
+def _inline(plan: PlanSpec) -> Prober[Probe]:
+    return Prober(run_probe, plan, jobs=1)
+
+
+def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None, prober: Prober[Probe] | None = None) -> Evaluated:
     """The highest rate whose probe passes (attainment at target, stable), with the probes that found it."""
     guess = c.estimate if c.estimate > 0 else 0.05
+    prober = prober or _inline(plan)
+    bracket = goodput_bracket(guess, plan.resolution, passed)
+    # On a pool both ends of the bracket run at once: hi is probed whenever lo passes, the usual case (when
+    # lo fails, hi's probe fails too and stops early).
+    ahead: dict[float, Future[Probe]] = (
+        {r: prober.submit(c.unit, r) for r in (bracket.lo, bracket.hi)} if prober.parallel and passed is None else {})
 
     def measure(rate: float) -> Probe:
-        return passed if passed is not None and rate == passed.rate else run_probe(plan, c.unit, rate)
+        if passed is not None and rate == passed.rate:
+            return passed
+        return (ahead.pop(rate, None) or prober.submit(c.unit, rate)).result()
 
-    found = search_goodput(measure, lambda p: p.passed, goodput_bracket(guess, plan.resolution, passed))
+    found = search_goodput(measure, lambda p: p.passed, bracket)
+    for f in ahead.values():
+        f.cancel()
     goodput, probes = found.lower, list(found.probes)
     passing = [p for p in probes if p.passed]
     best = max(passing, key=lambda p: p.rate) if passing else None
     fails = [p for p in probes if not p.passed and p.rate > (best.rate if best else 0)]
     first_fail = min(fails, key=lambda p: p.rate) if fails else None
     if best is not None and best.metrics is None:
-        best = run_probe(plan, c.unit, best.rate, full=True)
+        best = prober.submit(c.unit, best.rate, full=True).result()
     return Evaluated(c, goodput, probes, best, first_fail, plan.attainment)
 
 
@@ -494,24 +516,36 @@ def _bar(plan: PlanSpec, c: Candidate, best: Evaluated) -> float:
     return plan.rate / copies if copies >= 1 else math.inf
 
 
-def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
+def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate], prober: Prober[Probe] | None = None) -> list[Evaluated]:
     """Branch and bound: search the first candidate's goodput; each later one is first probed at the rate
-    it would need to beat the best so far, and searched only if it sustains it."""
+    it would need to beat the best so far, and searched only if it sustains it. The later candidates' bar
+    probes are submitted together, against the first best found (side by side on a pool); one that passes
+    a bar a later best has raised since is probed again at the new bar, as one after the other would."""
+    prober = prober or _inline(plan)
     out: list[Evaluated] = []
     best: Evaluated | None = None
-    for c in cands:
+    bars: dict[int, tuple[float, Future[Probe] | None]] = {}
+    for i, c in enumerate(cands):
         if best is None or best.goodput <= 0:
-            ev = evaluate(plan, c)
+            ev = evaluate(plan, c, prober=prober)
         else:
-            bar = _bar(plan, c, best)
-            if math.isinf(bar):
-                out.append(Evaluated(c, 0.0, [], None, None, plan.attainment, below=0.0))
+            if not bars:
+                for j in range(i, len(cands)):
+                    bar = _bar(plan, cands[j], best)
+                    # No probe where the bar is out of reach: at any rate, or beyond its decode capacity.
+                    bars[j] = (bar, None if math.isinf(bar) or bar > cands[j].capacity else prober.submit(cands[j].unit, bar))
+            bar, pending = bars[i]
+            p = pending.result() if pending is not None else None
+            if p is not None and p.passed and (raised := _bar(plan, c, best)) > bar:  # a later best raised the bar
+                bar = raised
+                p = None if math.isinf(bar) or bar > c.capacity else prober.submit(c.unit, bar).result()
+            if p is None:
+                out.append(Evaluated(c, 0.0, [], None, None, plan.attainment, below=0.0 if math.isinf(bar) else bar))
                 continue
-            p = run_probe(plan, c.unit, bar)
             if not p.passed:
                 out.append(Evaluated(c, 0.0, [p], None, p, plan.attainment, below=bar))
                 continue
-            ev = evaluate(plan, c, passed=p)
+            ev = evaluate(plan, c, passed=p, prober=prober)
         out.append(ev)
         if best is None or _score(plan, c, ev.goodput) > _score(plan, best.candidate, best.goodput):
             best = ev
@@ -519,16 +553,23 @@ def evaluate_mode(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]
 
 
 def _parallel(plan: PlanSpec, cands: Sequence[Candidate]) -> list[Evaluated]:
-    """Each mode's branch and bound in its own process (with `jobs` >= 2)."""
+    """Each mode's branch and bound, and then the steady-state figure of its best, as one thread per mode;
+    their probes share one pool of `jobs` processes (one per core by default; 1: all in this thread)."""
     groups = [[c for c in cands if c.mode == m] for m in MODES]
     groups = [g for g in groups if g]
-    jobs = min(plan.jobs or os.cpu_count() or 1, len(groups))
-    if jobs <= 1:
-        return [e for g in groups for e in evaluate_mode(plan, g)]
-    import multiprocessing as mp
+    with Prober(run_probe, plan, plan.jobs or os.cpu_count() or 1) as prober:
 
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-        return [e for res in pool.map(evaluate_mode, [plan] * len(groups), groups) for e in res]
+        def one(group: list[Candidate]) -> list[Evaluated]:
+            evals = evaluate_mode(plan, group, prober)
+            top = max(evals, key=lambda e: _score(plan, e.candidate, e.goodput))
+            if plan.rate is None:
+                top.steady_rate = steady_goodput(plan, top, prober)
+            return evals
+
+        if not prober.parallel or len(groups) < 2:
+            return [e for g in groups for e in one(g)]
+        with ThreadPoolExecutor(len(groups)) as threads:
+            return [e for evals in threads.map(one, groups) for e in evals]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -616,22 +657,29 @@ def _mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
         cost_per_m_input_tokens=cost / 3600 / per_gpu_in * 1e6 if cost and per_gpu_in else None,
         utilisation=util,
         rps_per_cluster_gpu=ev.goodput * copies / plan.gpus if plan.rate is None and plan.gpus else None,
-        steady_goodput_rps=steady_goodput(plan, ev) * copies if plan.rate is None else None,
+        steady_goodput_rps=ev.steady_rate * copies if plan.rate is None else None,
     )
 
 
 STEADY_STEP, STEADY_STEPS = 1.2, 3  # above the tail-rule goodput: +20 %, +44 %, +73 %
 
 
-def steady_goodput(plan: PlanSpec, ev: Evaluated) -> float:
+def steady_goodput(plan: PlanSpec, ev: Evaluated, prober: Prober[Probe]) -> float:
     """The rate per unit the steady-state rule still allows: upwards from the tail-rule goodput in steps of
     `STEADY_STEP`, each a full probe, until one fails (a lower bound, to within a step; at most
     `STEADY_STEPS` probes, for the winner of each mode only: the search itself stays on the tail rule)."""
     rate = max(ev.steady_goodput, ev.goodput if ev.best is not None and ev.best.steady else 0.0)
     if rate <= 0:
         return 0.0
+    # The steady rule also needs a stable queue: no rate at or above one the search found overloaded (a
+    # probe that ran to its end with waiting growing) can meet it, so none is probed (in case C of issue
+    # 18 that was both modes' only steady-state probe, a fifth of the search's CPU time).
+    unstable = min((p.rate for p in ev.probes if not p.stopped_early and p.growth > plan.max_wait_growth * plan.slo.ttft_s),
+                   default=math.inf)
     for _ in range(STEADY_STEPS):
-        p = run_probe(plan, ev.candidate.unit, rate * STEADY_STEP, full=True)
+        if rate * STEADY_STEP >= unstable:
+            break
+        p = prober.submit(ev.candidate.unit, rate * STEADY_STEP, full=True).result()
         if not p.steady:
             break
         rate = p.rate

@@ -42,9 +42,10 @@ from splitserve.sim.state import SAMPLED_TOKEN, SimRequest, Worker
 from splitserve.workload.requests import RequestSpec
 from splitserve.workload.slo import SLO, meets_slo
 
-_ARRIVE, _STEP, _XFER = 0, 1, 2
+_ARRIVE, _STEP, _XFER, _DEADLINE = 0, 1, 2, 3
 _NO_EOS: frozenset[int] = frozenset()  # simulated requests run with ignore_eos
 _ONE_TOKEN = Tokens((SAMPLED_TOKEN,))  # a decode step's output: one token, not finished
+_PAST = 1 + 1e-9  # a deadline event falls just past its target, so that float rounding does not hide the miss
 
 
 class ClusterSim:
@@ -109,7 +110,10 @@ class ClusterSim:
         max_time_s: float | None = None,
     ) -> SimResult:
         """Serve `requests` (sorted by arrival). With `slo` and `stop_below`, stop as soon as more than
-        (1 - stop_below) of all requests have missed the SLO (attainment can no longer reach it)."""
+        (1 - stop_below) of all requests have missed the SLO (attainment can no longer reach it). A miss is
+        counted when it becomes certain: no first token by the TTFT target, or the output not finished by the
+        time its TPOT target allows (deadline events), so an overloaded probe stops early in its queue's
+        growth rather than when its late requests are finally served."""
         import time as _time
 
         wall0 = _time.perf_counter()
@@ -137,10 +141,14 @@ class ClusterSim:
                 now = sr.spec.arrival_s + delay
                 self._arrive(sr, now)
             else:
-                now, _, kind, obj = heapq.heappop(heap)
-                if kind == _STEP:
+                t, _, kind, obj = heapq.heappop(heap)
+                if kind == _DEADLINE:  # not a step of the system: `now` (the run's elapsed time) stays
+                    self._deadline(obj, t)
+                elif kind == _STEP:
+                    now = t
                     self._step_done(obj, now)
                 else:
+                    now = t
                     self._transfer_done(obj, now)
             if self.max_fail is not None and self.fails > self.max_fail:
                 stopped = True
@@ -166,6 +174,8 @@ class ClusterSim:
     def _arrive(self, sr: SimRequest, now: float) -> None:
         spec = sr.spec
         self.reqs[sr.id] = sr
+        if self.max_fail is not None and self.slo.ttft_s is not None:
+            self._push(sr.record.sent_s + self.slo.ttft_s * _PAST, _DEADLINE, sr)
         if spec.input_len + spec.output_len > self.max_model_len:
             self._reject(sr, 400, f"{spec.input_len + spec.output_len} tokens exceed the {self.max_model_len}-token context")
             return
@@ -286,6 +296,8 @@ class ClusterSim:
                 sr.prefill_start = s.request.first_scheduled_time
                 if self.slo is not None and self.slo.ttft_s is not None and now - rec.sent_s > self.slo.ttft_s:
                     self._fail(sr)
+                elif self.max_fail is not None and self.slo.tpot_s is not None and sr.spec.output_len > 1:
+                    self._push(now + self.slo.tpot_s * (sr.spec.output_len - 1) * _PAST, _DEADLINE, sr)
             elif sr.second is None and w.role != "prefill":
                 sr.second = now
             if self.token_times and w.role != "prefill":
@@ -347,6 +359,19 @@ class ClusterSim:
         rec.cached_tokens = max(0, cached_tokens)
         self.done += 1
         if self.slo is not None and not sr.failed and not meets_slo(rec, self.slo):
+            self._fail(sr)
+
+    def _deadline(self, sr: SimRequest, now: float) -> None:
+        """A target's deadline passed: if the request has not got there, it will miss (the same tests as
+        `meets_slo`'s, with the end at least `now`; float rounding at the boundary leaves it to be judged
+        when it ends)."""
+        rec = sr.record
+        if sr.failed or rec.end_s is not None:
+            return
+        if rec.first_token_s is None:
+            if now - rec.sent_s > self.slo.ttft_s:
+                self._fail(sr)
+        elif ((now - rec.sent_s) - (rec.first_token_s - rec.sent_s)) / (sr.spec.output_len - 1) > self.slo.tpot_s:
             self._fail(sr)
 
     def _fail(self, sr: SimRequest) -> None:

@@ -208,3 +208,17 @@ def test_load_counts_each_queue_and_idle_means_nothing_left():
     assert (load.held, load.waiting, load.running, load.queued_prefill_tokens) == (1, 0, 0, 0) and not load.idle
     p.release_held("h")
     assert p.load().idle
+
+
+def test_queued_prefill_tokens_leave_out_a_waiting_prompts_cached_prefix():
+    """The router compares a worker's queue with the prefix it would hit there: a waiting prompt whose
+    first blocks are cached here owes only its uncached tail (counting the prefix sent prefix hits away)."""
+    s = Scheduler(SchedulerConfig(max_model_len=64), BlockPool(32, 4))
+    first = Request("a", list(range(12)), SamplingParams(max_tokens=1), 0.0)
+    s.add_request(first)
+    s.update(s.schedule(0.0), {"a": 1})  # computes and caches all three blocks of `a`, then finishes
+    s.add_request(Request("b", list(range(12)) + [50, 51, 52], SamplingParams(max_tokens=1), 1.0))
+    assert s.load().queued_prefill_tokens == 15 - 12
+    s.add_request(Request("c", list(range(12)), SamplingParams(max_tokens=1), 1.0))
+    # A prompt wholly cached still computes its last token (the step that samples): its last block is redone.
+    assert s.load().queued_prefill_tokens == (15 - 12) + (12 - 8)

@@ -2,11 +2,14 @@
 really carry a chunk and always simulated, every P:D ratio the cluster allows is a candidate, and GPUs a
 configuration leaves idle count against it."""
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from splitserve.plan import estimate as est
 from splitserve.plan.search import (Candidate, PlanSpec, WorkloadDef, cluster_cost, enumerate_candidates, plan,
-                                    shortlist, _score)
+                                    run_probe, shortlist, _score)
 from splitserve.sim import hardware, models
 from splitserve.sim.perf import PerfModel
 from splitserve.workload.requests import LengthDist, SyntheticSpec
@@ -73,3 +76,16 @@ def test_idle_gpus_count_against_a_configuration():
     # The same goodput per GPU used (1 req/s) is worth 10/16 of it per GPU of the cluster.
     colocated = Candidate("colocated", next(c for c in cands if c.mode == "colocated").unit, 16, 1.0, "")
     assert _score(s, seven_three, 10.0) == pytest.approx(10 / 16 * _score(s, colocated, 1.0))
+
+
+def test_the_decode_capacity_bound_is_never_below_what_a_unit_sustains():
+    """A unit is pruned without simulating it when the rate it needs to beat its mode's best exceeds this
+    bound: the bound must hold in simulation (a probe above it overloads: its queue grows, with any TPOT) and be tight
+    enough to prune (a probe at 3/4 of it keeps up). Long outputs, short prompts: decode is the limit."""
+    s = spec(isl=256, osl=256, slo=SLO(2.0, 1.0), max_num_seqs=64, max_requests=800)
+    s = replace(s, mean_output=256.0)
+    cands = enumerate_candidates(s, est.Traffic.of(s.workload.at(1.0).requests), 600)
+    unit = next(c for c in cands if c.mode == "colocated" and not c.unit.pools[0].chunked_prefill)
+    assert 0 < unit.capacity < math.inf
+    above, below = run_probe(s, unit.unit, 1.1 * unit.capacity), run_probe(s, unit.unit, 0.75 * unit.capacity)
+    assert not above.passed and below.passed

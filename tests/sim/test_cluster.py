@@ -171,6 +171,21 @@ def test_stops_early_once_the_slo_is_lost():
     assert early.elapsed_s < full.elapsed_s
 
 
+@pytest.mark.parametrize("which", ["ttft", "tpot"])
+def test_a_miss_is_counted_when_it_becomes_certain_not_when_the_request_ends(which):
+    """An overloaded probe stops at its targets' deadlines: waiting for late requests to be served (the
+    first tokens of a queue that keeps growing, or outputs that finish long after TPOT is lost) cost the
+    planner's search most of its time on configurations that could never pass."""
+    reqs = [RequestSpec(i * 1e-4, 1024, 64) for i in range(100)]  # a burst: one worker, a growing queue
+    slo = SLO(0.05, 100.0) if which == "ttft" else SLO(100.0, 1e-4)
+    _, full = run(colocated(count=1), reqs, slo=slo)
+    _, early = run(colocated(count=1), reqs, slo=slo, stop_below=0.9)
+    assert attainment(full.records, slo) < 0.9 and early.stopped_early
+    # Stopped once 11 misses were certain, before 11 late requests reached the event that proves them.
+    reached = [r.first_token_s if which == "ttft" else r.end_s for r in early.records]
+    assert sum(t is not None for t in reached) <= 10
+
+
 def test_infeasible_configurations_are_refused():
     with pytest.raises(InfeasibleConfig, match="does not fit"):
         ClusterSim(ClusterSpec(models.model("llama-3.1-70b"), H100, (PoolSpec("colocated", 1, 1),))).run(load(n=10))

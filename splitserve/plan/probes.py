@@ -1,0 +1,68 @@
+"""Where the planner's simulations run: in the calling thread, or on one pool of processes that every mode's
+search shares.
+
+A search is a chain of probes, each waiting for the last; one chain per process (the old split: one mode per
+process) left a core idle once the shorter mode was done, while the disaggregated chain, with its larger units,
+ran on alone for most of the wall time. On a shared pool each mode's chain is a thread that waits on its
+probes, and a chain submits ahead what it will need anyway (both ends of a bracket, every later candidate's
+bar), so the cores stay busy until the last probe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Callable, Generic, TypeVar
+
+P = TypeVar("P")  # what one probe gives
+Measure = Callable[[Any, Any, float, bool], Any]  # (plan, unit, rate, full) -> probe
+
+_worker: tuple[Measure, Any] | None = None  # in a pool process: the measure and the plan, inherited by fork
+
+
+def _init(measure: Measure, plan: Any) -> None:
+    global _worker
+    _worker = (measure, plan)
+
+
+def _run(unit: Any, rate: float, full: bool) -> Any:
+    assert _worker is not None, "a probe ran outside the prober's pool"
+    measure, plan = _worker
+    return measure(plan, unit, rate, full)
+
+
+def _nothing() -> None:
+    return None
+
+
+class Prober(Generic[P]):
+    """`submit(unit, rate, full)` runs `measure(plan, unit, rate, full)`: at once in this thread (jobs <= 1),
+    or on `jobs` forked processes, the plan handed over once by the fork rather than pickled per probe."""
+
+    def __init__(self, measure: Callable[[Any, Any, float, bool], P], plan: Any, jobs: int) -> None:
+        self.measure, self.plan = measure, plan
+        self.parallel = jobs >= 2
+        self._pool: ProcessPoolExecutor | None = None
+        if self.parallel:
+            self._pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork"), initializer=_init,
+                                             initargs=(measure, plan))
+            # Every process is forked now, from this thread, before any search thread exists (forking a
+            # process with threads running can copy a lock that one of them holds).
+            self._pool.submit(_nothing).result()
+
+    def submit(self, unit: Any, rate: float, full: bool = False) -> Future[P]:
+        if self._pool is not None:
+            return self._pool.submit(_run, unit, rate, full)
+        done: Future[P] = Future()
+        done.set_result(self.measure(self.plan, unit, rate, full))
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prober[P]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
