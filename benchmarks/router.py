@@ -562,6 +562,9 @@ def outcome(phases: Sequence[dict], prompts: Sequence[Prompt], openers: set[int]
     }
 
 
+REPLAY_RETRIES = 20
+
+
 def replay_policy(
     policy: str, scaling: Scaling, args: argparse.Namespace, drain_s: float
 ) -> tuple[BenchResult, list[dict], dict[str, list]]:
@@ -580,6 +583,9 @@ def replay_policy(
             result = run_bench(BenchConfig(
                 load=TraceLoad(str(args.case_dir / REPLAY_TRACE_NAME), "mooncake", scaling), url=url,
                 salt=PROMPT_SALT, timeout_s=args.replay_timeout, deadline_s=drain_s, out_dir=args.case_dir / policy,
+                # A refused request comes back after its Retry-After, as an OpenAI client's would: the hit rate
+                # is of every prompt, not of those the frontend's admission let in at once.
+                retries=REPLAY_RETRIES,
                 tokenizer=args.model_path))
         with credentials().client(timeout=30.0) as operator:
             r = operator.get(url + "/debug/requests", params={"limit": PHASE_LOG})

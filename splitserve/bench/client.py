@@ -82,6 +82,7 @@ async def run_load(
     concurrency: int | None = None,
     timeout_s: float = 300.0,
     deadline_s: float | None = None,
+    retries: int = 0,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> list[RequestRecord]:
     """Send every request and return one record per spec, in workload order.
@@ -90,6 +91,8 @@ async def run_load(
 
     concurrency None: open loop on the specs' arrival times; an int: closed loop with that many in flight.
     deadline_s: wall-clock limit for the whole run; requests still out are cancelled, unsent ones recorded.
+    retries: a 429 or 503 is sent again after its Retry-After, up to this many times, as the OpenAI client
+    does (it retries twice); within the request's timeout, and its latencies count from the first send.
     """
     records = [RequestRecord(i, s.arrival_s, s.input_len, s.output_len) for i, s in enumerate(specs)]
     pool = concurrency or min(len(specs), MAX_OPEN_LOOP_CONNECTIONS)
@@ -99,7 +102,7 @@ async def run_load(
         clock = lambda: time.perf_counter() - t0  # noqa: E731 - the run's clock, shared by every request
 
         async def one(rec: RequestRecord, prompt: list[int]) -> None:
-            await _request(client, target, rec, prompt, timeout_s, clock)
+            await _request(client, target, rec, prompt, timeout_s, clock, retries)
             if on_done:
                 on_done(rec)
 
@@ -157,7 +160,8 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
 
 
 async def _request(
-    client: httpx.AsyncClient, target: Target, rec: RequestRecord, prompt: list[int], timeout_s: float, clock
+    client: httpx.AsyncClient, target: Target, rec: RequestRecord, prompt: list[int], timeout_s: float, clock,
+    retries: int = 0,
 ) -> None:
     body = {
         "model": target.model,
@@ -171,13 +175,18 @@ async def _request(
     rec.sent_s = clock()
     try:
         async with asyncio.timeout(timeout_s):
-            async with client.stream("POST", target.completions_url, json=body) as resp:
-                rec.status = resp.status_code
-                if resp.status_code != 200:
+            while True:
+                async with client.stream("POST", target.completions_url, json=body) as resp:
+                    rec.status = resp.status_code
+                    if resp.status_code == 200:
+                        return await _read_stream(resp, rec, clock)
                     text = (await resp.aread()).decode("utf-8", "replace")
-                    _fail(rec, "http", text, clock)
-                    return
-                await _read_stream(resp, rec, clock)
+                    wait = _retry_after(resp) if resp.status_code in (429, 503) and rec.retries < retries else None
+                    if wait is None:
+                        _fail(rec, "http", text, clock)
+                        return
+                rec.retries += 1
+                await asyncio.sleep(wait)
     except asyncio.CancelledError:
         _fail(rec, "deadline", "cancelled: the run's deadline was reached", clock)
         raise
@@ -238,6 +247,14 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord, clock) -> None:
         _fail(rec, "stream", "the stream ended without [DONE]", clock)
     elif chunks == 0:
         _fail(rec, "stream", "the response carried no output token", clock)
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """The refusal's Retry-After in seconds (a number; one second when absent or an HTTP date)."""
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
 
 
 def _fail(rec: RequestRecord, kind, text: str, clock) -> None:

@@ -47,6 +47,7 @@ class BenchConfig:
     sweep: SweepConfig | None = None
     timeout_s: float = 300.0  # per request
     deadline_s: float | None = None  # per run (each sweep trial is a run)
+    retries: int = 0  # 429/503 answers retried after their Retry-After (0: a refusal is a failed request)
     ignore_eos: bool = True
     salt: int | None = None  # prompt-token salt; None: fresh per invocation, so reruns miss the prefix cache
     progress: bool = False
@@ -60,6 +61,8 @@ def check_config(c: BenchConfig) -> None:
         raise BenchConfigError(f"concurrency must be >= 1, got {c.concurrency}")
     if not c.timeout_s > 0 or (c.deadline_s is not None and not c.deadline_s > 0):
         raise BenchConfigError("timeout and deadline must be positive")
+    if c.retries < 0:
+        raise BenchConfigError(f"retries must be >= 0, got {c.retries}")
     for name, v in (("TTFT", c.slo.ttft_s), ("TPOT", c.slo.tpot_s)):
         if v is not None and not v > 0:
             raise BenchConfigError(f"the {name} SLO must be a positive number of seconds, got {v}")

@@ -67,6 +67,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
                     concurrency=config.concurrency,
                     timeout_s=config.timeout_s,
                     deadline_s=config.deadline_s,
+                    retries=config.retries,
                     on_done=progress.done,
                 )
             )

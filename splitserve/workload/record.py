@@ -28,6 +28,7 @@ class RequestRecord:
     completion_tokens: int = 0  # usage when reported, else the number of output chunks
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
     status: int = 0  # HTTP status; 0 when no response came
+    retries: int = 0  # 429/503 refusals retried after their Retry-After (latencies count from the first send)
     error_kind: ErrorKind | None = None
     error: str | None = None
 

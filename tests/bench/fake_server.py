@@ -25,6 +25,7 @@ class Behaviour:
     token_delay_s: float = 0.002
     # The n-th request received (0-based) is answered with this HTTP status instead of a stream.
     fail_status: dict[int, int] = field(default_factory=dict)
+    retry_after: str | None = None  # the Retry-After header of those answers
     # The n-th request's stream breaks off after its first token.
     break_stream: set[int] = field(default_factory=set)
     report_usage: bool = True
@@ -66,7 +67,8 @@ def make_app(b: Behaviour) -> FastAPI:
         n = len(b.received)
         b.received.append(body)
         if n in b.fail_status:
-            return JSONResponse({"error": {"message": "injected"}}, status_code=b.fail_status[n])
+            headers = {"Retry-After": b.retry_after} if b.retry_after is not None else None
+            return JSONResponse({"error": {"message": "injected"}}, status_code=b.fail_status[n], headers=headers)
         if body.get("model") != b.model:
             return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
         prompt = body["prompt"]

@@ -83,6 +83,16 @@ def test_http_errors_are_counted_per_status_and_never_retried(fake_server):
     assert all("injected" in r.error for r in failed)
 
 
+def test_refusals_are_retried_after_their_retry_after_when_asked(fake_server):
+    server = fake_server(fail_status={0: 429, 1: 503, 3: 429, 4: 429, 5: 429}, retry_after="0.3")
+    first, second = run(server, specs(2, gap_s=1.0), retries=2)
+    assert first.ok and first.retries == 2
+    # Latency counts from the first send: the two waits are in its TTFT.
+    assert first.first_token_s - first.sent_s >= 0.6
+    assert not second.ok and second.status == 429 and second.retries == 2  # three refusals: out of retries
+    assert len(server.behaviour.received) == 6
+
+
 def test_a_broken_stream_is_a_stream_error(fake_server):
     server = fake_server(break_stream={0})
     (r,) = run(server, specs(1))
