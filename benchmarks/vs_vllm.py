@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.hf_export import export
-from benchmarks.netns import Service
+from benchmarks.netns import Service, credentials
 from splitserve.bench import BenchConfig, run_bench
 from splitserve.bench.results import summary_dict
 from splitserve.runtime.process import dies_with_parent, free_port, wait_healthy
@@ -133,6 +133,8 @@ def measure(system: str, server: Server, model_dir: Path, args: argparse.Namespa
                                            out_dir=OUT / "runs" / system / f"rate{rate:g}-run{run}", **base))
             s = summary_dict(result.runs[-1])
             out["rates"].setdefault(str(rate), []).append(s)
+            if server.service is not None:
+                out.setdefault("rate_phases", {}).setdefault(str(rate), []).extend(phase_records(server.url, args.requests))
             print(f"[{system}] {rate:g} req/s run {run + 1}: TTFT p50 {_f(s['ttft']['p50'])} s, "
                   f"TPOT p50 {_f(s['tpot']['p50'], 1e3)} ms, ITL p99 {_f(s['itl']['p99'])} s, "
                   f"{s['output_throughput']:.1f} tok/s, ok {s['num_ok']}/{s['num_requests']} {s['errors'] or ''}",
@@ -143,7 +145,33 @@ def measure(system: str, server: Server, model_dir: Path, args: argparse.Namespa
         out["b1"].append(s)
         print(f"[{system}] batch-1 decode run {run + 1}: TPOT p50 {_f(s['tpot']['p50'], 1e3)} ms, "
               f"ok {s['num_ok']}/{s['num_requests']} {s['errors'] or ''}", flush=True)
+        if server.service is not None:
+            out.setdefault("b1_phases", []).extend(phase_records(server.url, args.b1_requests))
     return out
+
+
+PHASES = ("reserve_s", "queue_s", "prefill_s")
+
+
+def phase_records(url: str, n: int) -> list[dict]:
+    """The frontend's per-phase records of the last n requests (splitserve only): where each one's TTFT went."""
+    with credentials().client(timeout=30.0) as operator:
+        r = operator.get(url + "/debug/requests", params={"limit": n})
+    r.raise_for_status()
+    return [{k: rec[k] for k in ("path", "prompt_tokens", "ttft_s", *PHASES)} for rec in r.json()]
+
+
+def ttft_breakdown(records: list[dict]) -> dict:
+    """Median seconds of each phase of the requests' TTFT: reserving blocks on the decode worker (split
+    only), the computing worker's queue, the prefill itself, and the rest, the hand-off: HTTP calls between
+    frontend and workers, and on the split path the KV's last layer, the decode worker's admission and the
+    first token's way back."""
+    got = [r for r in records if r["ttft_s"] is not None]
+    if not got:
+        return {}
+    med = {k: statistics.median(r[k] or 0.0 for r in got) for k in ("ttft_s", *PHASES)}
+    med["handoff_s"] = statistics.median(r["ttft_s"] - sum(r[k] or 0.0 for k in PHASES) for r in got)
+    return {**med, "requests": len(got), "paths": sorted({r["path"] for r in got})}
 
 
 def _f(x: float | None, scale: float = 1.0) -> str:
@@ -162,12 +190,14 @@ def table(m: dict, rates: list[float]) -> dict:
     """Medians with spread of the figures the issue's table shows."""
     t: dict = {"startup_s": m["startup_s"],
                "b1_tpot_s": spread([s["tpot"]["p50"] for s in m["b1"]]),
-               "b1_tok_s": spread([1 / s["tpot"]["p50"] if s["tpot"]["p50"] else None for s in m["b1"]])}
+               "b1_tok_s": spread([1 / s["tpot"]["p50"] if s["tpot"]["p50"] else None for s in m["b1"]]),
+               "b1_ttft_breakdown": ttft_breakdown(m.get("b1_phases", []))}
     for rate in rates:
         runs = m["rates"][str(rate)]
         t[str(rate)] = {f"{k}_{p}": spread([s[k][p] for s in runs])
                         for k in ("ttft", "tpot", "itl") for p in ("p50", "p90", "p99")}
         t[str(rate)]["output_tok_s"] = spread([s["output_throughput"] for s in runs])
+        t[str(rate)]["ttft_breakdown"] = ttft_breakdown(m.get("rate_phases", {}).get(str(rate), []))
     return t
 
 
@@ -242,6 +272,11 @@ def main() -> None:
             server.stop()
 
     tables = {s: table(m, args.rates) for s, m in measured.items()}
+    for s, t in tables.items():
+        for what, b in (("batch-1", t["b1_ttft_breakdown"]), (f"{args.rates[0]:g} req/s", t[str(args.rates[0])]["ttft_breakdown"])):
+            if b:
+                print(f"[{s}] {what} TTFT {b['ttft_s'] * 1e3:.0f} ms (median of {b['requests']}, {'/'.join(b['paths'])}): "
+                      + ", ".join(f"{k[:-2]} {b[k] * 1e3:.0f} ms" for k in (*PHASES, "handoff_s")), flush=True)
     identity = None
     if "vllm" in measured:
         ref = measured["vllm"]["greedy"]

@@ -41,6 +41,9 @@ class TokenOutput:
     num_cached_tokens: int = 0
     # Set on the first output: seconds between arrival and first scheduling.
     queue_time: float | None = None
+    # Set on the first output: seconds from first scheduling to this token (the prompt's steps, its chunks'
+    # waits between them and the sampling), so a request's record can split TTFT into queue and prefill.
+    prefill_time: float | None = None
     error: str | None = None
     # One entry per new token when the request asked for logprobs.
     logprobs: list[TokenLogprobs] | None = None

@@ -36,6 +36,9 @@ def test_openai_client_streams_paris(bundled):
     # A short chat prompt: the router's cost model decides where it is prefilled, and says why.
     (rec,) = bundled.requests()[-1:]
     assert rec["path"] in ("split", "local") and rec["route"], rec
+    # Either way the record says where the TTFT went: the worker's queue, the prefill, and the rest (hand-off).
+    assert rec["queue_s"] is not None and rec["prefill_s"] is not None, rec
+    assert 0 < rec["queue_s"] + rec["prefill_s"] <= rec["ttft_s"], rec
     assert {w["role"] for w in bundled.workers()} == {"prefill", "decode"}
     assert all(free == total for free, total in bundled.wait_all_free().values())
 

@@ -464,6 +464,8 @@ class PoolClient:
                     raise EngineOverloaded(retry_after=self._retry_after(), message=out.error or "overloaded")
                 if out.queue_time is not None and rec.queue_s is None:
                     rec.queue_s = out.queue_time
+                if out.prefill_time is not None and rec.prefill_s is None:
+                    rec.prefill_s = out.prefill_time
                 out.request_id = rid  # the worker's id carries a suffix on a recompute
                 yield out
                 if out.finished:

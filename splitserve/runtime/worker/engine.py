@@ -216,6 +216,8 @@ class Engine:
             req.num_prompt_tokens,
             max(0, req.num_cached_tokens),
             queue_time=(req.first_scheduled_time - req.arrival_time) if first and req.first_scheduled_time is not None else None,
+            # The same clock as the step's `now` (async_engine: time.monotonic()).
+            prefill_time=(time.monotonic() - req.first_scheduled_time) if first and req.first_scheduled_time is not None else None,
             logprobs=[logprobs] if logprobs is not None else None,
         )
 
