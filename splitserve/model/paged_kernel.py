@@ -1,21 +1,28 @@
 """The C++ paged decode-attention kernel (csrc/paged_attention.cpp), built on the machine that runs it.
 
 torch's extension builder compiles it once per machine into its cache (TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions; its file lock serialises workers that start together) and later loads it from
-there. The first build takes tens of seconds, so `start()` runs it on a background thread: a worker serves
-with the gather path (attention.py) until the kernel is ready, and start-up never waits for a compiler.
+~/.cache/torch_extensions) and later loads it from there. The first build takes tens of seconds, so
+`start()` runs it on a background thread: a worker serves with the gather path (attention.py) until the
+kernel is ready, and start-up never waits for a compiler.
+
+Builders are serialised by an flock, which the OS releases when its holder dies. torch's own lock is a file
+that a builder killed mid-build (a worker stopped in its first 30 s) leaves behind, and every later builder
+waits on it forever: seen in a clean-clone test run that hung. Whoever holds the flock removes that file,
+since only a dead builder can have left it. The build directory is named by the source's hash and builds a
+copy of it placed there, so checkouts at other paths share one build instead of rebuilding in turn.
 No compiler, a failed build, a non-CPU device or a non-fp32 cache: the gather path, with one log line.
 SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -27,9 +34,6 @@ _SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 # -march=native: the build runs on the machine that runs the kernel. -fopenmp: at::parallel_for's inline
 # OpenMP region (the process already has torch's libgomp loaded, which the extension then uses).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-# A build takes ~30 s on a loaded 2-core machine; a lock this old was left by a builder that died.
-STALE_LOCK_S = 600.0
-
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _ready = threading.Event()
@@ -41,11 +45,13 @@ def enabled() -> bool:
 
 
 def build_directory() -> Path:
-    """Where the kernel is built and cached: per torch and Python version (the .so links against both)."""
+    """Where the kernel is built and cached: per torch and Python version (the .so links against both) and
+    per source content."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}"
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{digest}"
 
 
 def _build() -> None:
@@ -64,21 +70,21 @@ def _build() -> None:
 
         build_dir = build_directory()
         build_dir.mkdir(parents=True, exist_ok=True)
-        lock = build_dir / "lock"
-        # torch's builder waits, with no time limit, while this lock exists; a worker killed mid-build leaves
-        # it behind, and every later start would then wait forever (on the gather path, silently).
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            log.warning("removing a stale paged-kernel build lock (%s)", lock)
-            lock.unlink(missing_ok=True)
-        cpp_extension.load(
-            name="splitserve_paged",
-            sources=[str(_SOURCE)],
-            build_directory=str(build_dir),
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with open(build_dir / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another live builder finishes first; a dead one released it
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's: left only by a builder that died
+            source = build_dir / _SOURCE.name
+            if not source.exists() or source.read_bytes() != _SOURCE.read_bytes():
+                shutil.copyfile(_SOURCE, source)
+            cpp_extension.load(
+                name="splitserve_paged",
+                sources=[str(source)],
+                build_directory=str(build_dir),
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
         _ok = True
     except Exception as e:  # noqa: BLE001 - any build/load failure means "use the fallback", reported once
         # The first line, cut short: a build error's first line goes on with the whole compiler command.
