@@ -15,7 +15,9 @@ remote (P computes, the KV crosses the link)
 
 local (D computes)
     queue_s      half of D's decode step (the step in flight finishes first) + D's queued prefill tokens
-    prefill_s    D's fixed per-prefill time + tokens D does not cache x D's marginal cost
+    prefill_s    D's fixed per-prefill time + tokens D does not cache x D's marginal cost; a D that caps the
+                 prompt tokens of a step that decodes (`join_pool`'s `chunk_while_decoding`) spreads them over
+                 ceil(tokens / cap) steps while it decodes, each also one of its decode steps
     interference_s  while D prefills, each of its `running` requests waits: running x prefill_s
                  request-seconds stolen from others' inter-token latency, times `interference_weight`
     TTFT = ready = queue + prefill
@@ -155,6 +157,7 @@ class CostModel:
     _prefill: dict[WorkerId, _LineEwma] = field(default_factory=dict, init=False, repr=False)
     _measured_at: dict[WorkerId, float] = field(default_factory=dict, init=False, repr=False)
     _pool_of: dict[WorkerId, Hashable] = field(default_factory=dict, init=False, repr=False)
+    _chunk: dict[WorkerId, int] = field(default_factory=dict, init=False, repr=False)
     _pools: dict[Hashable, _LineEwma] = field(default_factory=dict, init=False, repr=False)
     _alike: set[Hashable] = field(default_factory=set, init=False, repr=False)
     _decode: dict[WorkerId, _Ewma] = field(default_factory=dict, init=False, repr=False)
@@ -181,9 +184,14 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ measurements
 
-    def join_pool(self, worker: WorkerId, pool: Hashable) -> None:
-        """`worker`'s measurements also feed `pool`'s fit (the router's pools: its role)."""
+    def join_pool(self, worker: WorkerId, pool: Hashable, chunk_while_decoding: int | None = None) -> None:
+        """`worker`'s measurements also feed `pool`'s fit (the router's pools: its role). It computes at most
+        `chunk_while_decoding` prompt tokens in a step that also decodes (None: a whole prompt at once)."""
         self._pool_of[worker] = pool
+        if chunk_while_decoding is None:
+            self._chunk.pop(worker, None)
+        else:
+            self._chunk[worker] = chunk_while_decoding
 
     def set_alike(self, pool: Hashable, alike: bool) -> None:
         """Whether `pool`'s workers are alike, so share its fit (the router re-decides on every join)."""
@@ -292,6 +300,9 @@ class CostModel:
         per_token = self.per_token_s(decode_worker, now)
         queue = (0.5 * self.step_s(decode_worker) if running > 0 else 0.0) + queued_tokens * per_token
         prefill = self.prefill_s(decode_worker, new_tokens, now)
+        chunk = self._chunk.get(decode_worker)
+        if running > 0 and chunk is not None:
+            prefill += (-(-new_tokens // chunk) - 1) * self.step_s(decode_worker)
         interference = self.interference_weight * running * prefill
         ready = queue + prefill
         terms = {"queue_s": queue, "prefill_s": prefill, "interference_s": interference}

@@ -107,17 +107,21 @@ class Router:
 
     # ------------------------------------------------------------------------------ membership
 
-    def register(self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int) -> None:
+    def register(
+        self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int,
+        chunk_while_decoding: int | None = None,
+    ) -> None:
         """A worker joins, or re-registers (after a restart: a new generation drops its index entries and
         measurements). Its cache is unknown until its first events or a `resync`: a router that restarted
         registers every worker and resyncs each from its snapshot. A late registration of an older
-        generation than the router has seen is ignored."""
+        generation than the router has seen is ignored. `chunk_while_decoding`: the prompt tokens it
+        computes in a step that decodes (a decode worker's cap; None: no cap)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if not self._follow(worker_id, generation):
             return
         self.workers[worker_id] = WorkerState(role, total_blocks, total_blocks)
-        self.costs.join_pool(worker_id, role)
+        self.costs.join_pool(worker_id, role, chunk_while_decoding)
         self._pressure[worker_id] = 0.0
         self._judge_alike(role)
 

@@ -85,10 +85,13 @@ class RouterFeed:
         self.router = router
         self._seen: dict[WorkerId, _Seen] = {}  # each worker's previous counters, to measure their growth
 
-    def join(self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int) -> None:
+    def join(
+        self, worker_id: WorkerId, role: Role, generation: Generation, total_blocks: int,
+        chunk_while_decoding: int | None = None,
+    ) -> None:
         """Register a worker; its cache is known from its first report with a snapshot (or from events that
         start at its generation's first)."""
-        self.router.register(worker_id, role, generation, total_blocks)
+        self.router.register(worker_id, role, generation, total_blocks, chunk_while_decoding)
 
     def leave(self, worker_id: WorkerId) -> None:
         self.router.deregister(worker_id)

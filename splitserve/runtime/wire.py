@@ -86,6 +86,9 @@ class WorkerInfo(msgspec.Struct):
     kv_layout: str  # dtype, block size and per-block shape: what KV peers must agree on
     kv_bytes_per_token: int
     num_layers: int
+    # Prompt tokens it computes in a step that also decodes (a decode worker's cap; None: none): the router's
+    # cost of prefilling locally there.
+    prefill_tokens_while_decoding: int | None = None
 
 
 encoder = msgspec.json.Encoder()

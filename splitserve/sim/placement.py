@@ -41,7 +41,7 @@ class RouterPolicy:
         self.counters = {w.id: StepCounters() for w in workers}
         self.link = {w.id: [0.0, 0.0] for w in workers}  # bytes and wire seconds each worker has sent
         for w in workers:
-            self.feed.join(w.id, w.role, GENERATION, w.sched.pool.num_blocks)
+            self.feed.join(w.id, w.role, GENERATION, w.sched.pool.num_blocks, w.sched.config.prefill_tokens_while_decoding)
 
     def place(self, req: SimRequest, now: float) -> tuple[Worker, Worker | None]:
         """(colocated or decode worker, prefill worker or None to prefill there)."""

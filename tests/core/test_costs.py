@@ -37,6 +37,20 @@ def test_terms_are_what_the_docstring_says():
     assert cm.local("d", 1000, 0, running=0).terms["queue_s"] == 0  # an idle worker starts at once
 
 
+def test_a_decode_worker_that_caps_prompt_tokens_while_decoding_prefills_locally_over_several_steps():
+    cm = make()
+    cm.join_pool("d", "decode", chunk_while_decoding=32)
+    # 1000 tokens in 32-token chunks: 32 steps, each also a 0.02 s decode step, where the first is counted.
+    loc = cm.local("d", new_tokens=1000, queued_tokens=0, running=4)
+    assert loc.terms["prefill_s"] == pytest.approx(0.1 + 31 * 0.02)
+    assert cm.local("d", new_tokens=1000, queued_tokens=0, running=0).terms["prefill_s"] == pytest.approx(0.1)  # idle: whole
+    assert cm.local("d", new_tokens=20, queued_tokens=0, running=4).terms["prefill_s"] == pytest.approx(20 * PER_TOK)
+    # A long prompt the uncapped model would keep local goes remote once the chunks' steps are counted.
+    uncapped = make()
+    assert not decide(uncapped, prompt=1000, d_running=1, p_queued=5000).remote
+    assert decide(cm, prompt=1000, d_running=1, p_queued=5000).remote
+
+
 def test_pipelining_exposes_one_layer_when_the_link_keeps_up_and_the_whole_transfer_otherwise():
     whole = 2000 * KV / 10e9
     assert make(pipelined=False).transfer_s(2000, prefill_s=0.2) == pytest.approx(whole)

@@ -80,7 +80,7 @@ def test_the_poller_and_a_direct_feed_leave_the_router_in_the_same_state():
         return httpx.Response(200, content=encoder.encode(state(int(q["after"]), q["snapshot"] == "1")))
 
     direct, polled = RouterFeed(new_router()), RouterPoll(new_router(), httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-    worker = SimpleNamespace(url="http://w", info=SimpleNamespace(role="decode", generation=7, num_blocks=48))
+    worker = SimpleNamespace(url="http://w", info=SimpleNamespace(role="decode", generation=7, num_blocks=48, prefill_tokens_while_decoding=32))
 
     def feed_directly(now: float) -> None:
         after = direct.after("http://w")
@@ -88,7 +88,7 @@ def test_the_poller_and_a_direct_feed_leave_the_router_in_the_same_state():
             direct.report("http://w", state(after, True), now)
 
     async def main() -> None:
-        direct.join("http://w", "decode", 7, 48)
+        direct.join("http://w", "decode", 7, 48, 32)
         feed_directly(0.0)
         await polled.join(worker)
         for i in range(12):

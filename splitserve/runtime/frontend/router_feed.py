@@ -38,7 +38,7 @@ class RouterPoll:
 
     async def join(self, w: WorkerClient) -> None:
         """Register a worker and load its cache from a snapshot (also how a restarted router rebuilds)."""
-        self.feed.join(w.url, w.info.role, w.info.generation, w.info.num_blocks)
+        self.feed.join(w.url, w.info.role, w.info.generation, w.info.num_blocks, w.info.prefill_tokens_while_decoding)
         await self.refresh(w, snapshot=True)
 
     def leave(self, w: WorkerClient) -> None:

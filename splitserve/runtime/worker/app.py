@@ -116,6 +116,7 @@ class Worker:
             kv_layout=self.kv_layout,
             kv_bytes_per_token=e.loaded.config.kv_bytes_per_token(e.loaded.dtype.itemsize),
             num_layers=e.loaded.config.num_layers,
+            prefill_tokens_while_decoding=e.config.prefill_tokens_while_decoding,
         )
 
     async def state(self, after: int, snapshot: bool) -> WorkerReport:
