@@ -40,24 +40,34 @@ class Deployment:
         self.secret_file.write_bytes(self.secret)
         self.admin_token_file.write_text(self.admin_token)
         self.operator = httpx.Client(auth=SignedCalls(self.secret), headers={"authorization": f"Bearer {self.admin_token}"})
-        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning",
-               "--secret-file", str(self.secret_file), "--admin-token-file", str(self.admin_token_file), *args]
-        if model is not None:
-            cmd += ["--model", str(model)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-        end = time.monotonic() + startup_timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
+        self._extra = [*args, *(["--model", str(model)] if model is not None else [])]
+        # A port free_port() found can be taken by another process before serve binds it (seen in a clean-clone
+        # run: "address already in use", serve exited 2): a start that ends at once is tried again on new
+        # ports. A start that fails for any other reason fails every time, and still raises.
+        for attempt in range(3):
+            self._start()
+            end = time.monotonic() + startup_timeout
+            while time.monotonic() < end and self.proc.poll() is None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            if self.proc.poll() is None:
+                break
+            if attempt == 2:
                 raise RuntimeError(f"serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
         self.close()
         raise RuntimeError("deployment not healthy in time")
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning",
+               "--secret-file", str(self.secret_file), "--admin-token-file", str(self.admin_token_file), *self._extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
 
     def workers(self, role: str | None = None) -> list[dict]:
         ws = self.operator.get(self.url + "/debug/workers", timeout=5).json()

@@ -188,8 +188,10 @@ def test_stalled_prefill_worker_times_out_and_recomputes(checkpoint, hf, transfe
             assert rec["path"] == "recompute" and any("stalled" in e or "deadline" in e for e in rec["events"]), rec
             # Over NIXL the frozen sender holds a claim it may still WRITE: the blocks come back once its
             # silent connection is dropped (the idle limit) and the grace period has passed.
-            grace = fence_grace(transfer) and STALL_S + fence_grace(transfer)
-            after = dep.wait_all_free(timeout=grace + QUIET_BOUND_S)
+            # Widened (twice the idle limit and the quiet bound): the sum of the three was missed once in a quiet
+            # clean-clone run (254 of 256 blocks back); the release waits on the receiver's idle check.
+            grace = fence_grace(transfer) and 2 * STALL_S + fence_grace(transfer)
+            after = dep.wait_all_free(timeout=grace + 2 * QUIET_BOUND_S)
             assert after[d["url"]][0] == before[d["url"]][0] == after[d["url"]][1]
         finally:
             os.kill(p["pid"], signal.SIGCONT)
