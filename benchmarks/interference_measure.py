@@ -5,7 +5,11 @@ worst gaps can be stated in decode steps of the very run)."""
 from __future__ import annotations
 
 import glob
+import json
+import os
+import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from statistics import median
@@ -50,10 +54,20 @@ def decode_step_s(step_dir: Path) -> float | None:
 
 def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: float, attainment: float,
             chunk: int, drain_s: float, timeout_s: float, out: Path, model: str | None = None) -> dict:
-    """The deployment's goodput sweep on `case` and the latencies of its runs at each probed rate."""
+    """The deployment's goodput sweep on `case` and the latencies of its runs at each probed rate.
+
+    Resumable, since the whole table takes hours: a sweep finished under the same settings is read back from
+    out/measured.json without starting a server, and a sweep cut short reuses the runs bench kept."""
+    settings = {"load": repr(case.load), "rate_lo": case.rate_lo, "rate_hi": case.rate_hi, "slo": repr(slo),
+                "trials": trials, "resolution": resolution, "attainment": attainment, "flags": serve_args(deployment, chunk),
+                "drain_s": drain_s, "timeout_s": timeout_s, "model": model}
+    done = out / "measured.json"
+    if done.is_file() and (kept := json.loads(done.read_text())).get("settings") == settings:
+        print(f"  [{case.name}/{deployment}] measured earlier: goodput {kept['goodput']:g} req/s ({done})", file=sys.stderr)
+        return kept
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    flags = serve_args(deployment, chunk)
+    flags = settings["flags"]
     steps = out / "steps"
     server = Service(f"serve-{deployment}", ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level",
                                              "warning", "--step-log-dir", str(steps), *flags,
@@ -64,23 +78,42 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
         n = case.load.num_requests if hasattr(case.load, "num_requests") else case.load.scaling.max_requests
         result = run_bench(BenchConfig(
             load=case.load, url=url, tokenizer=model, slo=slo, attainment=attainment, timeout_s=timeout_s,
-            sweep=SweepConfig(case.rate_lo, case.rate_hi, trials, resolution),
-            deadline_s=n / case.rate_lo + drain_s, out_dir=out / "bench"))
+            sweep=SweepConfig(case.rate_lo, case.rate_hi, trials, resolution, stop_certain=True),
+            deadline_s=n / case.rate_lo + drain_s, out_dir=out / "bench", resume=True))
     finally:
         server.stop()
     s = result.sweep
     assert s is not None
     step = decode_step_s(steps)
+    stopped = [run for run in result.runs if any(r.error_kind == "stopped" for r in run.records)]
     by_rate: dict[float, list] = defaultdict(list)
     for run in result.runs:
-        by_rate[run.rate].append(run.records)
+        if run not in stopped:  # a stopped run's latencies cover only the requests done before the stop
+            by_rate[run.rate].append(run.records)
     print(f"  [{case.name}/{deployment}] goodput {s.lower:g} req/s (failed at {s.upper}), decode step "
           f"{'n/a' if step is None else f'{step * 1e3:.0f} ms'}", file=sys.stderr)
-    return {
+    measured = {
+        "settings": settings,
         "serve_args": flags,
         "goodput": s.lower, "upper": s.upper,  # passed, failed (None: the top of the bracket passed)
         "probes": [{"rate": p.rate, "attainments": list(p.attainments), "median": p.median, "passed": p.passed}
                    for p in s.probes],
         "latency_by_rate": {f"{rate:g}": latency_figures(runs, step) for rate, runs in sorted(by_rate.items())},
         "decode_step_s": step,
+        # Runs cut short once their verdict was certain (never at rate_lo): left out of latency_by_rate.
+        "stopped_runs": [{"rate": run.rate, "trial": run.trial} for run in stopped],
+        "commit": _commit(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_at_end": os.getloadavg(),
     }
+    done.write_text(json.dumps(measured, indent=1))
+    return measured
+
+
+def _commit() -> str | None:
+    """The checkout's commit, so sweeps measured in different sessions say what code each ran."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

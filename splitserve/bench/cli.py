@@ -82,6 +82,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SLO and goodput")
     g.add_argument("--slo-ttft", type=float, help="time-to-first-token target, seconds")
     g.add_argument("--slo-tpot", type=float, help="time-per-output-token target, seconds")
+    g.add_argument("--slo-gap", type=float, help="the longest gap allowed between two output tokens of a request "
+                                                 "(its worst stall), seconds")
     g.add_argument("--attainment", type=float, default=0.9,
                    help="fraction of requests that must meet both SLOs (default %(default)s)")
     g.add_argument("--sweep", action="store_true", help="find the goodput: bisect the rate in [--rate-lo, --rate-hi]")
@@ -89,9 +91,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rate-hi", type=float)
     g.add_argument("--trials", type=int, default=3, help="trials per probed rate, judged by their median (default 3)")
     g.add_argument("--resolution", type=float, help="stop when the bracket is this narrow, req/s (default: range/16)")
+    g.add_argument("--stop-certain", action="store_true",
+                   help="end a sweep's run as soon as its verdict is a certain fail (not at --rate-lo, whose "
+                        "latencies then describe the whole load)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, help="write result.json and plots to this folder")
+    g.add_argument("--out", type=Path, help="write result.json and plots to this folder (and each run, as it "
+                                            "ends, under runs/)")
+    g.add_argument("--resume", action="store_true",
+                   help="reuse the runs --out keeps from an earlier bench of the same load cut short")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--no-live-table", dest="live_table", action="store_false",
                    help="no live table of latency percentiles while the run goes (it shows only on a terminal)")
@@ -118,14 +126,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.sweep:
         if args.rate_lo is None or args.rate_hi is None:
             raise BenchConfigError("--sweep needs --rate-lo and --rate-hi")
-        sweep = SweepConfig(args.rate_lo, args.rate_hi, args.trials, args.resolution)
+        sweep = SweepConfig(args.rate_lo, args.rate_hi, args.trials, args.resolution, args.stop_certain)
     return BenchConfig(
         load=load,
         url=args.url,
         model=args.model,
         tokenizer=args.tokenizer,
         concurrency=args.concurrency,
-        slo=SLO(args.slo_ttft, args.slo_tpot),
+        slo=SLO(args.slo_ttft, args.slo_tpot, args.slo_gap),
         attainment=args.attainment,
         sweep=sweep,
         timeout_s=args.timeout,
@@ -135,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         progress=args.progress,
         live_table=args.live_table,
         out_dir=args.out,
+        resume=args.resume,
     )
 
 

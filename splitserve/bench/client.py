@@ -25,6 +25,7 @@ _SSE_EOL = re.compile(r"\r\n|\r|\n")
 # beyond this many in flight the wait for a connection shows up as client-side TTFT.
 MAX_OPEN_LOOP_CONNECTIONS = 1024
 ERROR_TEXT_LIMIT = 500
+STOP_CHECK_S = 0.25  # how often a stop_when condition is looked at: far under any latency an SLO bounds
 
 
 class EndpointError(Exception):
@@ -84,6 +85,7 @@ async def run_load(
     deadline_s: float | None = None,
     retries: int = 0,
     on_done: Callable[[RequestRecord], None] | None = None,
+    stop_when: Callable[[list[RequestRecord], float], bool] | None = None,
 ) -> list[RequestRecord]:
     """Send every request and return one record per spec, in workload order.
 
@@ -93,6 +95,8 @@ async def run_load(
     deadline_s: wall-clock limit for the whole run; requests still out are cancelled, unsent ones recorded.
     retries: a 429 or 503 is sent again after its Retry-After, up to this many times, as the OpenAI client
     does (it retries twice); within the request's timeout, and its latencies count from the first send.
+    stop_when(records, now): looked at every STOP_CHECK_S; once true the run ends as at its deadline, and the
+    requests it cut short are recorded as "stopped".
     """
     records = [RequestRecord(i, s.arrival_s, s.input_len, s.output_len) for i, s in enumerate(specs)]
     pool = concurrency or min(len(specs), MAX_OPEN_LOOP_CONNECTIONS)
@@ -111,15 +115,29 @@ async def run_load(
             if concurrency
             else _open_loop(records, prompt_of, one, clock)
         )
+        stopped = False
+
+        async def watch() -> None:
+            nonlocal stopped
+            while not stop_when(records, clock()):
+                await asyncio.sleep(STOP_CHECK_S)
+            stopped = True
+
+        run = asyncio.ensure_future(asyncio.wait_for(driver, deadline_s))
+        watcher = asyncio.ensure_future(watch()) if stop_when else None
         try:
-            await asyncio.wait_for(driver, deadline_s)
-        except TimeoutError:
-            pass  # wait_for cancelled the driver, which cancelled and recorded every request still out
+            await asyncio.wait([run] + ([watcher] if watcher else []), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel([t for t in (run, watcher) if t])  # cancelling the driver records every request still out
+        if not run.cancelled() and isinstance(run.exception(), Exception) and not isinstance(run.exception(), TimeoutError):
+            raise run.exception()  # TimeoutError: the run's deadline, the normal end of a run that overran it
     for rec in records:
-        if rec.sent_s is None and rec.error_kind is None:
+        if stopped and (rec.sent_s is None or rec.error_kind == "deadline"):
+            rec.error_kind, rec.error = "stopped", "the run was stopped once its SLO verdict was certain"
+        elif rec.sent_s is None and rec.error_kind is None:
             rec.error_kind, rec.error = "unsent", "the run's deadline came before this request was sent"
-            if on_done:
-                on_done(rec)
+        if on_done and rec.sent_s is None:
+            on_done(rec)  # a request cut short in flight was never done; one never sent is, now
     return records
 
 

@@ -29,6 +29,10 @@ class SweepConfig:
     rate_hi: float
     trials: int = 3
     resolution: float | None = None  # req/s; None: 1/16 of the range (four bisection steps)
+    # End a run once its verdict is certain (more requests certainly missed the SLO than the attainment
+    # target allows), except at rate_lo, which runs whole so its latencies describe the entire load. An
+    # overloaded run otherwise spends most of a sweep's time draining a queue whose verdict is known.
+    stop_certain: bool = False
 
     @property
     def step(self) -> float:
@@ -53,6 +57,7 @@ class BenchConfig:
     progress: bool = False
     live_table: bool = True  # with progress, on a terminal: the latency percentiles so far, while it runs
     out_dir: Path | None = None
+    resume: bool = False  # reuse the runs out_dir/runs/ keeps from an earlier, cut-short bench of the same load
 
 
 def check_config(c: BenchConfig) -> None:
@@ -61,6 +66,8 @@ def check_config(c: BenchConfig) -> None:
         raise BenchConfigError(f"concurrency must be >= 1, got {c.concurrency}")
     if not c.timeout_s > 0 or (c.deadline_s is not None and not c.deadline_s > 0):
         raise BenchConfigError("timeout and deadline must be positive")
+    if c.resume and c.out_dir is None:
+        raise BenchConfigError("resume needs an output folder: give --out")
     if c.retries < 0:
         raise BenchConfigError(f"retries must be >= 0, got {c.retries}")
     for name, v in (("TTFT", c.slo.ttft_s), ("TPOT", c.slo.tpot_s)):
@@ -69,7 +76,7 @@ def check_config(c: BenchConfig) -> None:
     if c.sweep is None:
         return
     if not c.slo.set:
-        raise BenchConfigError("a goodput sweep needs an SLO: give --slo-ttft and/or --slo-tpot")
+        raise BenchConfigError("a goodput sweep needs an SLO: give --slo-ttft, --slo-tpot and/or --slo-gap")
     if c.concurrency is not None:
         raise BenchConfigError("a rate sweep needs open-loop load: drop --concurrency")
     s = c.sweep

@@ -163,4 +163,6 @@ def _slo_text(s: dict[str, Any]) -> str:
         parts.append(f"TTFT <= {s['slo_ttft_s'] * 1000:g} ms")
     if s["slo_tpot_s"] is not None:
         parts.append(f"TPOT <= {s['slo_tpot_s'] * 1000:g} ms")
+    if s.get("slo_max_gap_s") is not None:  # results written before the gap SLO have no such key
+        parts.append(f"no gap > {s['slo_max_gap_s'] * 1000:g} ms")
     return ", ".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import replace
+from typing import Callable
 
 from rich.console import Console
 
@@ -17,6 +18,7 @@ from splitserve.bench.output import write_outputs
 from splitserve.bench.progress import RunProgress
 from splitserve.bench.prompts import PromptBuilder
 from splitserve.bench.results import BenchResult, RateTrials, Run
+from splitserve.bench.run_store import load_run, run_key, run_path, save_run
 from splitserve.bench.vocab import VocabError, find_vocab
 from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import (
@@ -29,7 +31,8 @@ from splitserve.workload.requests import (
     read_trace,
     synthetic,
 )
-from splitserve.workload.slo import summarize
+from splitserve.workload.record import RequestRecord
+from splitserve.workload.slo import SLO, certain_miss, misses_allowed, summarize
 
 # Exceptions that mean bad input, not a bug: report the message, not a traceback.
 USER_ERRORS = (BenchConfigError, WorkloadError, EndpointError, VocabError)
@@ -49,28 +52,36 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     salt = config.salt if config.salt is not None else secrets.randbits(63)
     target = Target(config.url, model, config.ignore_eos)
     runs: list[Run] = []
+    key = run_key(config, model)
 
     with RunProgress(config.progress, console, config.live_table) as progress:
 
         def measure(rate: float | None, trial: int) -> Run:
             workload = workload_at(config.load, trace, rate, trial)
-            label = f"rate {rate:g} req/s, trial {trial + 1}" if rate is not None else "requests"
-            progress.start_run(label, len(workload.requests))
-            # Each run draws its own prompt tokens, so no trial finds an earlier trial's prompts cached.
-            builder = PromptBuilder(vocab, salt + len(runs))
-            specs = workload.requests
-            records = asyncio.run(
-                run_load(
-                    target,
-                    specs,
-                    lambda i: builder.build(i, specs[i]),
-                    concurrency=config.concurrency,
-                    timeout_s=config.timeout_s,
-                    deadline_s=config.deadline_s,
-                    retries=config.retries,
-                    on_done=progress.done,
+            kept = run_path(config.out_dir, rate, trial) if config.out_dir is not None else None
+            records = load_run(kept, key) if kept is not None and config.resume else None
+            if records is None:
+                label = f"rate {rate:g} req/s, trial {trial + 1}" if rate is not None else "requests"
+                progress.start_run(label, len(workload.requests))
+                # Each run draws its own prompt tokens, so no trial finds an earlier trial's prompts cached.
+                builder = PromptBuilder(vocab, salt + len(runs))
+                specs = workload.requests
+                stop = config.sweep is not None and config.sweep.stop_certain and rate != config.sweep.rate_lo
+                records = asyncio.run(
+                    run_load(
+                        target,
+                        specs,
+                        lambda i: builder.build(i, specs[i]),
+                        concurrency=config.concurrency,
+                        timeout_s=config.timeout_s,
+                        deadline_s=config.deadline_s,
+                        retries=config.retries,
+                        on_done=progress.done,
+                        stop_when=verdict_certain(config.slo, config.attainment) if stop else None,
+                    )
                 )
-            )
+                if kept is not None:
+                    save_run(kept, key, records)
             run = Run(rate, trial, workload, records, summarize(records, config.slo))
             runs.append(run)
             return run
@@ -90,6 +101,15 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     if config.out_dir is not None:
         write_outputs(result, config.out_dir)
     return result
+
+
+def verdict_certain(slo: SLO, target: float) -> Callable[[list[RequestRecord], float], bool]:
+    """A run's stop condition: more of its requests have certainly missed `slo` than `target` allows."""
+    def stop(records: list[RequestRecord], now: float) -> bool:
+        allowed = misses_allowed(len(records), target)
+        return sum(certain_miss(r, slo, now) for r in records) > allowed
+
+    return stop
 
 
 def workload_at(load: TraceLoad | SyntheticSpec, trace: Trace | None, rate: float | None, trial: int) -> Workload:

@@ -40,7 +40,7 @@ from splitserve.sim.placement import RouterPolicy
 from splitserve.sim.result import Phases, PoolStats, SimResult
 from splitserve.sim.state import SAMPLED_TOKEN, SimRequest, Worker
 from splitserve.workload.requests import RequestSpec
-from splitserve.workload.slo import SLO, meets_slo
+from splitserve.workload.slo import SLO, meets_slo, misses_allowed
 
 _ARRIVE, _STEP, _XFER, _DEADLINE = 0, 1, 2, 3
 _NO_EOS: frozenset[int] = frozenset()  # simulated requests run with ignore_eos
@@ -127,7 +127,7 @@ class ClusterSim:
         self.xfer_exposed: list[float] = []
         self.xfer_bytes = 0.0
         self.slo = slo if slo is not None and slo.set else None
-        self.max_fail = math.floor((1 - stop_below) * len(requests) + 1e-9) if (self.slo and stop_below is not None) else None
+        self.max_fail = misses_allowed(len(requests), stop_below) if (self.slo and stop_below is not None) else None
         self.fails = 0
         sims = [SimRequest(i, r, self.spec.block_size) for i, r in enumerate(requests)]
         n, ai, now = len(sims), 0, 0.0

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # Why a request failed. "http": the server answered with a non-200 status; "stream": the body broke off,
-# carried an error event or no token; "unsent": the run's deadline came before its send time.
-ErrorKind = Literal["http", "connect", "timeout", "stream", "deadline", "unsent"]
+# carried an error event or no token; "unsent": the run's deadline came before its send time; "stopped": a
+# sweep ended the run once its SLO verdict was certain (a fail), before this request finished.
+ErrorKind = Literal["http", "connect", "timeout", "stream", "deadline", "unsent", "stopped"]
 
 
 @dataclass

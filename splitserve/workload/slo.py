@@ -7,6 +7,7 @@ chunks, pooled over requests. Latencies count successful requests only. Percenti
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -57,7 +58,8 @@ class Summary:
     e2e: Stats
     slo_ttft_s: float | None
     slo_tpot_s: float | None
-    attainment: float | None  # fraction of all requests that succeeded within both SLOs; None without an SLO
+    attainment: float | None  # fraction of all requests that succeeded within every SLO; None without an SLO
+    slo_max_gap_s: float | None = None
 
     @property
     def cache_hit_rate(self) -> float:
@@ -109,6 +111,30 @@ def meets_slo(r: RequestRecord, slo: SLO) -> bool:
     return slo.tpot_s is None or per_token is None or per_token <= slo.tpot_s
 
 
+def misses_allowed(requests: int, target: float) -> int:
+    """How many of `requests` may miss the SLO with the attainment still at `target` or above: one more miss
+    and the verdict is a fail, whatever the rest do."""
+    return math.floor((1 - target) * requests + 1e-9)
+
+
+def certain_miss(r: RequestRecord, slo: SLO, now: float) -> bool:
+    """Whether request `r`, as observed by `now` (the run's clock), can no longer meet `slo`, however the rest
+    of it goes: it ended outside the SLO, or its first token is later than the TTFT target allows, or a gap
+    (the one still open included) is past the stall bound, or the time since its first token already spreads
+    over more than the TPOT target for every token it asked for (fewer tokens would only raise its TPOT)."""
+    if r.end_s is not None or r.error_kind is not None:
+        return not meets_slo(r, slo)
+    if r.sent_s is None:
+        return False
+    if slo.ttft_s is not None and (r.first_token_s if r.first_token_s is not None else now) - r.sent_s > slo.ttft_s:
+        return True
+    if r.first_token_s is None:
+        return False
+    if slo.max_gap_s is not None and max(np.diff([*r.token_times_s, now])) > slo.max_gap_s:
+        return True
+    return slo.tpot_s is not None and r.output_len >= 2 and (now - r.first_token_s) / (r.output_len - 1) > slo.tpot_s
+
+
 def attainment(records: Sequence[RequestRecord], slo: SLO) -> float:
     return sum(meets_slo(r, slo) for r in records) / len(records) if records else 0.0
 
@@ -142,6 +168,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO = SLO()) -> Summary:
         slo_ttft_s=slo.ttft_s,
         slo_tpot_s=slo.tpot_s,
         attainment=attainment(records, slo) if slo.set else None,
+        slo_max_gap_s=slo.max_gap_s,
     )
 
 

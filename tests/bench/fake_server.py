@@ -23,6 +23,9 @@ class Behaviour:
     vocab_size: int = 1000
     first_token_delay_s: float = 0.01
     token_delay_s: float = 0.002
+    # Extra delay per token for each other request in flight: a server that slows as it fills, so a sweep's
+    # low rates pass and its high rates fail.
+    token_delay_per_in_flight_s: float = 0.0
     # The n-th request received (0-based) is answered with this HTTP status instead of a stream.
     fail_status: dict[int, int] = field(default_factory=dict)
     retry_after: str | None = None  # the Retry-After header of those answers
@@ -90,7 +93,7 @@ def make_app(b: Behaviour) -> FastAPI:
             await asyncio.sleep(b.first_token_delay_s)
             for i in range(max_tokens):
                 if i:
-                    await asyncio.sleep(b.token_delay_s)
+                    await asyncio.sleep(b.token_delay_s + b.token_delay_per_in_flight_s * (b.in_flight - 1))
                 finish = "length" if i == max_tokens - 1 else None
                 chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f"{b.text}{i}", "finish_reason": finish}]}
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
