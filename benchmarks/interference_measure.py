@@ -17,9 +17,11 @@ from statistics import median
 import httpx
 
 from benchmarks.interference_report import latency_figures
+from benchmarks.interference_stall import stall_breakdown
 from benchmarks.interference_workloads import Case
 from benchmarks.netns import Service
 from splitserve.bench import BenchConfig, SweepConfig, run_bench
+from splitserve.bench.results import Run
 from splitserve.runtime.process import free_port
 from splitserve.runtime.worker.step_log import read_step_log
 from splitserve.workload.slo import SLO
@@ -86,10 +88,10 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
     assert s is not None
     step = decode_step_s(steps)
     stopped = [run for run in result.runs if any(r.error_kind == "stopped" for r in run.records)]
-    by_rate: dict[float, list] = defaultdict(list)
+    by_rate: dict[float, list[Run]] = defaultdict(list)
     for run in result.runs:
         if run not in stopped:  # a stopped run's latencies cover only the requests done before the stop
-            by_rate[run.rate].append(run.records)
+            by_rate[run.rate].append(run)
     print(f"  [{case.name}/{deployment}] goodput {s.lower:g} req/s (failed at {s.upper}), decode step "
           f"{'n/a' if step is None else f'{step * 1e3:.0f} ms'}", file=sys.stderr)
     measured = {
@@ -98,7 +100,9 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
         "goodput": s.lower, "upper": s.upper,  # passed, failed (None: the top of the bracket passed)
         "probes": [{"rate": p.rate, "attainments": list(p.attainments), "median": p.median, "passed": p.passed}
                    for p in s.probes],
-        "latency_by_rate": {f"{rate:g}": latency_figures(runs, step) for rate, runs in sorted(by_rate.items())},
+        "latency_by_rate": {f"{rate:g}": latency_figures([run.records for run in runs], step)
+                            for rate, runs in sorted(by_rate.items())},
+        "stall_by_rate": {f"{rate:g}": stall_breakdown(runs, steps, step) for rate, runs in sorted(by_rate.items())},
         "decode_step_s": step,
         # Runs cut short once their verdict was certain (never at rate_lo): left out of latency_by_rate.
         "stopped_runs": [{"rate": run.rate, "trial": run.trial} for run in stopped],

@@ -27,6 +27,9 @@ class Run:
     workload: Workload
     records: list[RequestRecord]
     summary: Summary
+    # Unix time of the run's clock zero (taken just before the run starts, within milliseconds of it), so its
+    # records line up with a server's own logs, e.g. `serve --step-log-dir`'s steps.
+    started_unix: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ def result_dict(result: BenchResult) -> dict[str, Any]:
             {
                 "rate": run.rate,
                 "trial": run.trial,
+                "started_unix": run.started_unix,
                 "workload": {
                     "source": run.workload.source,
                     "notes": list(run.workload.notes),

@@ -36,16 +36,17 @@ def run_path(out_dir: Path, rate: float | None, trial: int) -> Path:
     return out_dir / "runs" / (f"rate-{rate!r}-trial-{trial}.json" if rate is not None else "single.json")
 
 
-def save_run(path: Path, key: dict[str, Any], records: list[RequestRecord]) -> None:
+def save_run(path: Path, key: dict[str, Any], records: list[RequestRecord], started_unix: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")  # written whole, then renamed: a run killed mid-write leaves no half file
-    tmp.write_bytes(msgspec.json.encode({"format": FORMAT, "key": key,
+    tmp.write_bytes(msgspec.json.encode({"format": FORMAT, "key": key, "started_unix": started_unix,
                                          "records": [dataclasses.asdict(r) for r in records]}))
     tmp.replace(path)
 
 
-def load_run(path: Path, key: dict[str, Any]) -> list[RequestRecord] | None:
-    """The run kept at `path` if it was measured under `key`; None if there is none or it differs."""
+def load_run(path: Path, key: dict[str, Any]) -> tuple[list[RequestRecord], float] | None:
+    """The records and start time of the run kept at `path` if it was measured under `key`; None if there is
+    none or it differs."""
     if not path.is_file():
         return None
     try:
@@ -54,4 +55,4 @@ def load_run(path: Path, key: dict[str, Any]) -> list[RequestRecord] | None:
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("key") != key:
         return None
-    return [RequestRecord(**r) for r in doc["records"]]
+    return [RequestRecord(**r) for r in doc["records"]], doc["started_unix"]

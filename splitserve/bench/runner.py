@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import replace
 from typing import Callable
 
@@ -59,14 +60,17 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
         def measure(rate: float | None, trial: int) -> Run:
             workload = workload_at(config.load, trace, rate, trial)
             kept = run_path(config.out_dir, rate, trial) if config.out_dir is not None else None
-            records = load_run(kept, key) if kept is not None and config.resume else None
-            if records is None:
+            found = load_run(kept, key) if kept is not None and config.resume else None
+            if found is not None:
+                records, started = found
+            else:
                 label = f"rate {rate:g} req/s, trial {trial + 1}" if rate is not None else "requests"
                 progress.start_run(label, len(workload.requests))
                 # Each run draws its own prompt tokens, so no trial finds an earlier trial's prompts cached.
                 builder = PromptBuilder(vocab, salt + len(runs))
                 specs = workload.requests
                 stop = config.sweep is not None and config.sweep.stop_certain and rate != config.sweep.rate_lo
+                started = time.time()
                 records = asyncio.run(
                     run_load(
                         target,
@@ -81,8 +85,8 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
                     )
                 )
                 if kept is not None:
-                    save_run(kept, key, records)
-            run = Run(rate, trial, workload, records, summarize(records, config.slo))
+                    save_run(kept, key, records, started)
+            run = Run(rate, trial, workload, records, summarize(records, config.slo), started)
             runs.append(run)
             return run
 

@@ -4,18 +4,33 @@ on this repository's calibration (simulation only, a few seconds)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.interference_measure import serve_args
-from benchmarks.interference_report import estimate_s, headline, latency_figures, planned_rates, table
+from benchmarks.interference_report import (
+    estimate_s,
+    headline,
+    latency_figures,
+    planned_rates,
+    table,
+)
+from benchmarks.interference_stall import classify, stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
+from splitserve.bench.results import Run
 from splitserve.calibrate.table import Calibration
-from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, cluster, simulated_attainment, within_spread
+from splitserve.plan.local_deployments import (
+    DEPLOYMENTS,
+    Machine,
+    cluster,
+    simulated_attainment,
+    within_spread,
+)
 from splitserve.workload.record import RequestRecord
-from splitserve.workload.slo import SLO
+from splitserve.workload.slo import SLO, summarize
 from tests.bench.conftest import AZURE, MOONCAKE
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "results" / "sim_accuracy" / "calibration.json"
@@ -117,3 +132,34 @@ def test_the_planner_sees_a_colocated_decode_stall_that_the_split_avoids(every):
     assert simulated_attainment(machine, "1p1d", requests, gap_only) > simulated_attainment(machine, "colocated", requests, gap_only)
     spec, _ = cluster(machine, "1p1d")
     assert {p.role: p.prefill_tokens_while_decoding for p in spec.pools} == {"prefill": None, "decode": 32}
+
+
+@pytest.mark.parametrize("steps, cause", [
+    # A gap from 10.0 to 10.4 s against 0.1 s decode steps.
+    ([(9.95, 0.1, 0), (10.05, 0.35, 512)], "prompt in step"),  # a 512-token chunk rode in one step
+    ([(9.95, 0.1, 0), (10.05, 0.35, 0)], "long step"),
+    ([(9.95, 0.1, 0), (10.3, 0.1, 0)], "worker paused"),  # nothing ran from 10.05 to 10.3
+    ([(9.95 + 0.1 * k, 0.1, 0) for k in range(5)], "steps passed"),  # steps went on; the token did not come
+])
+def test_a_gap_is_put_down_to_what_the_decode_worker_did_meanwhile(steps, cause):
+    got, figures = classify((10.0, 10.4), steps)
+    assert got == cause, figures
+    assert figures["gap_s"] == pytest.approx(0.4)
+
+
+def test_the_stall_breakdown_lines_the_client_up_with_the_step_log(tmp_path):
+    t0 = 1_800_000_000.0
+    # A decode worker's step log (runtime/worker/step_log.py's format): five 0.1 s decode steps, then one of
+    # 0.5 s that also computed a 64-token prompt.
+    steps = [(t0 + 1.0 + 0.1 * k, 0.1, [[1, 100 + k, 1]]) for k in range(5)] + [(t0 + 1.5, 0.5, [[1, 105, 1], [64, 0, 1]])]
+    lines = [{"role": "decode", "pid": 1, "clock": "unix"}] + [{"t": t, "s": s, "b": b} for t, s, b in steps]
+    (tmp_path / "steps-decode-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "steps-prefill-2.jsonl").write_text(json.dumps({"role": "prefill", "pid": 2, "clock": "unix"}) + "\n"
+                                                    + json.dumps({"t": t0 + 1.5, "s": 0.5, "b": [[512, 0, 1]]}) + "\n")
+    rec = RequestRecord(0, 0.0, 100, 8, sent_s=0.5, first_token_s=1.1, token_times_s=[1.1, 1.2, 1.3, 1.4, 1.5, 2.0],
+                        end_s=2.0, completion_tokens=6, status=200)
+    run = Run(0.1, 0, None, [rec], summarize([rec]), started_unix=t0)
+    got = stall_breakdown([run], tmp_path, 0.1)
+    assert got["requests"] == 1 and got["most_common"] == "prompt in step"
+    assert got["causes"]["prompt in step"]["gap_steps_max"] == pytest.approx(5.0)
+    assert got["worst"][0]["prompt_tokens"] == 64
