@@ -92,8 +92,10 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
     for run in result.runs:
         if run not in stopped:  # a stopped run's latencies cover only the requests done before the stop
             by_rate[run.rate].append(run)
+    stalls = stall_breakdown(by_rate.get(case.rate_lo, []), steps, step)
     print(f"  [{case.name}/{deployment}] goodput {s.lower:g} req/s (failed at {s.upper}), decode step "
-          f"{'n/a' if step is None else f'{step * 1e3:.0f} ms'}", file=sys.stderr)
+          f"{'n/a' if step is None else f'{step * 1e3:.0f} ms'}; worst gaps at {case.rate_lo:g} req/s put down to "
+          f"{ {c: v['requests'] for c, v in stalls['causes'].items() if v['requests']} }", file=sys.stderr)
     measured = {
         "settings": settings,
         "serve_args": flags,
