@@ -17,8 +17,9 @@ in decode steps of the same run from the workers' step logs) are medians over th
 their spread.
 
 The planner (splitserve/plan/local_deployments.py) simulates each deployment from this machine's calibration
-(one for a 1-thread worker, one for a 2-thread worker: --calibration-1t/-2t, made with `splitserve plan
-calibrate --threads N` when missing) through the same core Scheduler and Router, over the same requests and
+(one for a 1-thread worker, one for a 2-thread worker: --calibration-1t/-2t, made as `splitserve plan
+calibrate --threads N` does when missing; the 2-thread one times wall clock, so make it on a quiet machine)
+through the same core Scheduler and Router, over the same requests and
 sweep, and names the winner per workload.
 
     python -m benchmarks.interference [--quick] [--workloads a,b] [--deployments a,b] [--trials 3]
@@ -91,7 +92,9 @@ def main() -> None:
     ap.add_argument("--drain", type=float, default=DRAIN_S, help="seconds a run may take past its last arrival")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     ap.add_argument("--model", default=None, help="as for `splitserve serve` (default: bundled SmolLM2-135M)")
-    ap.add_argument("--calibration-1t", type=Path, default=Path("results/sim_accuracy/calibration.json"))
+    # Its own calibrations, made by the first run when missing, so that they are of the engine this table
+    # measures (results/sim_accuracy/calibration.json belongs to that benchmark's figures).
+    ap.add_argument("--calibration-1t", type=Path, default=None, help="default OUT/calibration-1t.json")
     ap.add_argument("--calibration-2t", type=Path, default=None, help="default OUT/calibration-2t.json")
     ap.add_argument("--out", type=Path, default=OUT, help="where results go (the plot beside it: OUT/../interference.png)")
     ap.add_argument("--quick-calibration", action="store_true", help="the coarse grid if a calibration is made")
@@ -103,6 +106,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     out = args.out
+    args.calibration_1t = args.calibration_1t or out / "calibration-1t.json"
     args.calibration_2t = args.calibration_2t or out / "calibration-2t.json"
     every = cases(out, args.requests)
     names = [w.strip() for w in (args.workloads or ",".join(every)).split(",") if w.strip()]
