@@ -5,7 +5,8 @@ A search is a chain of probes, each waiting for the last; one chain per process 
 process) left a core idle once the shorter mode was done, while the disaggregated chain, with its larger units,
 ran on alone for most of the wall time. On a shared pool each mode's chain is a thread that waits on its
 probes, and a chain submits ahead what it will need anyway (both ends of a bracket, every later candidate's
-bar), so the cores stay busy until the last probe.
+bar), and on a process otherwise idle what it will need if the current probe passes (`idle()`; see
+`search.evaluate`), so the cores stay busy until the last probe.
 """
 
 from __future__ import annotations
