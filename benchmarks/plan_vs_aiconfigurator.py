@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aic", type=Path, default=AIC_DEFAULT, help="aiconfigurator executable (default %(default)s)")
     ap.add_argument("--out", type=Path, default=RESULTS / "vs_aiconfigurator.json")
     args = ap.parse_args(argv)
-    cases = [CASES[int(i) - 1] for i in args.cases.split(",")] if args.cases else list(CASES)
+    picked = [i.strip() for i in args.cases.split(",")] if args.cases else []
+    if any(not i.isdigit() or not 1 <= int(i) <= len(CASES) for i in picked):
+        ap.error(f"--cases: numbers from 1 to {len(CASES)}, got {args.cases!r}")
+    cases = [CASES[int(i) - 1] for i in picked] or list(CASES)
     have_aic = args.aic.exists()
     if not have_aic:
         print(f"aiconfigurator skipped: {args.aic} is absent (install it into its own venv, see /work/shared/PEERS.md)")
