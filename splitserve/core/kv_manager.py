@@ -28,6 +28,8 @@ class KVCacheManager:
     def allocate(self, req: Request, num_new_tokens: int, hit_blocks: list[int] = ()) -> bool:
         """Give `req` blocks for `num_new_tokens` more tokens (after taking `hit_blocks` from the prefix
         cache). All or nothing: on failure nothing changes."""
+        if not hit_blocks and req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size:
+            return True  # fits the blocks it holds (most decode steps): nothing to take or allocate
         held = len(req.block_ids) + len(hit_blocks)
         total_tokens = req.num_computed_tokens + len(hit_blocks) * self.block_size + num_new_tokens
         need = max(0, blocks_for(total_tokens, self.block_size) - held)
@@ -47,8 +49,10 @@ class KVCacheManager:
         """Make the request's full, computed blocks findable by later requests with the same prefix."""
         if not self.pool.enable_prefix_caching:
             return
-        self._update_hashes(req)
         done = self._num_published.get(req.request_id, 0)
+        if req.num_computed_tokens // self.block_size <= done:
+            return  # no new full block (most steps); hashes are computed when one is
+        self._update_hashes(req)
         full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
         for i in range(done, full):
             parent = req.block_hashes[i - 1] if i else NO_PARENT

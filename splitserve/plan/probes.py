@@ -5,7 +5,8 @@ A search is a chain of probes, each waiting for the last; one chain per process 
 process) left a core idle once the shorter mode was done, while the disaggregated chain, with its larger units,
 ran on alone for most of the wall time. On a shared pool each mode's chain is a thread that waits on its
 probes, and a chain submits ahead what it will need anyway (both ends of a bracket, every later candidate's
-bar), so the cores stay busy until the last probe.
+bar), and on a process otherwise idle what it will need if the current probe passes (`idle()`; see
+`search.evaluate`), so the cores stay busy until the last probe.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Prober(Generic[P]):
     def __init__(self, measure: Callable[[Any, Any, float, bool], P], plan: Any, jobs: int) -> None:
         self.measure, self.plan = measure, plan
         self.parallel = jobs >= 2
+        self.jobs = jobs
+        self._inflight: set[Future[P]] = set()  # submitted to the pool, not done (queued or running)
         self._pool: ProcessPoolExecutor | None = None
         if self.parallel:
             self._pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork"), initializer=_init,
@@ -52,10 +55,18 @@ class Prober(Generic[P]):
 
     def submit(self, unit: Any, rate: float, full: bool = False) -> Future[P]:
         if self._pool is not None:
-            return self._pool.submit(_run, unit, rate, full)
+            f = self._pool.submit(_run, unit, rate, full)
+            self._inflight.add(f)
+            f.add_done_callback(self._inflight.discard)
+            return f
         done: Future[P] = Future()
         done.set_result(self.measure(self.plan, unit, rate, full))
         return done
+
+    def idle(self) -> int:
+        """Processes that would start a probe submitted now at once (0 inline): what speculation may use
+        without delaying a probe some search waits on."""
+        return max(0, self.jobs - len(self._inflight)) if self.parallel else 0
 
     def close(self) -> None:
         if self._pool is not None:

@@ -474,6 +474,27 @@ def goodput_bracket(guess: float, resolution: float, passed: Probe | None = None
     return Bracket(lo, hi, resolution, relative=True, grow_steps=BRACKET_STEPS, shrink_steps=BRACKET_STEPS)
 
 
+class _Unknown(Exception):
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+
+def next_rate(bracket: Bracket, known: dict[float, bool]) -> float | None:
+    """The rate the goodput search over `bracket` measures next, given the outcomes `known` so far (None:
+    it is done): the search replayed, so that speculation follows it exactly."""
+
+    def replay(rate: float) -> bool:
+        if rate not in known:
+            raise _Unknown(rate)
+        return known[rate]
+
+    try:
+        search_goodput(replay, lambda ok: ok, bracket)
+    except _Unknown as u:
+        return u.rate
+    return None
+
+
 def _inline(plan: PlanSpec) -> Prober[Probe]:
     return Prober(run_probe, plan, jobs=1)
 
@@ -488,10 +509,29 @@ def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None, prober: 
     ahead: dict[float, Future[Probe]] = (
         {r: prober.submit(c.unit, r) for r in (bracket.lo, bracket.hi)} if prober.parallel and passed is None else {})
 
+    known: dict[float, bool] = {}  # rate -> passed, as the search saw them
+
     def measure(rate: float) -> Probe:
         if passed is not None and rate == passed.rate:
+            known[rate] = True
             return passed
-        return (ahead.pop(rate, None) or prober.submit(c.unit, rate)).result()
+        pending = ahead.pop(rate, None) or prober.submit(c.unit, rate)
+        # Speculation on idle processes only (a wasted probe then costs CPU, not wall time): the rate the
+        # search asks next if this one passes, then if it fails. Passing first: a wasted passing probe
+        # runs to its end, a wasted failing one mostly stops early. The search itself is unchanged, so is
+        # its answer.
+        for outcome in (True, False):
+            if pending.done() or prober.idle() < 1:
+                break
+            nxt = next_rate(bracket, {**known, rate: outcome})
+            if nxt is not None and nxt not in ahead:
+                ahead[nxt] = prober.submit(c.unit, nxt)
+        p = pending.result()
+        known[rate] = p.passed
+        nxt = next_rate(bracket, known)
+        for r in [r for r in ahead if r != nxt]:  # the branch not taken: dropped unless already running
+            ahead.pop(r).cancel()
+        return p
 
     found = search_goodput(measure, lambda p: p.passed, bracket)
     for f in ahead.values():
