@@ -50,7 +50,7 @@ def test_the_blocker_blocks():
 
 def test_bench_and_plan_modules_import_without_torch():
     modules = ["splitserve.cli", "splitserve.bench.cli", "splitserve.bench.runner", "splitserve.bench.report",
-               "splitserve.bench.plots", "splitserve.plan.cli", "splitserve.plan.search", "splitserve.plan.report",
+               "splitserve.bench.plots", "splitserve.plan.cli", "splitserve.plan.search", "splitserve.plan.verdict", "splitserve.plan.report",
                "splitserve.runtime.config", "splitserve.runtime.process"]
     done = run_without_torch("import importlib\nfor m in " + repr(modules) + ":\n    importlib.import_module(m)\n"
                              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")

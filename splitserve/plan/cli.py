@@ -22,7 +22,8 @@ from rich.console import Console
 
 from splitserve.workload.slo import SLO
 from splitserve.plan import report
-from splitserve.plan.search import PlanError, PlanSpec, WorkloadDef, plan
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanError, PlanSpec, WorkloadDef
 from splitserve.plan.sweep import AXES, sweep
 from splitserve.sim.cluster_spec import InfeasibleConfig
 from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
@@ -255,7 +256,7 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _report(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from splitserve.plan.search import PlanResult
+    from splitserve.plan.verdict import PlanResult
 
     for f in args.files:
         res = report.load(f)

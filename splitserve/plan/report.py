@@ -16,7 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from splitserve.plan.search import ModeResult, PlanError, PlanResult
+from splitserve.plan.spec import PlanError
+from splitserve.plan.verdict import ModeResult, PlanResult
 from splitserve.plan.sweep import AxisPoint, AxisSweep
 
 

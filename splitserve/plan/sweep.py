@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
-from splitserve.plan.search import PlanError, PlanResult, PlanSpec, plan
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanError, PlanSpec
+from splitserve.plan.verdict import PlanResult
 from splitserve.sim.hardware import GB, Network, network
 
 Axis = Literal["prompt-length", "bandwidth", "cluster-size", "prefix-hit-rate"]

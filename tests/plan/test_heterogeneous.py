@@ -6,7 +6,9 @@ import pytest
 from splitserve.workload.slo import SLO
 from splitserve.plan import estimate as est
 from splitserve.plan.cli import build_parser, spec_from_args
-from splitserve.plan.search import PlanSpec, WorkloadDef, enumerate_candidates, plan
+from splitserve.plan.candidates import enumerate_candidates
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanSpec, WorkloadDef
 from splitserve.sim import hardware, models
 from splitserve.sim.hardware import GB, TERA, Hardware, PresetError, hour_price, load_prices, parse_prices
 from splitserve.sim.perf import PerfModel

@@ -6,7 +6,10 @@ import pytest
 
 from splitserve.workload.slo import SLO
 from splitserve.plan import estimate as est
-from splitserve.plan.search import PlanError, PlanSpec, Probe, WorkloadDef, enumerate_candidates, goodput_bracket, plan, shortlist
+from splitserve.plan.candidates import enumerate_candidates, shortlist
+from splitserve.plan.evaluate import Probe, goodput_bracket
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanError, PlanSpec, WorkloadDef
 from splitserve.sim import hardware, models
 from splitserve.sim.perf import PerfModel
 from splitserve.workload.goodput import search_goodput

@@ -8,8 +8,10 @@ from dataclasses import replace
 import pytest
 
 from splitserve.plan import estimate as est
-from splitserve.plan.search import (Candidate, PlanSpec, WorkloadDef, cluster_cost, enumerate_candidates, plan,
-                                    run_probe, shortlist, _score)
+from splitserve.plan.candidates import Candidate, cluster_cost, enumerate_candidates, score, shortlist
+from splitserve.plan.evaluate import run_probe
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanSpec, WorkloadDef
 from splitserve.sim import hardware, models
 from splitserve.sim.perf import PerfModel
 from splitserve.workload.requests import LengthDist, SyntheticSpec
@@ -75,7 +77,7 @@ def test_idle_gpus_count_against_a_configuration():
     assert cluster_cost(s, seven_three) == pytest.approx(16 * per_gpu)  # the idle GPUs are paid for too
     # The same goodput per GPU used (1 req/s) is worth 10/16 of it per GPU of the cluster.
     colocated = Candidate("colocated", next(c for c in cands if c.mode == "colocated").unit, 16, 1.0, "")
-    assert _score(s, seven_three, 10.0) == pytest.approx(10 / 16 * _score(s, colocated, 1.0))
+    assert score(s, seven_three, 10.0) == pytest.approx(10 / 16 * score(s, colocated, 1.0))
 
 
 def test_the_decode_capacity_bound_is_never_below_what_a_unit_sustains():

@@ -5,7 +5,8 @@ from dataclasses import replace
 
 from hypothesis import given, settings, strategies as st
 
-from splitserve.plan.search import goodput_bracket, next_rate, plan
+from splitserve.plan.evaluate import goodput_bracket, next_rate
+from splitserve.plan.search import plan
 from splitserve.workload.goodput import search_goodput
 from tests.plan.test_search import spec
 

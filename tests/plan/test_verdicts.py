@@ -8,7 +8,8 @@ from functools import lru_cache
 import pytest
 
 from splitserve.workload.slo import SLO
-from splitserve.plan.search import PlanSpec, WorkloadDef, plan
+from splitserve.plan.search import plan
+from splitserve.plan.spec import PlanSpec, WorkloadDef
 from splitserve.plan.sweep import point_spec
 from splitserve.sim import hardware, models
 from splitserve.workload.requests import LengthDist, SyntheticSpec
