@@ -6,7 +6,7 @@ process) left a core idle once the shorter mode was done, while the disaggregate
 ran on alone for most of the wall time. On a shared pool each mode's chain is a thread that waits on its
 probes, and a chain submits ahead what it will need anyway (both ends of a bracket, every later candidate's
 bar), and on a process otherwise idle what it will need if the current probe passes (`idle()`; see
-`search.evaluate`), so the cores stay busy until the last probe.
+`evaluate.evaluate`), so the cores stay busy until the last probe.
 """
 
 from __future__ import annotations
