@@ -7,13 +7,14 @@
 // then the values (per-block online-softmax rescaling cost more than the second read of the blocks' V).
 // Loops are plain and fixed-stride so g++ -O3 -march=native vectorizes them; `omp simd` marks the reductions
 // (float sums are not reassociated without it, and -ffast-math would change the whole process's FP mode).
-// Where the compiler targets AVX-512 and head_dim is a multiple of 16, scores are computed 16 keys at a time
-// with one transposed reduction (score16) instead of a horizontal sum per key, and each query head's output
+// Where the compiler targets AVX-512 (or AVX2 with FMA) and head_dim is a multiple of 16, scores are computed
+// 16 (8) keys at a time with one transposed reduction (score_keys) instead of a horizontal sum per key, and each query head's output
 // row stays in registers while a block's values stream by (accumulate_values).
 
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define SPLITSERVE_VECTOR_PATH 1
 #endif
 #include <torch/library.h>
 #include <torch/types.h>
@@ -46,11 +47,13 @@ inline float exp_nonpositive(float x) {
 }
 
 #if defined(__AVX512F__)
+constexpr int64_t kKeys = 16;  // keys per score_keys call
+
 // s[j] = scale * q . k_j for the 16 keys k_0..k_15 (rows of HD floats): 16 vector partial sums, then summed
 // across in one transposed tree (halves of 256, then 128 bits, then within 128-bit lanes), ending with key
 // j's sum in lane 4 * (j % 4) + j / 4, which one permute puts back in order.
 template <int HD>
-inline void score16(const float* q, const float* k, float scale, float* s) {
+inline void score_keys(const float* q, const float* k, float scale, float* s) {
   constexpr int C = HD / 16;
   __m512 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
@@ -90,6 +93,39 @@ inline void accumulate_values(const float* p, const float* v, int64_t n, float* 
   }
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
+#elif defined(SPLITSERVE_VECTOR_PATH)
+constexpr int64_t kKeys = 8;
+
+// AVX2: the same for 8 keys, with 8-float vectors; two rounds of hadd leave each 128-bit half holding
+// keys 0-3's (then 4-7's) half sums, and adding the halves across finishes them in order.
+template <int HD>
+inline void score_keys(const float* q, const float* k, float scale, float* s) {
+  constexpr int C = HD / 8;
+  __m256 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) {
+    __m256 sum = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k + j * HD));
+    for (int c = 1; c < C; ++c) sum = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k + j * HD + 8 * c), sum);
+    a[j] = sum;
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(s, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+}
+
+template <int HD>
+inline void accumulate_values(const float* p, const float* v, int64_t n, float* acc) {
+  constexpr int C = HD / 8;
+  __m256 a[C];
+  for (int c = 0; c < C; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * HD + 8 * c), a[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
+}
 #endif
 
 // Asks for a [block_size, head_dim] run ahead of its use: a context is read as scattered 4 KB pieces
@@ -117,9 +153,9 @@ void decode_task(const float* q, const float* cache, const int32_t* table, int64
       const float* qg = q + g * D;
       float* s = scores + g * len + blk * bs;
       int64_t t = 0;
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_VECTOR_PATH)
       if constexpr (HD > 0 && HD % 16 == 0) {
-        for (; t + 16 <= n; t += 16) score16<HD>(qg, k + t * D, scale, s + t);
+        for (; t + kKeys <= n; t += kKeys) score_keys<HD>(qg, k + t * D, scale, s + t);
       }
 #endif
       // Four keys at a time: four independent FMA chains, each q element loaded once for them.
@@ -167,7 +203,7 @@ void decode_task(const float* q, const float* cache, const int32_t* table, int64
     const int64_t n = std::min(bs, len - blk * bs);
     const float* v = cache + block_base(blk) + kv_heads * run;
     if (blk + 1 < blocks) prefetch_run(cache + block_base(blk + 1) + kv_heads * run, run);
-#if defined(__AVX512F__)
+#if defined(SPLITSERVE_VECTOR_PATH)
     if constexpr (HD > 0 && HD % 16 == 0) {
       for (int64_t g = 0; g < group; ++g) accumulate_values<HD>(scores + g * len + blk * bs, v, n, acc + g * HD);
       continue;
