@@ -1,11 +1,13 @@
-"""Forward-step times of the bundled SmolLM2-135M: the paged decode kernel against the gather path.
+"""Forward-step times of the bundled SmolLM2-135M: our kernels against the paths they replace.
 
 Decode steps at batch 1/4/16 with 1k contexts, a mixed step (a 512-token chunk beside 15 decodes) and a
-1k-token prefill, each timed with the kernel and with SPLITSERVE_PAGED_KERNEL=0 in alternation (A, B, A,
-B, ...) so that load from other processes hits both alike; medians of --repeats rounds. The load average
-is printed beside them.
+1k-token prefill, each timed in alternation (A, B, C, A, ...) so that load from other processes hits all
+alike; medians of --repeats rounds. Modes: "kernel" (paged decode kernel, skinny linear for 1-2 rows),
+"gather" (SPLITSERVE_PAGED_KERNEL=0: decode attention gathers contexts for SDPA) and "onednn" (the kernel's
+attention, every linear in oneDNN: linear.SKINNY off). --threads takes a list (1,2): each thread count is
+timed in the same rounds. The load average is printed beside them.
 
-    python -m benchmarks.attention_steps [--threads N] [--repeats 7] [--context 1024]
+    python -m benchmarks.attention_steps [--threads 1,2] [--repeats 7] [--context 1024]
 
 The last line printed is a JSON summary (also written to results/attention_steps.json).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from splitserve.model import paged_kernel
+from splitserve.model import linear, paged_kernel
 from splitserve.model.batch import SeqInput, build_forward_batch
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.loader import load_model
@@ -47,11 +49,11 @@ def steps(context: int, vocab: int) -> dict[str, list[SeqInput]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", default=str(torch.get_num_threads()), help="thread counts, comma-separated")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--context", type=int, default=1024)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
     t0 = time.perf_counter()
     kernel = paged_kernel.load()
     print(f"paged kernel {'ready' if kernel else 'UNAVAILABLE'} after {time.perf_counter() - t0:.1f} s")
@@ -65,32 +67,36 @@ def main() -> None:
         seq = SeqInput([(11 * i + j) % cfg.vocab_size for j in range(args.context)], 0, kinds["decode_b16"][i].block_table, True)
         loaded.model(build_forward_batch([seq], BLOCK, loaded.device), cache)
 
-    def timed(seqs: list[SeqInput], use_kernel: bool) -> float:
-        os.environ[paged_kernel.ENV] = "1" if use_kernel else "0"
+    def timed(seqs: list[SeqInput], mode: str, threads: int) -> float:
+        os.environ[paged_kernel.ENV] = "0" if mode == "gather" else "1"
+        linear.SKINNY = mode != "onednn"
+        torch.set_num_threads(threads)
         batch = build_forward_batch(seqs, BLOCK, loaded.device)
         t = time.perf_counter()
         loaded.model(batch, cache)
         return (time.perf_counter() - t) * 1000
 
-    modes = ["kernel", "gather"] if kernel else ["gather"]
-    times: dict[str, dict[str, list[float]]] = {k: {m: [] for m in modes} for k in kinds}
+    modes = ["kernel", "gather", "onednn"] if kernel else ["gather"]
+    runs = [(m, t) for t in thread_counts for m in modes]
+    key = lambda m, t: f"{m}_ms" if len(thread_counts) == 1 else f"{m}_t{t}_ms"  # noqa: E731
+    times: dict[str, dict[str, list[float]]] = {k: {key(m, t): [] for m, t in runs} for k in kinds}
     load_before = os.getloadavg()[0]
     for name, seqs in kinds.items():
-        for m in modes:  # warm-up, untimed
-            timed(seqs, m == "kernel")
+        for m, t in runs:  # warm-up, untimed
+            timed(seqs, m, t)
         for _ in range(args.repeats):
-            for m in modes:
-                times[name][m].append(timed(seqs, m == "kernel"))
+            for m, t in runs:
+                times[name][key(m, t)].append(timed(seqs, m, t))
     os.environ.pop(paged_kernel.ENV, None)
+    linear.SKINNY = True
     load_after = os.getloadavg()[0]
-    summary = {"threads": args.threads, "context": args.context, "repeats": args.repeats,
+    summary = {"threads": thread_counts, "context": args.context, "repeats": args.repeats,
                "loadavg_1m": [round(load_before, 2), round(load_after, 2)]}
-    for name, by_mode in times.items():
-        med = {m: statistics.median(v) for m, v in by_mode.items()}
-        line = "  ".join(f"{m} {v:7.1f} ms [{min(by_mode[m]):.1f}-{max(by_mode[m]):.1f}]" for m, v in med.items())
-        ratio = med["gather"] / med["kernel"] if kernel else None
-        print(f"{name:14s} {line}" + (f"  gather/kernel {ratio:.2f}x" if ratio else ""))
-        summary[name] = {f"{m}_ms": round(v, 2) for m, v in med.items()} | ({"speedup": round(ratio, 3)} if ratio else {})
+    for name, by_key in times.items():
+        med = {k: statistics.median(v) for k, v in by_key.items()}
+        print(f"{name:14s} " + "  ".join(f"{k[:-3]} {v:7.1f} ms [{min(by_key[k]):.1f}-{max(by_key[k]):.1f}]"
+                                          for k, v in med.items()))
+        summary[name] = {k: round(v, 2) for k, v in med.items()}
     print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
     Path("results").mkdir(exist_ok=True)
     Path("results/attention_steps.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,10 +1,13 @@
-"""Dense projections, routed on CPU through oneDNN instead of torch's default BLAS (MKL).
+"""Dense projections, routed on CPU through oneDNN instead of torch's default BLAS (MKL), and through our own
+kernel (paged_kernel.linear) for the 1-2 rows of a batch-1/2 decode step.
 
 Measured with SmolLM2-135M, float32, one thread on an AMD EPYC (Zen 5): oneDNN halves prefill time and makes a
 decode step of 2-8 sequences cost about what one sequence does, where MKL's small-batch kernels took 1.5-2.5x
-longer; batch-1 decode is as fast either way. Weights are column-major (see LlamaModel), which oneDNN also
-prefers for these skinny products. The op is the one Inductor emits for CPU linears; if a build lacks it, or
-off CPU float32, plain F.linear runs.
+longer. At 1-2 rows a product only streams its weight, and oneDNN reads it at 11-13 GB/s where one core can
+read ~24: the skinny kernel reads at 18-24, so a batch-1 step's linears take 25 ms instead of 45 at 1 thread
+and 19 instead of 33 at 2 (batch 2: 33 vs 44 ms, 22 vs 25; batch 4: oneDNN as fast or faster, so it keeps
+3+ rows). Weights are column-major (see LlamaModel), which both kernels want for these skinny products. The
+oneDNN op is the one Inductor emits for CPU linears; if a build lacks it, or off CPU float32, plain F.linear runs.
 """
 
 from __future__ import annotations
@@ -13,12 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.model import paged_kernel
+
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Benchmarks set this False to time oneDNN against the skinny kernel in one process.
+SKINNY = True
+SKINNY_MAX_ROWS = 2
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if (
+            SKINNY
+            and x.dim() == 2
+            and x.shape[0] <= SKINNY_MAX_ROWS
+            and weight.dtype == torch.float32
+            and weight.stride(0) == 1
+            and paged_kernel.ready()
+        ):
+            return paged_kernel.linear(x, weight, bias)
+        if _ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

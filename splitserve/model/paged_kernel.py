@@ -1,4 +1,5 @@
-"""The C++ paged decode-attention kernel (csrc/paged_attention.cpp), built on the machine that runs it.
+"""The C++ kernels, built on the machine that runs them: paged decode attention (csrc/paged_attention.cpp)
+and the 1-2 row linear of batch-1/2 decode (csrc/skinny_linear.cpp; linear.py routes to it).
 
 torch's extension builder compiles it once per machine into its cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) and later loads it from there. The first build takes tens of seconds, so
@@ -11,7 +12,8 @@ waits on it forever: seen in a clean-clone test run that hung. Whoever holds the
 since only a dead builder can have left it. The build directory is named by the source's hash and builds a
 copy of it placed there, so checkouts at other paths share one build instead of rebuilding in turn.
 No compiler, a failed build, a non-CPU device or a non-fp32 cache: the gather path, with one log line.
-SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests).
+SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests); it is read per step, and the linear
+kernel, once loaded, stays in use (benchmarks switch that one with linear.SKINNY).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "SPLITSERVE_PAGED_KERNEL"
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "skinny_linear.cpp")]
 # -march=native: the build runs on the machine that runs the kernel. -fopenmp: at::parallel_for's inline
 # OpenMP region (the process already has torch's libgomp loaded, which the extension then uses).
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -50,7 +52,7 @@ def build_directory() -> Path:
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in _SOURCES)).hexdigest()[:12]
     return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{digest}"
 
 
@@ -73,12 +75,13 @@ def _build() -> None:
         with open(build_dir / "build.flock", "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)  # another live builder finishes first; a dead one released it
             (build_dir / "lock").unlink(missing_ok=True)  # torch's: left only by a builder that died
-            source = build_dir / _SOURCE.name
-            if not source.exists() or source.read_bytes() != _SOURCE.read_bytes():
-                shutil.copyfile(_SOURCE, source)
+            copies = [build_dir / s.name for s in _SOURCES]
+            for original, copy in zip(_SOURCES, copies):
+                if not copy.exists() or copy.read_bytes() != original.read_bytes():
+                    shutil.copyfile(original, copy)
             cpp_extension.load(
                 name="splitserve_paged",
-                sources=[str(source)],
+                sources=[str(c) for c in copies],
                 build_directory=str(build_dir),
                 extra_cflags=_CFLAGS,
                 extra_ldflags=["-fopenmp"],
@@ -112,6 +115,11 @@ def load(timeout: float | None = None) -> bool:
     return enabled() and _ready.wait(timeout) and _ok
 
 
+def ready() -> bool:
+    """Whether the kernels are built and loaded (without waiting)."""
+    return _ready.is_set() and _ok
+
+
 def usable(cache_layer: torch.Tensor) -> bool:
     """Whether this step's decode attention can run in the kernel: built, not disabled, fp32 CPU cache."""
     return (
@@ -129,3 +137,8 @@ def decode(
 ) -> torch.Tensor:
     """q [B, heads, head_dim] -> [B, heads, head_dim]; tables [B, width] and lens [B] int32."""
     return torch.ops.splitserve_paged.decode(q, cache_layer, block_tables, context_lens, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [1 or 2, in] float32 @ weight^T (+ bias) with weight [out, in] float32 column-major -> [rows, out]."""
+    return torch.ops.splitserve_linear.linear(x, weight, bias)

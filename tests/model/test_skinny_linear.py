@@ -1,0 +1,71 @@
+"""The 1-2 row linear kernel (csrc/skinny_linear.cpp) against torch's, and linear.py's routing to it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitserve.model import linear as linear_mod
+from splitserve.model import paged_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (oneDNN serves)")
+    assert paged_kernel.load(), "the kernels failed to build or load (see the log line above)"
+
+
+def _column_major(out: int, inp: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(out, inp, generator=g).t().contiguous().t()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 2),
+    inp=st.integers(1, 70),  # around the 8-row unroll and its remainder
+    out=st.integers(1, 200),  # around the 64-column parallel unit
+    with_bias=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_torch(kernel, rows, inp, out, with_bias, threads, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, inp, generator=g), _column_major(out, inp, g)
+    b = torch.randn(out, generator=g) if with_bias else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_kernel.linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * inp**0.5)
+
+
+def test_rejects_what_it_does_not_handle(kernel):
+    g = torch.Generator().manual_seed(0)
+    w = _column_major(8, 16, g)
+    with pytest.raises(RuntimeError, match="1 or 2 rows"):
+        paged_kernel.linear(torch.randn(3, 16), w, None)
+    with pytest.raises(RuntimeError, match="column-major"):
+        paged_kernel.linear(torch.randn(1, 16), w.contiguous(), None)
+
+
+def test_linear_routes_one_or_two_rows_to_it(kernel, monkeypatch):
+    calls = []
+    real = paged_kernel.linear
+    monkeypatch.setattr(paged_kernel, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w = _column_major(32, 16, torch.Generator().manual_seed(1))
+    for rows in (1, 2, 3, 8):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(linear_mod.linear(x, w), x @ w.t())
+    assert calls == [1, 2]  # 3+ rows: oneDNN, as fast or faster there
+    monkeypatch.setattr(linear_mod, "SKINNY", False)
+    linear_mod.linear(torch.randn(1, 16), w)
+    assert calls == [1, 2]
