@@ -203,3 +203,50 @@ def test_a_failed_build_falls_back_to_the_gather_path_with_one_log_line(tmp_path
     assert "paged attention kernel unavailable" not in disabled.stderr
     tokens = [ln for ln in broken.stdout.splitlines() if ln.startswith("TOKENS")]
     assert tokens and tokens == [ln for ln in disabled.stdout.splitlines() if ln.startswith("TOKENS")]
+
+
+_AVX2_CHECK = r'''
+import random, shutil, subprocess, sys
+from pathlib import Path
+import torch
+from torch.utils import cpp_extension
+from splitserve.model import paged_kernel
+build, source = Path(sys.argv[1]), Path(sys.argv[2])
+build.mkdir(parents=True, exist_ok=True)
+copy = build / source.name
+if not copy.exists() or copy.read_bytes() != source.read_bytes():
+    shutil.copyfile(source, copy)
+cpp_extension.load(name="splitserve_paged_avx2", sources=[str(copy)], build_directory=str(build),
+                   extra_cflags=["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                   is_python_module=False, verbose=False)
+if shutil.which("objdump"):  # the build really is the AVX2 one: no 512-bit register anywhere in it
+    so = next(build.glob("splitserve_paged_avx2*.so"))
+    assert "zmm" not in subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True).stdout
+paged_kernel._ok = True  # this process's splitserve_paged ops are the AVX2 build's
+paged_kernel._ready.set()
+from tests.model.test_paged_kernel import _decode_case, _dense, _run
+rng = random.Random(0)
+for _ in range(60):
+    bs, kv, group, dim = rng.choice([1, 4, 16]), rng.randint(1, 3), rng.choice([1, 2, 3, 4]), rng.choice([8, 24, 64, 128])
+    lens = [rng.randint(1, 70) for _ in range(rng.randint(1, 6))] + [2 * bs, 2 * bs + 1, max(1, 2 * bs - 1)]
+    case = _decode_case(lens, kv, group, bs, dim, rng.randrange(2**16))
+    torch.testing.assert_close(_run(*case, use_kernel=True), _dense(*case), atol=2e-5, rtol=1e-5)
+print("AVX2 path ok")
+'''
+
+
+def test_the_avx2_path_matches_the_dense_reference_on_an_avx512_machine_too():
+    """The kernel has an AVX-512 and an AVX2+FMA path, and -march=native compiles only the one the machine
+    has: on an AVX-512 machine the AVX2 path (what an AVX2-only machine runs) is built here with AVX-512 off,
+    in a process of its own (both builds register the same ops), and checked against the dense reference."""
+    if _compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512f" not in flags or " avx2" not in flags or " fma" not in flags:
+        pytest.skip("not an AVX-512 machine: the normal build is the AVX2 (or scalar) one, which the tests above check")
+    source = paged_kernel._SOURCES[0]
+    build = paged_kernel.build_directory().with_name(paged_kernel.build_directory().name + "_avx2")
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK, str(build), str(source)], capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AVX2 path ok" in done.stdout
