@@ -62,10 +62,12 @@ def test_linear_routes_one_or_two_rows_to_it(kernel, monkeypatch):
     real = paged_kernel.linear
     monkeypatch.setattr(paged_kernel, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     w = _column_major(32, 16, torch.Generator().manual_seed(1))
-    for rows in (1, 2, 3, 8):
+    for rows in (0, 1, 2, 3, 8):
         x = torch.randn(rows, 16)
         torch.testing.assert_close(linear_mod.linear(x, w), x @ w.t())
-    assert calls == [1, 2]  # 3+ rows: oneDNN, as fast or faster there
+    # 3+ rows: oneDNN, as fast or faster there. 0 rows too: a chunk of a long prompt that samples nothing asks
+    # the LM head for no row (a 2,311-token prompt failed with a 500 when that reached the kernel).
+    assert calls == [1, 2]
     monkeypatch.setattr(linear_mod, "SKINNY", False)
     linear_mod.linear(torch.randn(1, 16), w)
     assert calls == [1, 2]
