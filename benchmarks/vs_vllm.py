@@ -102,6 +102,18 @@ class Server:
         self.log.close()
 
 
+def chosen_systems(ap: argparse.ArgumentParser, names: str, vllm: Path, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated systems asked for, checked; vLLM left out, with one line, when the peer is absent."""
+    systems = [s.strip() for s in names.split(",") if s.strip()]
+    unknown = set(systems) - set(known)
+    if unknown:
+        ap.error(f"unknown systems {sorted(unknown)}; choose from {list(known)}")
+    if "vllm" in systems and not vllm.exists():
+        print(f"vLLM skipped: the peer is not installed at {vllm} (README: 'Against vLLM' says how)", flush=True)
+        systems.remove("vllm")
+    return systems
+
+
 def greedy_texts(url: str) -> list[str]:
     """Greedy continuations of IDENTITY_PROMPTS (also the warm-up)."""
     model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -252,13 +264,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.runs, args.requests, args.b1_requests = 1, 6, 1
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
-    if unknown:
-        ap.error(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
-    if "vllm" in systems and not args.vllm.exists():
-        print(f"vLLM skipped: the peer is not installed at {args.vllm} (README: 'Against vLLM' says how)", flush=True)
-        systems.remove("vllm")
+    systems = chosen_systems(ap, args.systems, args.vllm, SYSTEMS)
 
     model_dir = export()
     started = time.time()

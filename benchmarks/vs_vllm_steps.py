@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.hf_export import export
-from benchmarks.vs_vllm import DEFAULT_VLLM, OUT, Server
+from benchmarks.vs_vllm import DEFAULT_VLLM, OUT, Server, chosen_systems
 from splitserve.bench import BenchConfig, run_bench
 from splitserve.workload.record import RequestRecord
 from splitserve.workload.requests import LengthDist, SyntheticSpec
@@ -72,10 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     if 1 not in args.batches:
         ap.error("--batches must include 1: the prefill is timed on the single request")
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if "vllm" in systems and not args.vllm.exists():
-        print(f"vLLM skipped: the peer is not installed at {args.vllm} (README: 'Against vLLM' says how)", flush=True)
-        systems.remove("vllm")
+    systems = chosen_systems(ap, args.systems, args.vllm, ("vllm", "colocated"))
     model_dir = export()
     started = time.time()
     figures: dict = {}
