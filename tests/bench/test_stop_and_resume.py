@@ -57,7 +57,9 @@ def test_a_run_stops_once_its_verdict_is_certain(fake_server):
     records = run(server, specs(10, gap_s=0.3, output_len=20), stop_when=stop)
     allowed = misses_allowed(10, 0.9)
     assert seen[-1] > allowed and max(seen[:-1]) <= allowed  # stopped at the first look past the allowance
-    assert all(r.end_s is None or r.end_s < 3.5 for r in records)  # well before any request's 4 s
+    # Cut short: each ended before its last token could have come (19 more tokens 0.2 s apart after its first;
+    # a loaded machine only makes the server slower, so this holds at any load, unlike a wall-clock bound).
+    assert all(r.first_token_s is None or r.end_s < r.first_token_s + 19 * 0.2 for r in records)
     assert {r.error_kind for r in records} == {"stopped"}
     assert any(r.sent_s is None for r in records) and any(r.first_token_s is not None for r in records)
 
