@@ -4,6 +4,7 @@ worst gaps can be stated in decode steps of the very run)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 from statistics import median
 
 import httpx
@@ -54,6 +56,23 @@ def decode_step_s(step_dir: Path) -> float | None:
     return median(seconds) if seconds else None
 
 
+@contextlib.contextmanager
+def served(deployment: str, flags: list[str], out: Path, model: str | None) -> Iterator[str]:
+    """`splitserve serve` with the deployment's flags, warmed up, logging every engine step to out/steps; yields
+    its URL and stops it on the way out."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Service(f"serve-{deployment}", ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                             "warning", "--step-log-dir", str(out / "steps"), *flags,
+                                             *(["--model", model] if model else [])], None, out / "logs")
+    try:
+        server.wait_healthy(url)
+        httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120).raise_for_status()
+        yield url
+    finally:
+        server.stop()
+
+
 def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: float, attainment: float,
             chunk: int, drain_s: float, timeout_s: float, out: Path, model: str | None = None) -> dict:
     """The deployment's goodput sweep on `case` and the latencies of its runs at each probed rate.
@@ -67,23 +86,13 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
     if done.is_file() and (kept := json.loads(done.read_text())).get("settings") == settings:
         print(f"  [{case.name}/{deployment}] measured earlier: goodput {kept['goodput']:g} req/s ({done})", file=sys.stderr)
         return kept
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    flags = settings["flags"]
-    steps = out / "steps"
-    server = Service(f"serve-{deployment}", ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                             "warning", "--step-log-dir", str(steps), *flags,
-                                             *(["--model", model] if model else [])], None, out / "logs")
-    try:
-        server.wait_healthy(url)
-        httpx.post(url + "/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120).raise_for_status()
-        n = case.load.num_requests if hasattr(case.load, "num_requests") else case.load.scaling.max_requests
+    n = case.load.num_requests if hasattr(case.load, "num_requests") else case.load.scaling.max_requests
+    with served(deployment, settings["flags"], out, model) as url:
         result = run_bench(BenchConfig(
             load=case.load, url=url, tokenizer=model, slo=slo, attainment=attainment, timeout_s=timeout_s,
             sweep=SweepConfig(case.rate_lo, case.rate_hi, trials, resolution, stop_certain=True),
             deadline_s=n / case.rate_lo + drain_s, out_dir=out / "bench", resume=True))
-    finally:
-        server.stop()
+    steps = out / "steps"
     s = result.sweep
     assert s is not None
     step = decode_step_s(steps)
