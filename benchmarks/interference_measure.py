@@ -86,12 +86,11 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
     if done.is_file() and (kept := json.loads(done.read_text())).get("settings") == settings:
         print(f"  [{case.name}/{deployment}] measured earlier: goodput {kept['goodput']:g} req/s ({done})", file=sys.stderr)
         return kept
-    n = case.load.num_requests if hasattr(case.load, "num_requests") else case.load.scaling.max_requests
     with served(deployment, settings["flags"], out, model) as url:
         result = run_bench(BenchConfig(
             load=case.load, url=url, tokenizer=model, slo=slo, attainment=attainment, timeout_s=timeout_s,
             sweep=SweepConfig(case.rate_lo, case.rate_hi, trials, resolution, stop_certain=True),
-            deadline_s=n / case.rate_lo + drain_s, out_dir=out / "bench", resume=True))
+            deadline_s=case.deadline_s(trials, drain_s), out_dir=out / "bench", resume=True))
     steps = out / "steps"
     s = result.sweep
     assert s is not None

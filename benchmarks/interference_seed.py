@@ -29,6 +29,7 @@ from benchmarks.interference_report import latency_figures
 from benchmarks.interference_stall import stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench import BenchConfig, run_bench
+from splitserve.bench.runner import workload_at
 from splitserve.plan.local_deployments import DEPLOYMENTS
 from splitserve.workload.slo import worst_gap
 
@@ -63,7 +64,7 @@ def main() -> None:
             for trial in range(args.trials):
                 load = replace(seed.load, rate=args.rate, seed=seed.load.seed + trial)
                 result = run_bench(BenchConfig(load=load, url=url, tokenizer=args.model, slo=DEFAULT_SLO,
-                                               timeout_s=120.0, deadline_s=args.requests / args.rate + args.drain,
+                                               timeout_s=120.0, deadline_s=workload_at(load, None, None, 0).requests[-1].arrival_s + args.drain,
                                                out_dir=out / f"trial-{trial}"))
                 runs += result.runs
         step = decode_step_s(out / "steps")

@@ -49,6 +49,12 @@ class Case:
             return replace(self, load=replace(self.load, num_requests=n, duration_s=None))
         return replace(self, load=replace(self.load, scaling=replace(self.load.scaling, max_requests=n)))
 
+    def deadline_s(self, trials: int, drain_s: float) -> float:
+        """How long a run may last: the slowest trial's last arrival at rate_lo (the longest runs), then
+        `drain_s`. Poisson arrivals spread 20 requests over ~0.7x to ~1.4x their mean span, so requests / rate
+        would cut the last request of a long trial short, a miss the server never caused."""
+        return max(self.requests(self.rate_lo, t).requests[-1].arrival_s for t in range(trials)) + drain_s
+
     def requests(self, rate: float, trial: int) -> Workload:
         """The requests of trial `trial` at `rate`: exactly what bench sends in that run."""
         trace = read_trace(self.load.path, self.load.format) if isinstance(self.load, TraceLoad) else None

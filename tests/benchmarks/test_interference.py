@@ -69,6 +69,14 @@ def test_each_workload_decodes_and_is_the_same_requests_for_the_same_run(every, 
     assert np.mean(outputs) >= 16, f"{name}: answers too short to decode"
 
 
+def test_a_run_may_last_until_its_slowest_trials_last_request_has_drained(every):
+    case = every["prompt_heavy"]
+    last = [case.requests(case.rate_lo, t).requests[-1].arrival_s for t in range(3)]
+    assert case.deadline_s(3, 60.0) == pytest.approx(max(last) + 60.0)
+    # The case this guards: a Poisson trial whose requests spread past requests / rate (24 at 0.1 req/s).
+    assert max(last) > 24 / case.rate_lo
+
+
 def test_the_synthetic_workloads_have_the_shapes_they_are_named_for(every):
     heavy = every["prompt_heavy"].requests(0.2, 0).requests
     assert np.mean([r.input_len for r in heavy]) > 700 and {r.output_len for r in heavy} == {128}
