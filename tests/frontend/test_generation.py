@@ -134,6 +134,18 @@ async def test_streamed_stop_string_is_never_sent(client, engine, tokenizer):
     assert engine.aborts == [chunks[0]["id"]]
 
 
+async def test_every_token_gets_its_chunk_even_when_its_text_is_held_back(client, engine, tokenizer):
+    engine.reply = ids(tokenizer, "日本 😀 and E") + ids(tokenizer, "N") + ids(tokenizer, "D")
+    engine.endless = True
+    assert len(engine.reply) > len("日本 😀 and E")  # some tokens hold only part of a character
+    response = await client.post("/v1/completions", json={"prompt": "x", "stop": "END", "stream": True})
+    chunks = [json.loads(e) for e in sse_events(response.text)]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(texts) == "日本 😀 and "
+    # One chunk per token the engine made, up to the one completing the stop string; the held-back ones empty.
+    assert len(chunks) == len(engine.reply) and "" in texts[:-1]
+
+
 async def test_stop_token_text_is_not_in_the_answer(client, engine, tokenizer):
     bang = ids(tokenizer, "!")[0]
     engine.reply = ids(tokenizer, "Hello") + [bang]

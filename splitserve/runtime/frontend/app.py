@@ -417,7 +417,10 @@ async def _events(body: GenerationRequest, meta: ResponseMeta, runs: list[_Run],
         pieces = _pieces(runs)
         try:
             async for piece in pieces:
-                if piece.text or piece.finish_reason is not None or piece.token_ids and piece.logprobs:
+                # Every step's token gets its chunk, even when its text is held back (half a character, a
+                # possible stop-string start): as vLLM streams, so a client times each token, and a held-back
+                # token does not look like a stalled stream.
+                if piece.text or piece.finish_reason is not None or piece.token_ids:
                     yield _sse(body.chunk(meta, piece, token_text))
         finally:
             await pieces.aclose()
