@@ -144,10 +144,10 @@ def test_the_planner_sees_a_colocated_decode_stall_that_the_split_avoids(every):
 
 @pytest.mark.parametrize("steps, cause", [
     # A gap from 10.0 to 10.4 s against 0.1 s decode steps.
-    ([(9.95, 0.1, 0), (10.05, 0.35, 512)], "prompt in step"),  # a 512-token chunk rode in one step
-    ([(9.95, 0.1, 0), (10.05, 0.35, 0)], "long step"),
-    ([(9.95, 0.1, 0), (10.3, 0.1, 0)], "worker paused"),  # nothing ran from 10.05 to 10.3
-    ([(9.95 + 0.1 * k, 0.1, 0) for k in range(5)], "steps passed"),  # steps went on; the token did not come
+    ([(9.95, 0.1, 0, 1), (10.05, 0.35, 512, 2)], "prompt in step"),  # a 512-token chunk rode in one step
+    ([(9.95, 0.1, 0, 1), (10.05, 0.35, 0, 1)], "long step"),
+    ([(9.95, 0.1, 0, 1), (10.3, 0.1, 0, 1)], "worker paused"),  # nothing ran from 10.05 to 10.3
+    ([(9.95 + 0.1 * k, 0.1, 0, 1) for k in range(5)], "steps passed"),  # steps went on; the token did not come
 ])
 def test_a_gap_is_put_down_to_what_the_decode_worker_did_meanwhile(steps, cause):
     got, figures = classify((10.0, 10.4), steps)
@@ -171,3 +171,25 @@ def test_the_stall_breakdown_lines_the_client_up_with_the_step_log(tmp_path):
     assert got["requests"] == 1 and got["most_common"] == "prompt in step"
     assert got["causes"]["prompt in step"]["gap_steps_max"] == pytest.approx(5.0)
     assert got["worst"][0]["prompt_tokens"] == 64
+    # No decode-only step ran at that batch (2): the gap counts in the run's unit there too.
+    assert got["gap_batch_steps_max"] == pytest.approx(5.0)
+
+
+def test_a_gap_of_one_big_batch_step_is_one_step_at_its_batch(tmp_path):
+    """Batch-1 steps of 0.1 s, then batch-4 steps of 0.25 s: a 0.25 s gap is 2.5 median steps but one step of
+    the batch that made it, and a 0.5 s gap there (a token skipped a step) is two."""
+    t0 = 1_800_000_000.0
+    steps = ([(t0 + 0.1 * k, 0.1, [[1, 100 + k, 1]]) for k in range(20)]
+             + [(t0 + 2.0 + 0.25 * k, 0.25, [[1, 200 + k, 1]] * 4) for k in range(6)])
+    lines = [{"role": "decode", "pid": 1, "clock": "unix"}] + [{"t": t, "s": s, "b": b} for t, s, b in steps]
+    (tmp_path / "steps-decode-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    smooth = RequestRecord(0, 0.0, 100, 8, sent_s=1.9, first_token_s=2.25, token_times_s=[2.25, 2.5, 2.75, 3.0],
+                           end_s=3.0, completion_tokens=4, status=200)
+    skipped = RequestRecord(1, 0.0, 100, 8, sent_s=1.9, first_token_s=2.25, token_times_s=[2.25, 2.5, 3.0],
+                            end_s=3.0, completion_tokens=3, status=200)
+    for rec, batch_steps in ((smooth, 1.0), (skipped, 2.0)):
+        run = Run(0.1, 0, None, [rec], summarize([rec]), started_unix=t0)
+        got = stall_breakdown([run], tmp_path, 0.1)
+        assert got["step_s_by_batch"] == {"1": pytest.approx(0.1), "4": pytest.approx(0.25)}
+        assert got["worst"][0]["gap_steps"] == pytest.approx(batch_steps * 2.5)
+        assert got["gap_batch_steps_max"] == pytest.approx(batch_steps)
