@@ -28,7 +28,14 @@ from splitserve.runtime.auth import Guard, Rule, Verifier
 from splitserve.runtime.config import DECODE_PREFILL_CHUNK, engine_config, worker_argv, worker_command
 from splitserve.runtime.frontend.pool_client import PoolConfig, PoolClient
 from splitserve.runtime.supervisor import Supervisor
-from splitserve.runtime.process import dies_with_parent, free_port, stop_processes, terminate_on_signals, wait_healthy
+from splitserve.runtime.process import (
+    dies_with_parent,
+    free_port,
+    freeze_startup_heap,
+    stop_processes,
+    terminate_on_signals,
+    wait_healthy,
+)
 from splitserve.runtime.wire import WorkerError
 from splitserve.runtime.worker.async_engine import AsyncEngine
 from splitserve.runtime.worker.engine import Engine
@@ -322,6 +329,7 @@ def run_worker(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = WorkerServer(config, url, args.router, idle=worker.idle, secret=secret)
+    freeze_startup_heap()
     try:
         server.run()
     finally:

@@ -7,6 +7,7 @@ an actor that only supervises a worker process must not load torch for it (secon
 from __future__ import annotations
 
 import ctypes
+import gc
 import signal
 import socket
 import subprocess
@@ -22,6 +23,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def freeze_startup_heap() -> None:
+    """Call once a server process has loaded everything it keeps (model, tokenizer, imports), just before
+    it serves. Those ~350k objects live as long as the process, yet each full collection walks them all: a
+    ~170 ms pause (measured: SmolLM2 worker, one core), which lands inside a decode step or between a token
+    and its client. Frozen, they are out of the collector's reach and a full collection walks only what
+    serving allocated since."""
+    gc.collect()
+    gc.freeze()
 
 
 def dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
