@@ -106,7 +106,7 @@ def measure(case: Case, deployment: str, slo: SLO, *, trials: int, resolution: f
           f"{ {c: v['requests'] for c, v in stalls['causes'].items() if v['requests']} }", file=sys.stderr)
     measured = {
         "settings": settings,
-        "serve_args": flags,
+        "serve_args": settings["flags"],
         "goodput": s.lower, "upper": s.upper,  # passed, failed (None: the top of the bracket passed)
         "probes": [{"rate": p.rate, "attainments": list(p.attainments), "median": p.median, "passed": p.passed}
                    for p in s.probes],
