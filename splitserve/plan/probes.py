@@ -4,7 +4,7 @@ search shares.
 A search is a chain of probes, each waiting for the last; one chain per process (the old split: one mode per
 process) left a core idle once the shorter mode was done, while the disaggregated chain, with its larger units,
 ran on alone for most of the wall time. On a shared pool each mode's chain is a thread that waits on its
-probes, and a chain submits ahead what it will need anyway (both ends of a bracket, every later candidate's
+probes, and a chain submits ahead what it will need anyway (a bracket's upper end, every later candidate's
 bar), and on a process otherwise idle what it will need if the current probe passes (`idle()`; see
 `evaluate.evaluate`), so the cores stay busy until the last probe.
 """
