@@ -17,7 +17,7 @@ The two do not model the same pass rule: splitserve wants 90 % of Poisson reques
 concurrency. aiconfigurator lives in its own virtual environment (default ../peers/aic, see
 /work/shared/PEERS.md); without it only splitserve's side runs, and a line says so.
 
-    python -m benchmarks.plan_vs_aiconfigurator [--cases 1,2] [--aic ../peers/aic/bin/aiconfigurator]
+    python -m benchmarks.plan_vs_aiconfigurator [--cases 1,2] [--aic ../peers/aic/bin/aiconfigurator] [--reuse-aic]
 
 Writes results/plan/vs_aiconfigurator.json and .png; the last line printed is a JSON summary. CPU work only,
 minutes per case on a loaded 2-core machine (not part of `make test`).
@@ -197,18 +197,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cases", help="comma-separated case numbers (1-based; default all)")
     ap.add_argument("--aic", type=Path, default=AIC_DEFAULT, help="aiconfigurator executable (default %(default)s)")
     ap.add_argument("--out", type=Path, default=RESULTS / "vs_aiconfigurator.json")
+    ap.add_argument("--reuse-aic", action="store_true",
+                    help="take aiconfigurator's side of each case from --out's earlier results where that case is "
+                         "there unchanged (it depends only on the case: its perf database, not splitserve)")
     args = ap.parse_args(argv)
     picked = [i.strip() for i in args.cases.split(",")] if args.cases else []
     if any(not i.isdigit() or not 1 <= int(i) <= len(CASES) for i in picked):
         ap.error(f"--cases: numbers from 1 to {len(CASES)}, got {args.cases!r}")
     cases = [CASES[int(i) - 1] for i in picked] or list(CASES)
     have_aic = args.aic.exists()
-    if not have_aic:
+    if not have_aic and not args.reuse_aic:
         print(f"aiconfigurator skipped: {args.aic} is absent (install it into its own venv, see /work/shared/PEERS.md)")
+    earlier = {json.dumps(r["case"], sort_keys=True): r["aiconfigurator"] for r in json.loads(args.out.read_text())["rows"]
+               if r.get("aiconfigurator")} if args.reuse_aic and args.out.exists() else {}
     rows = []
     for c in cases:
         ss = run_splitserve(c)
-        aic = run_aic(c, args.aic) if have_aic else None
+        aic = earlier.get(json.dumps(asdict(c), sort_keys=True)) or (run_aic(c, args.aic) if have_aic else None)
         row = {"case": asdict(c), "splitserve": ss, "aiconfigurator": aic, "compare": compare(ss, aic)}
         rows.append(row)
         print(json.dumps({"case": c.name, "splitserve": {k: ss.get(k) for k in ("verdict", "wall_s", "error")},

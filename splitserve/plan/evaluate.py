@@ -8,20 +8,21 @@ import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from splitserve.plan.candidates import Candidate, cluster_cost, score
 from splitserve.plan.probes import Prober
 from splitserve.plan.spec import MODES, PlanSpec
+from splitserve.plan.steady import SteadyWatch, steady_state
 from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec
 from splitserve.sim.placement import RouterPolicy
 from splitserve.sim.result import SimResult
 from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import Workload
-from splitserve.workload.slo import SLO, attainment, summarize, tpot, ttft
+from splitserve.workload.slo import attainment, summarize, tpot, ttft
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Probe:
     metrics: dict | None = None  # filled for the probe reported (see `probe_metrics`)
     passed: bool = False  # attainment reached and latency not growing (a stable queue)
     steady: bool = False  # mean TTFT and mean TPOT within the targets, a stable queue (see `steady_state`)
+    inferred: bool = False  # not simulated: below a rate that passed (see `evaluate`)
 
 
 def probe_size(plan: PlanSpec, rate: float) -> int:
@@ -43,10 +45,14 @@ def probe_size(plan: PlanSpec, rate: float) -> int:
     return max(plan.workload.num_requests, min(plan.max_requests, n))
 
 
+def judged_range(plan: PlanSpec, n: int) -> range:
+    """The indices of the requests attainment is judged on, of `n`: past the warm-up, before the drain."""
+    return range(int(n * plan.warmup), max(int(n * plan.warmup) + 1, int(n * plan.cooldown)))
+
+
 def judged(plan: PlanSpec, records: Sequence) -> list:
-    """The records attainment is judged on: past the warm-up, before the drain."""
-    n = len(records)
-    return list(records[int(n * plan.warmup) : max(int(n * plan.warmup) + 1, int(n * plan.cooldown))])
+    """The records attainment is judged on."""
+    return [records[i] for i in judged_range(plan, len(records))]
 
 
 def probe_metrics(plan: PlanSpec, res: SimResult, wl: Workload, rate: float) -> dict:
@@ -73,10 +79,19 @@ def probe_metrics(plan: PlanSpec, res: SimResult, wl: Workload, rate: float) -> 
     }
 
 
-def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False) -> Probe:
+# What a probe stops on (each stop leaves its verdict the full run's): "tail", the search's probes, once more
+# than 1 - attainment of the judged requests are certain to miss; "steady", the steady-state probes, once
+# that rule is certain to fail (`SteadyWatch`); "none", a full run, for the metrics at an asked rate.
+Stop = Literal["tail", "steady", "none"]
+
+
+def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, stop: Stop = "tail") -> Probe:
     wl = plan.workload.at(rate, probe_size(plan, rate))
     policy = RouterPolicy(plan.router, plan.conditional)
-    res = ClusterSim(unit, policy).run(wl.requests, slo=plan.slo, stop_below=None if full else plan.attainment)
+    window = judged_range(plan, len(wl.requests))
+    watch = SteadyWatch(plan.slo, [wl.requests[i].output_len for i in window]) if stop == "steady" else None
+    res = ClusterSim(unit, policy).run(wl.requests, slo=plan.slo, stop_below=plan.attainment if stop == "tail" else None,
+                                       judged=window, watch=watch)
     recs = judged(plan, res.records)
     n = len(recs)
     slo = plan.slo
@@ -84,22 +99,13 @@ def run_probe(plan: PlanSpec, unit: ClusterSpec, rate: float, full: bool = False
     tpot_miss = sum(1 for r in recs if r.ok and (v := tpot(r)) is not None and v > slo.tpot_s) / n
     att = attainment(recs, slo)
     g = growth(judged(plan, res.waits))
-    metrics = probe_metrics(plan, res, wl, rate) if full or not res.stopped_early else None
+    metrics = probe_metrics(plan, res, wl, rate) if not res.stopped_early else None
     stable = g <= plan.max_wait_growth * slo.ttft_s
-    passed = att >= plan.attainment and stable
+    # A run stopped early is certain to fail the rule it stopped on: the tail rule's attainment (its
+    # unfinished requests count as misses here, as they will be), or the steady-state rule.
+    passed = att >= plan.attainment and stable and not (res.stopped_early and stop == "tail")
     steady = stable and not res.stopped_early and steady_state(recs, slo)
     return Probe(rate, att, ttft_miss, tpot_miss, res.stopped_early, g, metrics, passed, steady)
-
-
-def steady_state(recs: Sequence, slo: SLO) -> bool:
-    """The average-based rule many planners use: mean TTFT and mean TPOT within the targets (failed requests
-    at most 1 %). Reported beside the tail rule (`attainment` of requests within both), which is stricter:
-    Poisson bursts put a tail of requests over the target long before the means get there."""
-    ttfts = [v for r in recs if (v := ttft(r)) is not None]
-    tpots = [v for r in recs if r.ok and (v := tpot(r)) is not None]
-    if not ttfts or len(ttfts) < 0.99 * len(recs):
-        return False
-    return float(np.mean(ttfts)) <= slo.ttft_s and (not tpots or float(np.mean(tpots)) <= slo.tpot_s)
 
 
 def growth(waits: Sequence[float | None]) -> float:
@@ -192,17 +198,20 @@ def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None, prober: 
     guess = c.estimate if c.estimate > 0 else 0.05
     prober = prober or _inline(plan)
     bracket = goodput_bracket(guess, plan.resolution, passed)
-    # On a pool both ends of the bracket run at once: hi is probed whenever lo passes, the usual case (when
-    # lo fails, hi's probe fails too and stops early).
-    ahead: dict[float, Future[Probe]] = (
-        {r: prober.submit(c.unit, r) for r in (bracket.lo, bracket.hi)} if prober.parallel and passed is None else {})
+    # The search tries lo and, if it passes, hi. hi is simulated first: where it passes, lo is taken to pass
+    # without a probe (a unit that sustains a rate sustains a lower one), which saves the lower end's
+    # probe, a full run, in the usual case; where it fails, lo is probed after it.
+    hi_first = passed is None
+    ahead: dict[float, Future[Probe]] = {bracket.hi: prober.submit(c.unit, bracket.hi)} if prober.parallel and hi_first else {}
 
     known: dict[float, bool] = {}  # rate -> passed, as the search saw them
+    hi_probe: list[Probe] = []  # hi's, once measured ahead of lo
 
-    def measure(rate: float) -> Probe:
-        if passed is not None and rate == passed.rate:
-            known[rate] = True
-            return passed
+    def seen(k: dict[float, bool]) -> dict[float, bool]:
+        """The outcomes as the search will see them: lo passes once hi has."""
+        return {bracket.lo: True, **k} if hi_first and k.get(bracket.hi) else k
+
+    def simulate(rate: float) -> Probe:
         pending = ahead.pop(rate, None) or prober.submit(c.unit, rate)
         # Speculation on idle processes only (a wasted probe then costs CPU, not wall time): the rate the
         # search asks next if this one passes, then if it fails. Passing first: a wasted passing probe
@@ -211,26 +220,37 @@ def evaluate(plan: PlanSpec, c: Candidate, passed: Probe | None = None, prober: 
         for outcome in (True, False):
             if pending.done() or prober.idle() < 1:
                 break
-            nxt = next_rate(bracket, {**known, rate: outcome})
+            nxt = next_rate(bracket, seen({**known, rate: outcome}))
             if nxt is not None and nxt not in ahead:
                 ahead[nxt] = prober.submit(c.unit, nxt)
         p = pending.result()
         known[rate] = p.passed
-        nxt = next_rate(bracket, known)
+        nxt = next_rate(bracket, seen(known))
         for r in [r for r in ahead if r != nxt]:  # the branch not taken: dropped unless already running
             ahead.pop(r).cancel()
         return p
 
+    def measure(rate: float) -> Probe:
+        if passed is not None and rate == passed.rate:
+            known[rate] = True
+            return passed
+        if hi_first and rate == bracket.lo and not hi_probe:
+            hi_probe.append(simulate(bracket.hi))
+            if hi_probe[0].passed:
+                known[rate] = True
+                return Probe(rate, 1.0, 0.0, 0.0, False, passed=True, inferred=True)
+        if hi_first and rate == bracket.hi:
+            return hi_probe[0]
+        return simulate(rate)
+
     found = search_goodput(measure, lambda p: p.passed, bracket)
     for f in ahead.values():
         f.cancel()
-    goodput, probes = found.lower, list(found.probes)
+    goodput, probes = found.lower, [p for p in found.probes if not p.inferred]
     passing = [p for p in probes if p.passed]
     best = max(passing, key=lambda p: p.rate) if passing else None
     fails = [p for p in probes if not p.passed and p.rate > (best.rate if best else 0)]
     first_fail = min(fails, key=lambda p: p.rate) if fails else None
-    if best is not None and best.metrics is None:
-        best = prober.submit(c.unit, best.rate, full=True).result()
     return Evaluated(c, goodput, probes, best, first_fail, plan.attainment)
 
 
@@ -305,7 +325,8 @@ STEADY_STEP, STEADY_STEPS = 1.2, 3  # above the tail-rule goodput: +20 %, +44 %,
 
 def steady_goodput(plan: PlanSpec, ev: Evaluated, prober: Prober[Probe]) -> float:
     """The rate per unit the steady-state rule still allows: upwards from the tail-rule goodput in steps of
-    `STEADY_STEP`, each a full probe, until one fails (a lower bound, to within a step; at most
+    `STEADY_STEP`, each probe run to its end unless the rule's failure is certain sooner (`SteadyWatch`),
+    until one fails (a lower bound, to within a step; at most
     `STEADY_STEPS` probes, for the winner of each mode only: the search itself stays on the tail rule)."""
     rate = max(ev.steady_goodput, ev.goodput if ev.best is not None and ev.best.steady else 0.0)
     if rate <= 0:
@@ -318,7 +339,7 @@ def steady_goodput(plan: PlanSpec, ev: Evaluated, prober: Prober[Probe]) -> floa
     for _ in range(STEADY_STEPS):
         if rate * STEADY_STEP >= unstable:
             break
-        p = prober.submit(ev.candidate.unit, rate * STEADY_STEP, full=True).result()
+        p = prober.submit(ev.candidate.unit, rate * STEADY_STEP, "steady").result()
         if not p.steady:
             break
         rate = p.rate

@@ -60,7 +60,7 @@ def mode_result(plan: PlanSpec, ev: Evaluated) -> ModeResult | None:
     copies = c.copies if plan.rate is None else math.ceil(plan.rate / ev.goodput)
     if plan.rate is not None:
         # Report what the cluster does at the asked rate: each copy takes rate / copies.
-        m = run_probe(plan, c.unit, plan.rate / copies, full=True).metrics
+        m = run_probe(plan, c.unit, plan.rate / copies, "none").metrics
     gpus = copies * c.unit.gpus
     rate = m["rate"] * copies
     per_gpu_tokens = m["tokens_per_s"] * copies / gpus

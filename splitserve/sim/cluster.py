@@ -38,7 +38,7 @@ from splitserve.sim.cluster_spec import ClusterSpec, InfeasibleConfig
 from splitserve.sim.perf import PerfModel
 from splitserve.sim.placement import RouterPolicy
 from splitserve.sim.result import Phases, PoolStats, SimResult
-from splitserve.sim.state import SAMPLED_TOKEN, SimRequest, Worker
+from splitserve.sim.state import SAMPLED_TOKEN, RunWatch, SimRequest, Worker
 from splitserve.workload.requests import RequestSpec
 from splitserve.workload.slo import SLO, meets_slo, misses_allowed
 
@@ -108,12 +108,16 @@ class ClusterSim:
         stop_below: float | None = None,
         token_times: bool = False,
         max_time_s: float | None = None,
+        judged: range | None = None,
+        watch: RunWatch | None = None,
     ) -> SimResult:
         """Serve `requests` (sorted by arrival). With `slo` and `stop_below`, stop as soon as more than
-        (1 - stop_below) of all requests have missed the SLO (attainment can no longer reach it). A miss is
-        counted when it becomes certain: no first token by the TTFT target, or the output not finished by the
-        time its TPOT target allows (deadline events), so an overloaded probe stops early in its queue's
-        growth rather than when its late requests are finally served."""
+        (1 - stop_below) of the `judged` requests (by index; default all) have missed the SLO: their
+        attainment can no longer reach it, so the run's pass or fail is the full run's. A miss is counted when
+        it becomes certain: no first token by the TTFT target, or the output not finished by the time its TPOT
+        target allows (deadline events), so an overloaded probe stops early in its queue's growth rather than
+        when its late requests are finally served. A `watch` sees the judged requests arrive, get their first
+        token and end, and stops the run once it says its outcome is certain."""
         import time as _time
 
         wall0 = _time.perf_counter()
@@ -127,9 +131,13 @@ class ClusterSim:
         self.xfer_exposed: list[float] = []
         self.xfer_bytes = 0.0
         self.slo = slo if slo is not None and slo.set else None
-        self.max_fail = misses_allowed(len(requests), stop_below) if (self.slo and stop_below is not None) else None
+        judged = range(len(requests)) if judged is None else judged
+        self.max_fail = misses_allowed(len(judged), stop_below) if (self.slo and stop_below is not None) else None
         self.fails = 0
+        self.watch = watch
         sims = [SimRequest(i, r, self.spec.block_size) for i, r in enumerate(requests)]
+        for i in judged:
+            sims[i].judged = True
         n, ai, now = len(sims), 0, 0.0
         stopped = False
         heap = self.heap
@@ -153,6 +161,9 @@ class ClusterSim:
             if self.max_fail is not None and self.fails > self.max_fail:
                 stopped = True
                 break
+            if watch is not None and watch.certain(now):
+                stopped = True
+                break
             if max_time_s is not None and now > max_time_s:
                 stopped = True
                 break
@@ -174,8 +185,11 @@ class ClusterSim:
     def _arrive(self, sr: SimRequest, now: float) -> None:
         spec = sr.spec
         self.reqs[sr.id] = sr
-        if self.max_fail is not None and self.slo.ttft_s is not None:
-            self._push(sr.record.sent_s + self.slo.ttft_s * _PAST, _DEADLINE, sr)
+        if sr.judged:
+            if self.max_fail is not None and self.slo.ttft_s is not None:
+                self._push(sr.record.sent_s + self.slo.ttft_s * _PAST, _DEADLINE, sr)
+            if self.watch is not None:
+                self.watch.arrived(sr.record)
         if spec.input_len + spec.output_len > self.max_model_len:
             self._reject(sr, 400, f"{spec.input_len + spec.output_len} tokens exceed the {self.max_model_len}-token context")
             return
@@ -294,9 +308,11 @@ class ClusterSim:
             if rec.first_token_s is None:
                 rec.first_token_s = now
                 sr.prefill_start = s.request.first_scheduled_time
+                if sr.judged and self.watch is not None:
+                    self.watch.first_token(rec)
                 if self.slo is not None and self.slo.ttft_s is not None and now - rec.sent_s > self.slo.ttft_s:
                     self._fail(sr)
-                elif self.max_fail is not None and self.slo.tpot_s is not None and sr.spec.output_len > 1:
+                elif sr.judged and self.max_fail is not None and self.slo.tpot_s is not None and sr.spec.output_len > 1:
                     self._push(now + self.slo.tpot_s * (sr.spec.output_len - 1) * _PAST, _DEADLINE, sr)
             elif sr.second is None and w.role != "prefill":
                 sr.second = now
@@ -358,6 +374,8 @@ class ClusterSim:
         rec.completion_tokens = completion_tokens
         rec.cached_tokens = max(0, cached_tokens)
         self.done += 1
+        if sr.judged and self.watch is not None:
+            self.watch.finished(rec)
         if self.slo is not None and not sr.failed and not meets_slo(rec, self.slo):
             self._fail(sr)
 
@@ -377,12 +395,14 @@ class ClusterSim:
     def _fail(self, sr: SimRequest) -> None:
         if not sr.failed:
             sr.failed = True
-            self.fails += 1
+            self.fails += sr.judged
 
     def _reject(self, sr: SimRequest, status: int, why: str) -> None:
         rec = sr.record
         rec.status, rec.error_kind, rec.error = status, "http", why
         self._fail(sr)
+        if sr.judged and self.watch is not None:
+            self.watch.refused(rec)
 
     # ------------------------------------------------------------------ summary
 

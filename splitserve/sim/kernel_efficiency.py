@@ -10,9 +10,22 @@ Sources:
   (arXiv 2307.08691, 2023): 50-73 % of the theoretical maximum FLOP/s on A100 (forward).
 - cuBLAS on B200: pyptx.dev/performance (PyTorch 2.8 / CUDA 12.8, CUDA events): cuBLAS BF16 GEMM at
   1,532-1,652 TFLOP/s for 4096^3 to 8192-sized shapes against a 2,250 TFLOP/s dense peak, 68-73 %.
-No published figure was found here for GEMM efficiency on H100/H200/A100/L40S, for memory or KV-read
-efficiency, or for a serving engine's per-step overhead (scheduling, launches; with CUDA graphs it is far
-below the 2 ms default): those stay the defaults, named in `sources` as such.
+- AIC: NVIDIA aiconfigurator 0.12.0's perf database (Apache-2.0; kernel latencies measured per shape on each
+  GPU, here vLLM's: aiconfigurator_core/systems/data/<gpu>/gemm/vllm/<version>/gemm_perf.parquet; vLLM 0.24.0,
+  A100 0.14.0), reduced by `benchmarks/kernel_efficiency_from_aic.py` against the presets' peaks. compute: the
+  median over bf16 GEMMs with m >= 2048 and n, k >= 4096 of 2mnk / latency / peak FLOP/s; memory: the median
+  over weight-bound bf16 GEMMs (m <= 8, n k >= 16M) of weight and activation bytes / latency / peak bandwidth.
+  Medians (interquartile range; shapes): H100 compute 0.806 (0.769-0.836; 2,277), memory 0.802 (0.740-0.870;
+  1,464); H200 0.790 (0.750-0.819), 0.735 (0.670-0.818); A100 0.902 (0.844-0.929; 240), 0.684 (0.636-0.727;
+  592); L40S 0.638 (0.577-0.706; 2,252), 0.809 (0.762-0.834; 1,461); B200 0.697 (0.664-0.733), 0.678
+  (0.580-0.766). Its TensorRT-LLM tables agree within 0.07 on every figure. Its decode-attention tables were
+  not used for KV reads: on part of the shapes the bytes they imply exceed the peak bandwidth (cache effects
+  or a context convention not documented there), so no clean figure comes out.
+No published figure was found here for KV-read efficiency, or for a serving engine's per-step overhead
+(scheduling, launches; with CUDA graphs it is far below the 2 ms default): those stay the defaults, named in
+`sources` as such. Using aiconfigurator's measurements makes the comparison against aiconfigurator
+(`benchmarks/plan_vs_aiconfigurator.py`) share its GEMM figures: what still differs is the rest of the model
+and the search.
 """
 
 from __future__ import annotations
@@ -38,15 +51,35 @@ class KernelTable:
 
 
 _FA3 = "FlashAttention-3 (arXiv 2407.08608): 740 TFLOP/s FP16 forward on H100 SXM5, 75 % of peak"
+_AIC = "aiconfigurator 0.12.0 perf database, {gpu}/gemm/vllm/{v}/gemm_perf.parquet: median {what} {x} of peak ({iqr}, {n} shapes)"
+
+
+def _aic(gpu: str, v: str, what: str, x: str, iqr: str, n: str) -> str:
+    return _AIC.format(gpu=gpu, v=v, what=what, x=x, iqr=iqr, n=n)
+
+
+_COMPUTE, _MEMORY = "bf16 GEMM (m >= 2048, n, k >= 4096) FLOP/s", "weight-bound bf16 GEMM (m <= 8) bandwidth"
 TABLES: dict[str, KernelTable] = {
-    "h100": KernelTable(Efficiency(attention=0.75), {"attention": _FA3}),
+    "h100": KernelTable(Efficiency(compute=0.81, memory=0.8, attention=0.75), {
+        "attention": _FA3,
+        "compute": _aic("h100_sxm", "0.24.0", _COMPUTE, "0.806", "IQR 0.769-0.836", "2,277"),
+        "memory": _aic("h100_sxm", "0.24.0", _MEMORY, "0.802", "IQR 0.740-0.870", "1,464")}),
     # The H200 has the H100's compute die (same 989 TFLOP/s): the same attention kernels reach the same share.
-    "h200": KernelTable(Efficiency(attention=0.75), {"attention": _FA3 + " (same Hopper die as the H200)"}),
-    "a100": KernelTable(Efficiency(attention=0.6), {
-        "attention": "FlashAttention-2 (arXiv 2307.08691): 50-73 % of peak forward on A100; the middle, 0.6"}),
-    "b200": KernelTable(Efficiency(compute=0.7), {
-        "compute": "pyptx.dev/performance: cuBLAS BF16 GEMM 1,532-1,652 TFLOP/s of 2,250 on B200 (68-73 %)"}),
-    "l40s": KernelTable(Efficiency()),
+    "h200": KernelTable(Efficiency(compute=0.79, memory=0.74, attention=0.75), {
+        "attention": _FA3 + " (same Hopper die as the H200)",
+        "compute": _aic("h200_sxm", "0.24.0", _COMPUTE, "0.790", "IQR 0.750-0.819", "2,277"),
+        "memory": _aic("h200_sxm", "0.24.0", _MEMORY, "0.735", "IQR 0.670-0.818", "1,464")}),
+    "a100": KernelTable(Efficiency(compute=0.9, memory=0.68, attention=0.6), {
+        "attention": "FlashAttention-2 (arXiv 2307.08691): 50-73 % of peak forward on A100; the middle, 0.6",
+        "compute": _aic("a100_sxm", "0.14.0", _COMPUTE, "0.902", "IQR 0.844-0.929", "240"),
+        "memory": _aic("a100_sxm", "0.14.0", _MEMORY, "0.684", "IQR 0.636-0.727", "592")}),
+    "b200": KernelTable(Efficiency(compute=0.7, memory=0.68), {
+        "compute": "pyptx.dev/performance: cuBLAS BF16 GEMM 1,532-1,652 TFLOP/s of 2,250 on B200 (68-73 %); "
+                   + _aic("b200_sxm", "0.24.0", _COMPUTE, "0.697", "IQR 0.664-0.733", "2,277"),
+        "memory": _aic("b200_sxm", "0.24.0", _MEMORY, "0.678", "IQR 0.580-0.766", "1,464")}),
+    "l40s": KernelTable(Efficiency(compute=0.64, memory=0.81), {
+        "compute": _aic("l40s", "0.24.0", _COMPUTE, "0.638", "IQR 0.577-0.706", "2,252"),
+        "memory": _aic("l40s", "0.24.0", _MEMORY, "0.809", "IQR 0.762-0.834", "1,461")}),
 }
 
 

@@ -12,6 +12,7 @@ otherwise spend most of its time in blake2b and hold gigabytes of token lists.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 from splitserve.core.request import Request, SamplingParams
 from splitserve.core.scheduler import Scheduler, SchedulerOutput
@@ -49,7 +50,8 @@ def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[
 class SimRequest:
     """One workload request as it moves through the cluster; `record` is bench's record of it."""
 
-    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "split", "prefill_start", "second", "failed")
+    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "split", "prefill_start", "second", "failed",
+                 "judged")
 
     def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
         self.index, self.spec, self.id = index, spec, str(index)
@@ -63,6 +65,7 @@ class SimRequest:
         self.prefill_start: float | None = None
         self.second: float | None = None  # the second token (the first decode step after the KV is complete)
         self.failed = False
+        self.judged = False  # its misses count towards stopping the run (`ClusterSim.run`'s `judged`)
 
     @property
     def kv_ready(self) -> float | None:
@@ -75,6 +78,21 @@ class SimRequest:
         r = Request(self.id, self.prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), now, hold_kv=hold_kv)
         r.block_hashes = list(self.hashes)
         return r
+
+
+class RunWatch(Protocol):
+    """What a run's caller may follow of its judged requests, to stop the run once the outcome it will judge is
+    certain (`ClusterSim.run`'s `watch`): arrivals, refusals (after their arrival), first tokens, ends."""
+
+    def arrived(self, rec: RequestRecord) -> None: ...
+
+    def refused(self, rec: RequestRecord) -> None: ...
+
+    def first_token(self, rec: RequestRecord) -> None: ...
+
+    def finished(self, rec: RequestRecord) -> None: ...
+
+    def certain(self, now: float) -> bool: ...
 
 
 class Worker:

@@ -5,7 +5,9 @@ from dataclasses import replace
 
 from hypothesis import given, settings, strategies as st
 
-from splitserve.plan.evaluate import goodput_bracket, next_rate
+from splitserve.plan.candidates import Candidate
+from splitserve.plan.evaluate import Probe, evaluate, goodput_bracket, next_rate
+from splitserve.plan.probes import Prober
 from splitserve.plan.search import plan
 from splitserve.workload.goodput import search_goodput
 from tests.plan.test_search import spec
@@ -34,3 +36,29 @@ def test_speculation_on_a_pool_finds_what_the_sequential_search_finds():
         if a is not None:
             assert (a.config, a.goodput_rps, a.probes) == (b.config, b.goodput_rps, b.probes)
     assert (inline.verdict, inline.advantage) == (pooled.verdict, pooled.advantage)
+
+
+@settings(max_examples=200, deadline=None)
+@given(true=st.floats(0.01, 500), guess=st.floats(0.01, 500), resolution=st.sampled_from([0.03, 0.05, 0.1]))
+def test_the_upper_end_first_finds_the_same_goodput_with_fewer_probes(true, guess, resolution):
+    """`evaluate` simulates the bracket's upper end first and, where it passes, takes the lower end as
+    passing without a probe: on a unit whose probes pass below its goodput and fail above it, the answer
+    is the plain search's, and the lower end's probe (a passing one: a full run) is saved whenever the upper
+    one passes."""
+    s = spec()
+    simulated: list[float] = []
+
+    def measure(plan_, unit, rate, stop):
+        simulated.append(rate)
+        return Probe(rate, 1.0 if rate <= true else 0.0, 0.0, 0.0, False, passed=rate <= true)
+
+    bracket = goodput_bracket(guess, resolution)
+    plain = search_goodput(lambda r: r, lambda r: r <= true, bracket)
+    ev = evaluate(replace(s, resolution=resolution), Candidate("colocated", None, 1, guess, ""), prober=Prober(measure, s, 1))
+    assert ev.goodput == plain.lower
+    assert [p.rate for p in ev.probes] == [r for r in plain.probes if not (r == bracket.lo and bracket.hi <= true)]
+    # Simulated: the search's probes, less lo where hi passed; plus hi where both failed (the search, shrinking
+    # below lo, never asks for it: a failing probe, which mostly stops early).
+    extra = [bracket.hi] if bracket.lo > true else []
+    assert sorted(simulated) == sorted([p.rate for p in ev.probes] + extra)
+    assert (bracket.lo in simulated) == (bracket.hi > true)

@@ -1,0 +1,68 @@
+"""Kernel efficiencies per GPU from NVIDIA aiconfigurator's published kernel measurements (its perf database:
+cuBLAS/framework GEMM and attention latencies measured per shape on each GPU), against the peaks of
+splitserve's GPU presets (`sim/hardware.py`). The figures `sim/kernel_efficiency.py` ships come from here.
+
+    /work/peers/aic/bin/python benchmarks/kernel_efficiency_from_aic.py [--framework vllm]
+
+Run with aiconfigurator's own Python (it needs pandas and pyarrow, which splitserve does not). For each GPU
+and efficiency the median over the shapes that measure it, with the interquartile range and the count:
+
+    compute    bf16 GEMMs with m >= 2048 and n, k >= 4096: 2 m n k / latency / peak FLOP/s
+    memory     bf16 GEMMs with m <= 8 and n k >= 16M (weight-bound): bytes of weights and activations / latency / peak
+    kv_memory  decode attention (one new token per sequence, bf16 KV) reading >= 256 MB of K and V: those bytes
+               / latency / peak
+
+Prints one JSON document. The database is aiconfigurator 0.12.0's (Apache-2.0), under
+aiconfigurator_core/systems/data/<gpu>/{gemm,attention}/<framework>/<version>/*.parquet; latency is in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+DB = Path("/work/peers/aic/lib/python3.11/site-packages/aiconfigurator_core/systems/data")
+# splitserve preset -> (aiconfigurator system, peak dense BF16 FLOP/s, peak bandwidth B/s), as sim/hardware.py
+GPUS = {"h100": ("h100_sxm", 989.4e12, 3.35e12), "h200": ("h200_sxm", 989.4e12, 4.8e12),
+        "a100": ("a100_sxm", 312e12, 2.039e12), "l40s": ("l40s", 362.05e12, 864e9), "b200": ("b200_sxm", 2250e12, 8e12)}
+
+
+def table(system: str, kind: str, name: str, framework: str) -> tuple[pd.DataFrame, str]:
+    root = DB / system / kind / framework
+    version = sorted(p.name for p in root.iterdir() if (p / name).exists())[-1]  # the latest that has it
+    return pd.read_parquet(root / version / name), f"{system}/{kind}/{framework}/{version}/{name}"
+
+
+def stats(x: pd.Series) -> dict:
+    return {"median": round(float(x.median()), 3), "p25": round(float(x.quantile(0.25)), 3),
+            "p75": round(float(x.quantile(0.75)), 3), "shapes": int(len(x))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--framework", default="vllm", choices=("vllm", "sglang", "trtllm"))
+    args = ap.parse_args()
+    out = {}
+    for gpu, (system, flops, bw) in GPUS.items():
+        g, gsrc = table(system, "gemm", "gemm_perf.parquet", args.framework)
+        g = g[g.gemm_dtype == "bfloat16"]
+        s = g.latency * 1e-3
+        big = (g.m >= 2048) & (g.n >= 4096) & (g.k >= 4096)
+        compute = (2.0 * g.m * g.n * g.k / s / flops)[big]
+        thin = (g.m <= 8) & (g.n * g.k >= 16 * 2**20)
+        memory = (2.0 * (g.n * g.k + g.m * (g.n + g.k)) / s / bw)[thin]
+        a, asrc = table(system, "attention", "generation_attention_perf.parquet", args.framework)
+        a = a[(a.kv_cache_dtype == "bfloat16") & (a.beam_width == 1)]
+        # The table's decode step attends over isl + step tokens of context per sequence.
+        kv = a.batch_size * (a.isl + a.step) * 2.0 * a.num_key_value_heads * a.head_dim * 2
+        kv_eff = (kv / (a.latency * 1e-3) / bw)[kv >= 256 * 2**20]
+        out[gpu] = {"compute": stats(compute), "memory": stats(memory), "kv_memory": stats(kv_eff),
+                    "sources": [gsrc, asrc]}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
