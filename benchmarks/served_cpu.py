@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import time
+from pathlib import Path
 
 import httpx
 
@@ -31,7 +31,7 @@ def thread_cpu(pid: int) -> dict[int, float]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # the thread ended
             continue
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
@@ -42,7 +42,8 @@ async def run(args: argparse.Namespace) -> dict:
     dep = Deployment(None, "--colocated", "1", "--threads", str(args.threads))
     try:
         pids = {"frontend": dep.proc.pid, "worker": dep.workers()[0]["pid"]}
-        model = httpx.get(dep.url + "/v1/models").json()["data"][0]["id"]
+        async with httpx.AsyncClient(timeout=None) as client:
+            model = (await client.get(dep.url + "/v1/models")).json()["data"][0]["id"]
         words = ("the cat sat on a mat and then " * (args.prompt // 4 + args.requests)).split()
         got = [0] * args.requests
         marks: dict[str, tuple[int, dict]] = {}
