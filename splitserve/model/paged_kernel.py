@@ -1,5 +1,5 @@
 """The C++ kernels, built on the machine that runs them: paged decode attention (csrc/paged_attention.cpp)
-and the 1-2 row linear of batch-1/2 decode (csrc/skinny_linear.cpp; linear.py routes to it).
+and the few-row linear of small decode steps (csrc/skinny_linear.cpp; linear.py routes to it).
 
 torch's extension builder compiles it once per machine into its cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) and later loads it from there. The first build takes tens of seconds, so
@@ -140,5 +140,5 @@ def decode(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [1 or 2, in] float32 @ weight^T (+ bias) with weight [out, in] float32 column-major -> [rows, out]."""
+    """x [rows >= 1, in] float32 @ weight^T (+ bias) with weight [out, in] float32 column-major -> [rows, out]."""
     return torch.ops.splitserve_linear.linear(x, weight, bias)

@@ -211,12 +211,13 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 from splitserve.model import paged_kernel
-build, source = Path(sys.argv[1]), Path(sys.argv[2])
+build, sources = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:]]
 build.mkdir(parents=True, exist_ok=True)
-copy = build / source.name
-if not copy.exists() or copy.read_bytes() != source.read_bytes():
-    shutil.copyfile(source, copy)
-cpp_extension.load(name="splitserve_paged_avx2", sources=[str(copy)], build_directory=str(build),
+copies = [build / source.name for source in sources]
+for source, copy in zip(sources, copies):
+    if not copy.exists() or copy.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, copy)
+cpp_extension.load(name="splitserve_paged_avx2", sources=[str(c) for c in copies], build_directory=str(build),
                    extra_cflags=["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], extra_ldflags=["-fopenmp"],
                    is_python_module=False, verbose=False)
 if shutil.which("objdump"):  # the build really is the AVX2 one: no 512-bit register anywhere in it
@@ -231,22 +232,29 @@ for _ in range(60):
     lens = [rng.randint(1, 70) for _ in range(rng.randint(1, 6))] + [2 * bs, 2 * bs + 1, max(1, 2 * bs - 1)]
     case = _decode_case(lens, kv, group, bs, dim, rng.randrange(2**16))
     torch.testing.assert_close(_run(*case, use_kernel=True), _dense(*case), atol=2e-5, rtol=1e-5)
+g = torch.Generator().manual_seed(0)
+for _ in range(60):  # the linear's loops: 1-2 rows and 3+ (pairs and an odd one), blocks and their remainders
+    rows, inp, out = rng.randint(1, 17), rng.randint(1, 70), rng.randint(1, 1200)
+    x, w = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g).t().contiguous().t()
+    b = torch.randn(out, generator=g) if rng.random() < 0.5 else None
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(paged_kernel.linear(x, w, b).double(), expected, rtol=1e-5, atol=1e-5 * inp**0.5)
 print("AVX2 path ok")
 '''
 
 
 def test_the_avx2_path_matches_the_dense_reference_on_an_avx512_machine_too():
-    """The kernel has an AVX-512 and an AVX2+FMA path, and -march=native compiles only the one the machine
+    """The kernels have an AVX-512 and an AVX2+FMA path, and -march=native compiles only the one the machine
     has: on an AVX-512 machine the AVX2 path (what an AVX2-only machine runs) is built here with AVX-512 off,
-    in a process of its own (both builds register the same ops), and checked against the dense reference."""
+    in a process of its own (both builds register the same ops), and checked against the dense reference
+    (decode attention) and float64 torch (the few-row linear)."""
     if _compiler() is None:
         pytest.skip("no C++ compiler on this machine")
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if " avx512f" not in flags or " avx2" not in flags or " fma" not in flags:
         pytest.skip("not an AVX-512 machine: the normal build is the AVX2 (or scalar) one, which the tests above check")
-    source = paged_kernel._SOURCES[0]
     build = paged_kernel.build_directory().with_name(paged_kernel.build_directory().name + "_avx2")
-    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK, str(build), str(source)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK, str(build), *map(str, paged_kernel._SOURCES)], capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AVX2 path ok" in done.stdout
