@@ -28,17 +28,36 @@ constexpr int64_t kColumns = 64;  // parallel_for's unit: a thread's range is wh
 // 3+ rows: a block of y's columns (2 KiB of each row) worked on from first row of W^T to last.
 constexpr int64_t kBlockColumns = 512;
 
+// y's rows 0..rows), columns [c, c + m): the bias, or zeros.
+inline void start_rows(int64_t rows, int64_t out, const float* bias, int64_t c, int64_t m, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out + c;
+    if (bias != nullptr) {
+      std::copy(bias + c, bias + c + m, yr);
+    } else {
+      std::fill(yr, yr + m, 0.0f);
+    }
+  }
+}
+
+// Adds rows i..in) of W^T (the fewer than eight left over) into y's rows 0..rows), columns [c, c + m).
+inline void remaining_rows(const float* __restrict__ x, int64_t rows, int64_t in, const float* __restrict__ wt,
+                           int64_t out, int64_t i, int64_t c, int64_t m, float* __restrict__ y) {
+  for (; i < in; ++i) {
+    const float* wi = wt + i * out + c;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float xi = x[r * in + i];
+      float* yr = y + r * out + c;
+#pragma omp simd
+      for (int64_t cc = 0; cc < m; ++cc) yr[cc] += xi * wi[cc];
+    }
+  }
+}
+
 template <int B>
 void streams(const float* __restrict__ x, int64_t in, const float* __restrict__ wt, int64_t out,
              const float* bias, int64_t c0, int64_t n, float* __restrict__ y) {
-  for (int b = 0; b < B; ++b) {
-    float* yb = y + b * out + c0;
-    if (bias != nullptr) {
-      std::copy(bias + c0, bias + c0 + n, yb);
-    } else {
-      std::fill(yb, yb + n, 0.0f);
-    }
-  }
+  start_rows(B, out, bias, c0, n, y);
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
     const float* w0 = wt + i * out + c0;
@@ -55,15 +74,7 @@ void streams(const float* __restrict__ x, int64_t in, const float* __restrict__ 
       }
     }
   }
-  for (; i < in; ++i) {
-    const float* wi = wt + i * out + c0;
-    for (int b = 0; b < B; ++b) {
-      const float xi = x[b * in + i];
-      float* yb = y + b * out + c0;
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) yb[c] += xi * wi[c];
-    }
-  }
+  remaining_rows(x, B, in, wt, out, i, c0, n, y);
 }
 
 // Adds x[0..B) . W^T[:, c:c+m] into y's rows 0..B) (x, y offset to the first row) for the eight rows of W^T
@@ -97,29 +108,14 @@ void blocked(const float* x, int64_t rows, int64_t in, const float* wt, int64_t 
              int64_t n, float* y) {
   for (int64_t c = c0; c < c0 + n; c += kBlockColumns) {
     const int64_t m = std::min(kBlockColumns, c0 + n - c);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* yr = y + r * out + c;
-      if (bias != nullptr) {
-        std::copy(bias + c, bias + c + m, yr);
-      } else {
-        std::fill(yr, yr + m, 0.0f);
-      }
-    }
+    start_rows(rows, out, bias, c, m, y);
     int64_t i = 0;
     for (; i + 8 <= in; i += 8) {
       int64_t r = 0;
       for (; r + 2 <= rows; r += 2) eight<2>(x + r * in, in, wt, out, i, c, m, y + r * out);
       if (r < rows) eight<1>(x + r * in, in, wt, out, i, c, m, y + r * out);
     }
-    for (; i < in; ++i) {
-      const float* wi = wt + i * out + c;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float xi = x[r * in + i];
-        float* yr = y + r * out + c;
-#pragma omp simd
-        for (int64_t cc = 0; cc < m; ++cc) yr[cc] += xi * wi[cc];
-      }
-    }
+    remaining_rows(x, rows, in, wt, out, i, c, m, y);
   }
 }
 
