@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+# Run by aiconfigurator's Python, where splitserve is not installed: the presets' peaks come from the
+# repository's own sim/hardware.py (dataclasses only, no torch), so they cannot drift from what the planner uses.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from splitserve.sim import hardware  # noqa: E402
+
 DB = Path("/work/peers/aic/lib/python3.11/site-packages/aiconfigurator_core/systems/data")
-# splitserve preset -> (aiconfigurator system, peak dense BF16 FLOP/s, peak bandwidth B/s), as sim/hardware.py
-GPUS = {"h100": ("h100_sxm", 989.4e12, 3.35e12), "h200": ("h200_sxm", 989.4e12, 4.8e12),
-        "a100": ("a100_sxm", 312e12, 2.039e12), "l40s": ("l40s", 362.05e12, 864e9), "b200": ("b200_sxm", 2250e12, 8e12)}
+SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100": "a100_sxm", "l40s": "l40s", "b200": "b200_sxm"}  # preset -> aiconfigurator's
 
 
 def table(system: str, kind: str, name: str, framework: str) -> tuple[pd.DataFrame, str]:
@@ -46,7 +50,8 @@ def main() -> None:
     ap.add_argument("--framework", default="vllm", choices=("vllm", "sglang", "trtllm"))
     args = ap.parse_args()
     out = {}
-    for gpu, (system, flops, bw) in GPUS.items():
+    for gpu, system in SYSTEMS.items():
+        flops, bw = hardware.gpu(gpu).flops, hardware.gpu(gpu).mem_bw
         g, gsrc = table(system, "gemm", "gemm_perf.parquet", args.framework)
         g = g[g.gemm_dtype == "bfloat16"]
         s = g.latency * 1e-3

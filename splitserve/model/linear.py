@@ -7,8 +7,9 @@ longer. At 1-2 rows a product only streams its weight, and oneDNN reads it at 11
 read ~24: the skinny kernel reads at 18-24, so a batch-1 step's linears take 25 ms instead of 45 at 1 thread
 and 19 instead of 33 at 2 (batch 2: 33 vs 44 ms, 22 vs 25). From 3 rows the kernel blocks columns so that
 each weight read from memory serves every row (csrc/skinny_linear.cpp): a decode step's linears at 1 thread
-(CPU time, interleaved with oneDNN's, medians of 5) took 0.69x oneDNN's at 3 rows, 0.75x at 4, 0.83x at 6,
-0.86x at 8 and 0.87x at 10, but 1.02x at 12 and 1.13x at 16, so 11+ rows stay with oneDNN. Weights are
+(`python -m benchmarks.linear_rows`: CPU time, alternated with oneDNN's, medians of 5, quiet, load 0.7) took
+0.81x oneDNN's at 3 rows, 0.79x at 4, 0.93x at 6, 0.89x at 8 and 0.91x at 10, but 1.04x at 12 and 1.08x at 16,
+so 11+ rows stay with oneDNN (10 is close to even: 0.87-0.99 over five runs; results/linear_rows.json). Weights are
 column-major (see LlamaModel), which both kernels want for these skinny products. The oneDNN op is the one
 Inductor emits for CPU linears; if a build lacks it, or off CPU float32, plain F.linear runs.
 """
