@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 requests, 1 trial, a 2-part bisection: a smoke test")
     ap.add_argument("--workloads", default=None, help="comma-separated (default: all)")
     ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
-    ap.add_argument("--requests", type=int, default=None, help=f"requests per run (default {REQUESTS}; --quick 8)")
+    ap.add_argument("--requests", type=int, default=None, help=f"requests per run (default {REQUESTS}; --quick 8), at least a workload's own minimum")
     ap.add_argument("--trials", type=int, default=None, help=f"runs per probed rate (default {TRIALS}; --quick 1)")
     ap.add_argument("--parts", type=int, default=None, help=f"bisection stops at (rate_hi - rate_lo) / PARTS "
                                                             f"(default {PARTS}; --quick 2)")
@@ -120,12 +120,13 @@ def main() -> None:
     chosen = {w: every[w] for w in names}
     slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_gap)
 
-    brackets = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / args.parts) for w, c in chosen.items()}
-    full = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / PARTS) for w, c in every.items()}
-    this_run = estimate_s(brackets, len(deployments), args.requests, args.trials)
+    sweeps = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / args.parts, c.num_requests) for w, c in chosen.items()}
+    full = {w: (c.rate_lo, c.rate_hi, (c.rate_hi - c.rate_lo) / PARTS, c.num_requests)
+            for w, c in cases(out, REQUESTS).items()}
+    this_run = estimate_s(sweeps, len(deployments), args.trials)
     print(f"estimated wall time: this run ~{this_run / 3600:.1f} h ({len(chosen)} workloads x {len(deployments)} "
-          f"deployments, {args.requests} requests x {args.trials} trials per rate); the full default run "
-          f"~{estimate_s(full, len(DEPLOYMENTS), REQUESTS, TRIALS) / 3600:.1f} h on a quiet machine", file=sys.stderr)
+          f"deployments, {args.requests} requests (or a workload's minimum) x {args.trials} trials per rate); the "
+          f"full default run ~{estimate_s(full, len(DEPLOYMENTS), TRIALS) / 3600:.1f} h on a quiet machine", file=sys.stderr)
     if args.estimate_only:
         return
 
@@ -168,7 +169,7 @@ def main() -> None:
     doc = {
         **head,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "max_gap_s": slo.max_gap_s, "attainment": args.attainment},
-        "workloads": {w: {"why": c.why, "rate_lo": c.rate_lo, "rate_hi": c.rate_hi, "requests": args.requests,
+        "workloads": {w: {"why": c.why, "rate_lo": c.rate_lo, "rate_hi": c.rate_hi, "requests": c.num_requests,
                           "load": repr(c.load)} for w, c in chosen.items()},
         "trials": args.trials, "parts": args.parts, "chunk_tokens": args.chunk,
         "decode_prefill_chunk": DECODE_PREFILL_CHUNK,

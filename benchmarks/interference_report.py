@@ -67,10 +67,10 @@ def planned_rates(lo: float, hi: float, resolution: float) -> list[float]:
     return [lo, hi] + [(lo + hi) / 2] * steps
 
 
-def estimate_s(brackets: dict[str, tuple[float, float, float]], deployments: int, requests: int, trials: int) -> float:
-    """The wall time of a measured sweep per workload (lo, hi, resolution) and deployment."""
-    per_deployment = sum(trials * sum(run_seconds(requests, r, TAIL_S) for r in planned_rates(*b)) + SERVER_START_S
-                         for b in brackets.values())
+def estimate_s(sweeps: dict[str, tuple[float, float, float, int]], deployments: int, trials: int) -> float:
+    """The wall time of a measured sweep per workload (lo, hi, resolution, requests per run) and deployment."""
+    per_deployment = sum(trials * sum(run_seconds(requests, r, TAIL_S) for r in planned_rates(lo, hi, res)) + SERVER_START_S
+                         for lo, hi, res, requests in sweeps.values())
     return per_deployment * deployments
 
 

@@ -12,8 +12,9 @@ rate the issue states its target at.
 
 Writes results/interference/seed/result.json; its last line is a JSON object with each deployment's
 `worst_gap_max_batch_steps` (the largest worst gap of any request, in decode steps at the batch size the worker
-ran during that gap: the target's figure, <= 2), `worst_gap_max_steps` (the same gap in the run's median decode
-step, mostly batch 1) and `worst_gap_p50_steps`.
+ran during that gap), `worst_gap_max_steps` (the same gap in the run's median decode step, mostly batch 1),
+`worst_gap_p50_steps`, and `steps_spanned_max` (the most decode steps any request's worst gap spanned: two at
+best for the hand-off from prefill to decode; the target's figure, <= 2).
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ def main() -> None:
         doc["deployments"][d] = {"serve_args": serve_args(d, args.chunk), "latency": figures, "stalls": stalls}
         print(f"[{d}] decode step {'n/a' if step is None else f'{step * 1e3:.0f} ms'}; worst gap per request p50 "
               f"{figures.get('worst_gap_p50_steps')} steps, largest {figures['worst_gap_all_runs_steps']} steps "
-              f"({stalls['gap_batch_steps_max']} steps at its batch); "
+              f"({stalls['gap_batch_steps_max']} steps at its batch); spanning at most {stalls['steps_spanned_max']} "
+              f"steps ({stalls['requests_spanning_over_2_steps']} requests over 2); "
               f"causes { {c: v['requests'] for c, v in stalls['causes'].items() if v['requests']} }", file=sys.stderr)
     doc.update(wall_s=time.time() - started, load_average_at_end=os.getloadavg(), cpus=os.cpu_count())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(doc, indent=1))
     print(json.dumps({d: {"worst_gap_max_batch_steps": v["stalls"]["gap_batch_steps_max"],
                           "worst_gap_max_steps": v["latency"]["worst_gap_all_runs_steps"],
+                          "steps_spanned_max": v["stalls"]["steps_spanned_max"],
                           "worst_gap_p50_steps": v["latency"].get("worst_gap_p50_steps"),
                           "itl_p99_s": v["latency"].get("itl_p99_s"), "decode_step_s": v["latency"].get("decode_step_s")}
                       for d, v in doc["deployments"].items()}))
