@@ -63,6 +63,9 @@ def main() -> None:
     for d in deployments:
         out = args.out / d
         runs = []
+        # Every trial is run afresh: an earlier run's step logs would only be laid over gaps not theirs.
+        for old in (out / "steps").glob("steps-*.jsonl"):
+            old.unlink()
         with served(d, serve_args(d, args.chunk), out, args.model) as url:
             for trial in range(args.trials):
                 load = replace(seed.load, rate=args.rate, seed=seed.load.seed + trial)

@@ -45,6 +45,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="do not send ignore_eos (for servers that reject it; outputs may then end early)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
     g.add_argument("--deadline", type=float, help="seconds per run, after which requests still out are cancelled")
+    g.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="before each run, wait up to this many seconds for the server to finish what earlier runs "
+                        "left in flight (read from its /metrics; 0: do not wait; default %(default)s)")
     g.add_argument("--retries", type=int, default=0,
                    help="send a request refused with 429/503 again after its Retry-After, up to this many times, as "
                         "the OpenAI client does (latencies count from the first send; default %(default)s: a refusal fails)")
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sweep=sweep,
         timeout_s=args.timeout,
         deadline_s=args.deadline,
+        idle_timeout_s=args.idle_timeout,
         retries=args.retries,
         ignore_eos=args.ignore_eos,
         progress=args.progress,

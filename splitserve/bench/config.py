@@ -51,6 +51,9 @@ class BenchConfig:
     sweep: SweepConfig | None = None
     timeout_s: float = 300.0  # per request
     deadline_s: float | None = None  # per run (each sweep trial is a run)
+    # Before each run, wait up to this long for the target to finish what earlier runs left in flight
+    # (bench/idle.py); 0: start at once.
+    idle_timeout_s: float = 120.0
     retries: int = 0  # 429/503 answers retried after their Retry-After (0: a refusal is a failed request)
     ignore_eos: bool = True
     salt: int | None = None  # prompt-token salt; None: fresh per invocation, so reruns miss the prefix cache
@@ -66,6 +69,8 @@ def check_config(c: BenchConfig) -> None:
         raise BenchConfigError(f"concurrency must be >= 1, got {c.concurrency}")
     if not c.timeout_s > 0 or (c.deadline_s is not None and not c.deadline_s > 0):
         raise BenchConfigError("timeout and deadline must be positive")
+    if not c.idle_timeout_s >= 0:
+        raise BenchConfigError(f"idle timeout must be >= 0 seconds, got {c.idle_timeout_s}")
     if c.resume and c.out_dir is None:
         raise BenchConfigError("resume needs an output folder: give --out")
     if c.retries < 0:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -15,6 +14,7 @@ from rich.console import Console
 
 from splitserve.bench.client import EndpointError, Target, resolve_model, run_load
 from splitserve.bench.config import BenchConfig, BenchConfigError, TraceLoad, check_config
+from splitserve.bench.idle import read_in_flight, wait_idle
 from splitserve.bench.output import write_outputs
 from splitserve.bench.progress import RunProgress
 from splitserve.bench.prompts import PromptBuilder
@@ -64,13 +64,14 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
             if found is not None:
                 records, started = found
             else:
+                settle(config, console)
                 label = f"rate {rate:g} req/s, trial {trial + 1}" if rate is not None else "requests"
                 progress.start_run(label, len(workload.requests))
                 # Each run draws its own prompt tokens, so no trial finds an earlier trial's prompts cached.
                 builder = PromptBuilder(vocab, salt + len(runs))
                 specs = workload.requests
                 stop = config.sweep is not None and config.sweep.stop_certain and rate != config.sweep.rate_lo
-                started = time.time()
+                zero: list[float] = []
                 records = asyncio.run(
                     run_load(
                         target,
@@ -82,8 +83,10 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
                         retries=config.retries,
                         on_done=progress.done,
                         stop_when=verdict_certain(config.slo, config.attainment) if stop else None,
+                        on_start=zero.append,
                     )
                 )
+                started = zero[0]
                 if kept is not None:
                     save_run(kept, key, records, started)
             run = Run(rate, trial, workload, records, summarize(records, config.slo), started)
@@ -105,6 +108,15 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchResul
     if config.out_dir is not None:
         write_outputs(result, config.out_dir)
     return result
+
+
+def settle(config: BenchConfig, console: Console | None) -> None:
+    """Wait for the target to finish what earlier runs left in flight (bench/idle.py), or say why not."""
+    if config.idle_timeout_s <= 0:
+        return
+    if wait_idle(lambda: read_in_flight(config.url), config.idle_timeout_s) is False:
+        (console or Console(stderr=True)).print(
+            f"[yellow]the server still had requests in flight after {config.idle_timeout_s:g} s; the run starts anyway")
 
 
 def verdict_certain(slo: SLO, target: float) -> Callable[[list[RequestRecord], float], bool]:

@@ -31,7 +31,7 @@ from splitserve.runtime.supervisor import Supervisor
 from splitserve.runtime.process import (
     dies_with_parent,
     free_port,
-    prepare_to_serve,
+    freeze_startup_heap,
     stop_processes,
     terminate_on_signals,
     wait_healthy,
@@ -329,7 +329,7 @@ def run_worker(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = WorkerServer(config, url, args.router, idle=worker.idle, secret=secret)
-    prepare_to_serve()
+    freeze_startup_heap()
     try:
         server.run()
     finally:

@@ -11,7 +11,6 @@ import gc
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -26,25 +25,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-# How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms). A worker's engine
-# thread runs Python between its torch ops all step long, on the same core as the threads that land KV,
-# read requests and send tokens; each of those waits up to the interval for every GIL hand-over, a few per
-# KV frame. At 5 ms the last layer and "done" of a transfer reached the engine 15-20 ms after the client had
-# the first token, often a whole decode step later (benchmarks.interference_seed, 1P1D).
-GIL_SWITCH_S = 0.0005
-
-
-def prepare_to_serve() -> None:
+def freeze_startup_heap() -> None:
     """Call once a server process has loaded everything it keeps (model, tokenizer, imports), just before
-    it serves.
-
-    Freezes the heap: those ~350k objects live as long as the process, yet each full collection walks them
-    all, a ~170 ms pause (measured: SmolLM2 worker, one core) that lands inside a decode step or between a
-    token and its client. Frozen, they are out of the collector's reach and a full collection walks only
-    what serving allocated since. And shortens the GIL's switch interval to GIL_SWITCH_S."""
+    it serves. Those ~350k objects live as long as the process, yet each full collection walks them all: a
+    ~170 ms pause (measured: SmolLM2 worker, one core), which lands inside a decode step or between a token
+    and its client. Frozen, they are out of the collector's reach and a full collection walks only what
+    serving allocated since."""
     gc.collect()
     gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_S)
 
 
 def dies_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 BLOCK = 16
 
@@ -38,6 +38,13 @@ class Behaviour:
     in_flight: int = 0
     max_in_flight: int = 0
     cached_blocks: set[tuple[int, ...]] = field(default_factory=set)
+    # Serve /metrics with splitserve's in-flight gauges, and count a stream its client hung up on as running
+    # for `linger_s` more: a server finishing the step that request was in.
+    metrics: bool = False
+    linger_s: float = 0.0
+    lingering: int = 0
+    lingering_at_receipt: list[int] = field(default_factory=list)  # `lingering` as each request came in
+    received_unix: list[float] = field(default_factory=list)  # when each request came in (Unix time)
 
 
 def _cached_tokens(b: Behaviour, prompt: list[int]) -> int:
@@ -60,6 +67,14 @@ def make_app(b: Behaviour) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        if not b.metrics:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        text = (f"# TYPE splitserve_num_requests_running gauge\nsplitserve_num_requests_running {b.in_flight + b.lingering}\n"
+                "# TYPE splitserve_num_requests_waiting gauge\nsplitserve_num_requests_waiting 0\n")
+        return Response(text, media_type="text/plain")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": b.model, "object": "model"}]}
@@ -69,6 +84,8 @@ def make_app(b: Behaviour) -> FastAPI:
         body = await request.json()
         n = len(b.received)
         b.received.append(body)
+        b.lingering_at_receipt.append(b.lingering)
+        b.received_unix.append(time.time())
         if n in b.fail_status:
             headers = {"Retry-After": b.retry_after} if b.retry_after is not None else None
             return JSONResponse({"error": {"message": "injected"}}, status_code=b.fail_status[n], headers=headers)
@@ -83,11 +100,19 @@ def make_app(b: Behaviour) -> FastAPI:
         async def stream():
             b.in_flight += 1
             b.max_in_flight = max(b.max_in_flight, b.in_flight)
+            finished = False
             try:
                 async for event in events():
                     yield event
+                finished = True
             finally:
                 b.in_flight -= 1
+                if not finished and b.linger_s > 0:
+                    b.lingering += 1
+                    asyncio.get_running_loop().call_later(b.linger_s, _unlinger)
+
+        def _unlinger():
+            b.lingering -= 1
 
         async def events():
             await asyncio.sleep(b.first_token_delay_s)

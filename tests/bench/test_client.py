@@ -133,6 +133,18 @@ def test_closed_loop_keeps_exactly_n_in_flight(fake_server):
     assert server.behaviour.max_in_flight == 2
 
 
+def test_the_run_reports_its_clock_zero_in_unix_time_for_lining_up_with_server_logs(fake_server):
+    server = fake_server()
+    before = time.time()
+    zero: list[float] = []
+    records = run(server, specs(3, gap_s=0.2), on_start=zero.append)
+    assert len(zero) == 1 and before <= zero[0]
+    # Sent (by the run's clock, from its zero) no later than the server saw it: a zero taken before the
+    # client was set up would put every send early by that setup's time.
+    for rec, seen in zip(records, server.behaviour.received_unix):
+        assert zero[0] + rec.sent_s <= seen + 0.002  # time.time() and perf_counter tick apart by microseconds
+
+
 def test_connection_refused_is_recorded_not_raised(fake_server):
     from tests.bench.fake_server import free_port
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
 
 import numpy as np
 from hypothesis import given, settings
@@ -101,6 +104,42 @@ def test_a_sweep_stops_its_failing_runs_but_not_its_lowest_rate_and_resumes(caps
     assert main([*sweep_argv(server, tiny_checkpoint, tmp_path, "--resume"), "--seed", "7"]) == 0
     assert len(server.behaviour.received) - sent >= 6  # the lowest rate's run, whole, at least
     assert all(json.loads(f.read_text())["key"]["load"]["seed"] == 7 for f in (tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("idle_timeout, waits", [("120", True), ("0", False)])
+def test_each_run_waits_for_the_server_to_finish_what_a_stopped_run_left(fake_server, tiny_checkpoint, tmp_path,
+                                                                          idle_timeout, waits):
+    """A stopped run's requests stay on the server for a while (their steps finish): the next run starts only
+    once its /metrics show nothing in flight, so no request of it arrives while they do; with
+    --idle-timeout 0 the next run starts at once and some do."""
+    server = fake_server(token_delay_s=0.01, token_delay_per_in_flight_s=0.1, metrics=True, linger_s=0.5)
+    assert main(sweep_argv(server, tiny_checkpoint, tmp_path, "--idle-timeout", idle_timeout)) == 0
+    doc = json.loads((tmp_path / "result.json").read_text())
+    assert any("stopped" in [rec["error_kind"] for rec in r["records"]] for r in doc["runs"][:-1])
+    assert (max(server.behaviour.lingering_at_receipt) == 0) is waits
+
+
+def test_a_runs_unix_zero_is_its_clock_zero_however_slow_the_client_is_to_set_up(monkeypatch, fake_server,
+                                                                                tiny_checkpoint, tmp_path):
+    """Its records' times plus started_unix give Unix times that line up with the server's: a client that
+    takes a second to set up (an SSL context, a cold import) does not shift them by that second."""
+    import httpx
+
+    made = httpx.AsyncClient.__init__
+
+    def slow(self, *args, **kwargs):
+        time.sleep(1.0)
+        made(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "__init__", slow)
+    server = fake_server()
+    argv = ["--no-progress", "--url", server.url, "--tokenizer", str(tiny_checkpoint), "--num-requests", "2",
+            "--isl", "8", "--osl", "4", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (run_doc,) = json.loads((tmp_path / "result.json").read_text())["runs"]
+    for rec, seen in zip(run_doc["records"], server.behaviour.received_unix):
+        # Sent no later than seen (the clocks tick apart by microseconds), and not a setup's second before.
+        assert -0.5 < seen - (run_doc["started_unix"] + rec["sent_s"]) < 0.5
 
 
 def test_resume_without_an_output_folder_is_refused(capsys, fake_server, tiny_checkpoint):

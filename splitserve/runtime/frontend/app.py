@@ -48,7 +48,7 @@ from splitserve.runtime.frontend.openai_protocol import (
     Usage,
 )
 from splitserve.runtime.frontend.text_output import TextOutput
-from splitserve.runtime.process import prepare_to_serve
+from splitserve.runtime.process import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_server(
     """Serve until SIGINT or SIGTERM (over TLS when given a key and certificate). Shutdown stops accepting
     connections, lets running requests finish for up to graceful_timeout_s, then cancels the rest, which
     aborts their engine requests."""
-    prepare_to_serve()
+    freeze_startup_heap()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
                 ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
 
