@@ -40,12 +40,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.interference_report import estimate_s, headline, table
+from benchmarks.interference_report import attainment_by_gap, estimate_s, headline, table
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
+from splitserve.bench.run_store import run_path
 from splitserve.calibrate.table import Calibration
 from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, predict_goodput, winner
 from splitserve.runtime.config import DECODE_PREFILL_CHUNK
 from splitserve.workload.goodput import Bracket
+from splitserve.workload.record import RequestRecord
 from splitserve.workload.slo import SLO
 
 OUT = Path("results") / "interference"
@@ -166,6 +168,8 @@ def main() -> None:
               for w, by in measured.items()}
     seed_like = next((w for w, c in chosen.items() if c.seed_like), None)
     head = headline(rows, lowest, seed_like)
+    by_gap = {w: attainment_by_gap({d: kept_runs(out / w / d, chosen[w].rate_lo, args.trials) for d in by}, slo)
+              for w, by in measured.items()}
     doc = {
         **head,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "max_gap_s": slo.max_gap_s, "attainment": args.attainment},
@@ -179,6 +183,7 @@ def main() -> None:
         "predicted": predicted, "prediction_probes": prediction_probes,
         "measured": measured,
         "latency_at_rate_lo": lowest,
+        "attainment_by_gap_at_rate_lo": by_gap,
         "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
         "wall_s": time.time() - started, "quick": args.quick,
     }
@@ -191,6 +196,16 @@ def main() -> None:
     print(json.dumps({**head, "predicted_winners": {w: winner(p) for w, p in predicted.items()},
                       "measured_goodput": {w: {d: m["goodput"] for d, m in by.items()} for w, by in measured.items()},
                       "load_average": os.getloadavg(), "quick": args.quick}))
+
+
+def kept_runs(out: Path, rate: float, trials: int) -> list[list[RequestRecord]]:
+    """The records of the runs bench kept for `rate` under out/bench/runs (those that exist)."""
+    runs = []
+    for trial in range(trials):
+        path = run_path(out / "bench", rate, trial)
+        if path.is_file():
+            runs.append([RequestRecord(**r) for r in json.loads(path.read_text())["records"]])
+    return runs
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ measured-vs-predicted table and the headline numbers. No server, no clock."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from statistics import median
 from typing import Sequence
 
@@ -11,10 +12,13 @@ import numpy as np
 
 from splitserve.plan.local_deployments import SPLIT, winner, within_spread
 from splitserve.workload.record import RequestRecord
-from splitserve.workload.slo import itls, tpot, ttft, worst_gap
+from splitserve.workload.slo import SLO, attainment, itls, tpot, ttft, worst_gap
 
 COLOCATED_FAMILY = ("colocated", "replicas", "chunked")
 SERVER_START_S = 30.0  # one `serve` start with its warm-up request, loaded machine
+# Stall bounds the verdict is re-judged at (seconds of a request's worst gap between two tokens): from about
+# two batch-1 decode steps here to twice the default SLO's 0.5 s.
+GAP_BOUNDS = (0.15, 0.25, 0.5, 1.0)
 # A run's last requests finish about this long after the last arrival (~128 answer tokens at ~0.1-0.15 s a
 # token); the run's deadline allows more, but a run ends when its last request does.
 TAIL_S = 20.0
@@ -54,6 +58,16 @@ def latency_figures(runs: Sequence[Sequence[RequestRecord]], decode_step_s: floa
             if out.get(key) is not None:
                 out[key.replace("_s", "_steps")] = out[key] / decode_step_s
     return out
+
+
+def attainment_by_gap(runs: dict[str, Sequence[Sequence[RequestRecord]]], slo: SLO,
+                      bounds: Sequence[float] = GAP_BOUNDS) -> dict[str, dict[str, float]]:
+    """Per deployment, the median over its runs of the share of requests within `slo` with its stall bound
+    set to each of `bounds` (TTFT and TPOT kept): the same runs judged again, so a verdict that turns on
+    how long a stall the user tolerates shows where it turns."""
+    return {d: {f"{b:g}": median(attainment(records, replace(slo, max_gap_s=b)) for records in rs)
+                for b in bounds}
+            for d, rs in runs.items() if rs}
 
 
 def run_seconds(requests: int, rate: float, drain_s: float) -> float:

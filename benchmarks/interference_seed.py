@@ -5,7 +5,8 @@ The seed's load (prompts lognormal mean 1,024 sigma 0.4, 128-token answers, 16 r
 against each chosen deployment of `benchmarks.interference` (default 1P1D and colocated), --trials runs of their
 own seeds each. Per deployment: TTFT, TPOT, inter-token p99 and the worst gap per request, in seconds and in the
 run's own decode steps (median of the decode-only steps the workers logged), with what caused each request's
-worst gap (`benchmarks.interference_stall`). The goodput sweep measures at its bracket's rates; this is the one
+worst gap (`benchmarks.interference_stall`), and the share of requests within the SLO at stall bounds from
+0.15 to 1 s. The goodput sweep measures at its bracket's rates; this is the one
 rate the issue states its target at.
 
     python -m benchmarks.interference_seed [--deployments 1p1d,colocated] [--trials 3] [--rate 0.2] [--requests 16]
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.interference_measure import decode_step_s, serve_args, served
-from benchmarks.interference_report import latency_figures
+from benchmarks.interference_report import attainment_by_gap, latency_figures
 from benchmarks.interference_stall import stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench import BenchConfig, run_bench
@@ -80,7 +81,8 @@ def main() -> None:
         figures["worst_gap_all_runs_s"] = worst
         figures["worst_gap_all_runs_steps"] = worst / step if worst is not None and step else None
         stalls = stall_breakdown(runs, out / "steps", step)
-        doc["deployments"][d] = {"serve_args": serve_args(d, args.chunk), "latency": figures, "stalls": stalls}
+        doc["deployments"][d] = {"serve_args": serve_args(d, args.chunk), "latency": figures, "stalls": stalls,
+                                 "attainment_by_gap": attainment_by_gap({d: [run.records for run in runs]}, DEFAULT_SLO)[d]}
         print(f"[{d}] decode step {'n/a' if step is None else f'{step * 1e3:.0f} ms'}; worst gap per request p50 "
               f"{figures.get('worst_gap_p50_steps')} steps, largest {figures['worst_gap_all_runs_steps']} steps "
               f"({stalls['gap_batch_steps_max']} steps at its batch); spanning at most {stalls['steps_spanned_max']} "

@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.interference_measure import serve_args
 from benchmarks.interference_report import (
+    attainment_by_gap,
     estimate_s,
     headline,
     latency_figures,
@@ -100,6 +101,17 @@ def test_latency_figures_are_medians_over_runs_with_their_spread_and_gaps_in_dec
     assert f["worst_gap_max_s_spread"] == pytest.approx([0.1, 1.0])
     assert f["worst_gap_max_steps"] == pytest.approx(5.5)
     assert f["ttft_p50_s"] == pytest.approx((1.5 + 3.0) / 2)
+
+
+def test_the_same_runs_are_judged_again_at_each_stall_bound():
+    smooth = _record(0, [1.0, 1.1, 1.2, 1.3])  # worst gap 0.1 s
+    stalled = _record(1, [1.0, 1.1, 1.7, 1.8])  # worst gap 0.6 s
+    slow = _record(2, [9.0, 9.1])  # first token past the 8 s TTFT: fails at any stall bound
+    runs = {"1p1d": [[smooth, smooth, slow]], "colocated": [[smooth, stalled, slow], [smooth, stalled, smooth]]}
+    got = attainment_by_gap(runs, SLO(ttft_s=8.0, max_gap_s=0.5), bounds=(0.15, 1.0))
+    assert got["1p1d"] == {"0.15": pytest.approx(2 / 3), "1": pytest.approx(2 / 3)}
+    # colocated: runs at 0.15 s give 1/3 and 2/3 (median 0.5); at 1 s, 2/3 and 1.
+    assert got["colocated"] == {"0.15": pytest.approx(0.5), "1": pytest.approx(5 / 6)}
 
 
 def test_the_estimate_counts_every_run_of_every_sweep():
