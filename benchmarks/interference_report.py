@@ -70,6 +70,18 @@ def attainment_by_gap(runs: dict[str, Sequence[Sequence[RequestRecord]]], slo: S
             for d, rs in runs.items() if rs}
 
 
+def goodput_rejudged(runs_by_rate: dict[float, Sequence[Sequence[RequestRecord]]], slo: SLO,
+                     target: float) -> tuple[float, float | None]:
+    """A sweep's kept runs judged at another SLO: (highest probed rate passed below the lowest failed one, or 0;
+    that lowest failed rate, or None). Exact only at an SLO at least as strict as the sweep's own: a run it
+    stopped early was certain to fail that, so it fails any stricter one too; at a looser SLO it would
+    not be."""
+    passed = {rate: median(attainment(r, slo) for r in runs) >= target for rate, runs in runs_by_rate.items() if runs}
+    failed = min((rate for rate, ok in passed.items() if not ok), default=None)
+    lower = max((rate for rate, ok in passed.items() if ok and (failed is None or rate < failed)), default=0.0)
+    return lower, failed
+
+
 def run_seconds(requests: int, rate: float, drain_s: float) -> float:
     """How long one run of `requests` at `rate` lasts: the arrivals, then the last requests draining."""
     return requests / rate + drain_s

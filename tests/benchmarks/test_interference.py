@@ -14,6 +14,7 @@ from benchmarks.interference_measure import serve_args
 from benchmarks.interference_report import (
     attainment_by_gap,
     estimate_s,
+    goodput_rejudged,
     headline,
     latency_figures,
     planned_rates,
@@ -112,6 +113,17 @@ def test_the_same_runs_are_judged_again_at_each_stall_bound():
     assert got["1p1d"] == {"0.15": pytest.approx(2 / 3), "1": pytest.approx(2 / 3)}
     # colocated: runs at 0.15 s give 1/3 and 2/3 (median 0.5); at 1 s, 2/3 and 1.
     assert got["colocated"] == {"0.15": pytest.approx(0.5), "1": pytest.approx(5 / 6)}
+
+
+def test_a_sweeps_runs_judged_at_a_stricter_stall_bound_give_its_goodput_there():
+    smooth = _record(0, [1.0, 1.1, 1.2, 1.3])  # worst gap 0.1 s
+    stalled = _record(1, [1.0, 1.1, 1.5, 1.6])  # worst gap 0.4 s: within 0.5 s, not within 0.25 s
+    late = _record(2, [9.0, 9.1])  # past the 8 s TTFT
+    runs = {0.2: [[smooth, smooth]] * 3, 1.0: [[smooth, stalled]] * 3, 2.0: [[late, stalled]] * 3}
+    assert goodput_rejudged(runs, SLO(ttft_s=8.0, max_gap_s=0.5), 0.9) == (1.0, 2.0)
+    assert goodput_rejudged(runs, SLO(ttft_s=8.0, max_gap_s=0.25), 0.9) == (0.2, 1.0)
+    assert goodput_rejudged({0.2: [[late]]}, SLO(ttft_s=8.0), 0.9) == (0.0, 0.2)
+    assert goodput_rejudged({0.2: [[smooth]], 1.0: [[smooth]]}, SLO(ttft_s=8.0), 0.9) == (1.0, None)
 
 
 def test_the_estimate_counts_every_run_of_every_sweep():
