@@ -141,15 +141,19 @@ def main() -> None:
                       calibration(args.calibration_2t, 2, args.quick_calibration),
                       loopback_bandwidth(), chunk=args.chunk, decode_prefill_chunk=DECODE_PREFILL_CHUNK)
     predicted: dict[str, dict[str, float]] = {}
+    predicted_tight: dict[str, dict[str, float]] = {}
     prediction_probes: dict[str, dict[str, list]] = {}
+    tight = SLO(slo.ttft_s, slo.tpot_s, TIGHT_GAP_S)
     for w, case in chosen.items():
-        predicted[w], prediction_probes[w] = {}, {}
+        predicted[w], predicted_tight[w], prediction_probes[w] = {}, {}, {}
         for d in deployments:
             g = predict_goodput(machine, d, lambda rate, trial: case.requests(rate, trial).requests, slo,
                                 bracket(case, args.parts), args.trials, args.attainment)
             predicted[w][d] = g.lower
             prediction_probes[w][d] = [{"rate": p.rate, "median": p.median} for p in g.probes]
-        print(f"[{w}] predicted goodput (req/s): {predicted[w]}; predicted winner "
+            predicted_tight[w][d] = predict_goodput(machine, d, lambda rate, trial: case.requests(rate, trial).requests,
+                                                    tight, bracket(case, args.parts), args.trials, args.attainment).lower
+        print(f"[{w}] predicted goodput (req/s): {predicted[w]}; at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; predicted winner "
               f"{winner(predicted[w]) if any(predicted[w].values()) else 'none (no deployment passed the lowest rate)'}",
               file=sys.stderr)
 
@@ -173,11 +177,11 @@ def main() -> None:
     head = headline(rows, lowest, seed_like)
     by_gap = {w: attainment_by_gap({d: kept_runs(out / w / d, chosen[w].rate_lo, args.trials) for d in by}, slo)
               for w, by in measured.items()}
-    tight = SLO(slo.ttft_s, slo.tpot_s, TIGHT_GAP_S)
     tight_goodput = {w: {d: goodput_rejudged({p["rate"]: kept_runs(out / w / d, p["rate"], args.trials) for p in m["probes"]},
                                              tight, args.attainment)
                          for d, m in by.items()}
                      for w, by in measured.items()}
+    tight_rows = table(tight_goodput, predicted_tight)
     doc = {
         **head,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "max_gap_s": slo.max_gap_s, "attainment": args.attainment},
@@ -193,8 +197,8 @@ def main() -> None:
         "latency_at_rate_lo": lowest,
         "attainment_by_gap_at_rate_lo": by_gap,
         # Each sweep's own runs judged at the stricter stall bound: (highest probed rate passed, lowest failed).
-        "goodput_at_tight_stall": {"max_gap_s": TIGHT_GAP_S, "goodput": tight_goodput,
-                                   "winner": {w: winner({d: lo for d, (lo, _) in g.items()}) for w, g in tight_goodput.items()}},
+        "goodput_at_tight_stall": {"max_gap_s": TIGHT_GAP_S, "table": tight_rows,
+                                   "planner_winner_agreement": headline(tight_rows, {}, None)["planner_winner_agreement"]},
         "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
         "wall_s": time.time() - started, "quick": args.quick,
     }
@@ -204,7 +208,8 @@ def main() -> None:
         from benchmarks.interference_plot import plot
 
         plot(doc, out.parent / "interference.png")
-    print(json.dumps({**head, "predicted_winners": {w: winner(p) for w, p in predicted.items()},
+    print(json.dumps({**head, "planner_winner_agreement_tight_stall": doc["goodput_at_tight_stall"]["planner_winner_agreement"],
+                      "predicted_winners": {w: winner(p) for w, p in predicted.items()},
                       "measured_goodput": {w: {d: m["goodput"] for d, m in by.items()} for w, by in measured.items()},
                       "load_average": os.getloadavg(), "quick": args.quick}))
 
