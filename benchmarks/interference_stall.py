@@ -17,11 +17,12 @@ median decode-only step at the batch size the worker ran during the gap. A batch
 steps on one core, so one such step is a gap of ~2.5 median steps but of one step at its batch: the second
 unit says whether anything held the token beyond the step that made it.
 
-And each gap counts the decode steps it spans (that ran, even in part, within it). An ordinary gap spans
-one, the step that made the later token. The hand-off from the prefill worker spans two at best: the decode
-worker's step in flight when the first token reached the client, and the step that made the second token
-(which cannot start earlier: a step does not take new requests once it runs). A third means the request sat
-a whole step out, e.g. its KV or its first token reached the decode engine after the step began.
+And each gap counts the decode steps that ended within it. An ordinary gap has one, the step that made the
+later token (the next step has begun, but not ended, when that token reaches the client). The hand-off from
+the prefill worker has two at best: the decode worker's step in flight when the first token reached the
+client, and the step that made the second token (which cannot start earlier: a step does not take new
+requests once it runs). A third means the request sat a whole step out, e.g. its KV reached the decode
+engine after the step began.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def classify(window: tuple[float, float], steps: Sequence[Step]) -> tuple[str, d
     busy = sum(overlap)
     length = hi - lo
     longest = max(range(len(inside)), key=lambda i: overlap[i], default=None)
-    figures = {"gap_s": length, "steps": len(inside), "busy_s": busy,
+    figures = {"gap_s": length, "steps": len(inside), "steps_ended": sum(lo < t + s <= hi for t, s, _, _ in inside),
+               "busy_s": busy,
                "longest_step_s": inside[longest][1] if longest is not None else 0.0,
                "prompt_tokens": inside[longest][2] if longest is not None else 0,
                "batch": inside[longest][3] if longest is not None else 0}
@@ -83,8 +85,8 @@ def classify(window: tuple[float, float], steps: Sequence[Step]) -> tuple[str, d
 
 def stall_breakdown(runs: Sequence[Run], step_dir: Path, decode_step_s: float | None) -> dict:
     """Per cause: how many requests' worst gaps it explains, and those gaps' median and largest size in
-    decode steps (the run's median step, and the step at the gap's batch size); the most steps any worst gap
-    spanned, and how many spanned more than two; with the five worst gaps' figures."""
+    decode steps (the run's median step, and the step at the gap's batch size); the most decode steps that
+    ended within any worst gap, and how many worst gaps had more than two; with the five worst gaps' figures."""
     steps = decode_steps(step_dir)
     at_batch = step_by_batch(steps)
     unit = decode_step_s or float("nan")
@@ -113,8 +115,8 @@ def stall_breakdown(runs: Sequence[Run], step_dir: Path, decode_step_s: float | 
                        "gap_batch_steps_max": max((f["gap_batch_steps"] for f in g), default=None)}
                    for c, g in by_cause.items()},
         "gap_batch_steps_max": max((f["gap_batch_steps"] for _, f in found), default=None),
-        "steps_spanned_max": max((f["steps"] for _, f in found), default=None),
-        "requests_spanning_over_2_steps": sum(f["steps"] > 2 for _, f in found),
+        "steps_ended_max": max((f["steps_ended"] for _, f in found), default=None),
+        "requests_over_2_steps": sum(f["steps_ended"] > 2 for _, f in found),
         "step_s_by_batch": {str(b): v for b, v in sorted(at_batch.items())},
         "most_common": Counter(c for c, _ in found).most_common(1)[0][0] if found else None,
         "worst": [{"cause": c, **f} for c, f in worst],

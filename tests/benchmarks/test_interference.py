@@ -202,7 +202,7 @@ def test_the_stall_breakdown_lines_the_client_up_with_the_step_log(tmp_path):
 
 def test_a_gap_of_one_big_batch_step_is_one_step_at_its_batch(tmp_path):
     """Batch-1 steps of 0.1 s, then batch-4 steps of 0.25 s: a 0.25 s gap is 2.5 median steps but one step of
-    the batch that made it, and a 0.5 s gap there (a token skipped a step) is two; each spans as many steps."""
+    the batch that made it, and a 0.5 s gap there (a token skipped a step) is two; as many steps end within each."""
     t0 = 1_800_000_000.0
     steps = ([(t0 + 0.1 * k, 0.1, [[1, 100 + k, 1]]) for k in range(20)]
              + [(t0 + 2.0 + 0.25 * k, 0.25, [[1, 200 + k, 1]] * 4) for k in range(6)])
@@ -216,10 +216,13 @@ def test_a_gap_of_one_big_batch_step_is_one_step_at_its_batch(tmp_path):
     # steps later: it sat one whole step out.
     late = RequestRecord(2, 0.0, 100, 8, sent_s=1.9, first_token_s=2.35, token_times_s=[2.35, 3.0],
                          end_s=3.0, completion_tokens=2, status=200)
-    for rec, batch_steps, spanned in ((smooth, 1.0, 1), (skipped, 2.0, 2), (late, 2.6, 3)):
+    # Tokens reach the client 2 ms after their step ends, when the next step has already begun: still one.
+    delivered = RequestRecord(3, 0.0, 100, 8, sent_s=1.9, first_token_s=2.252, token_times_s=[2.252, 2.502, 2.752],
+                              end_s=2.752, completion_tokens=3, status=200)
+    for rec, batch_steps, spanned in ((smooth, 1.0, 1), (skipped, 2.0, 2), (late, 2.6, 3), (delivered, 1.0, 1)):
         run = Run(0.1, 0, None, [rec], summarize([rec]), started_unix=t0)
         got = stall_breakdown([run], tmp_path, 0.1)
         assert got["step_s_by_batch"] == {"1": pytest.approx(0.1), "4": pytest.approx(0.25)}
         assert got["worst"][0]["gap_steps"] == pytest.approx(batch_steps * 2.5)
         assert got["gap_batch_steps_max"] == pytest.approx(batch_steps)
-        assert got["steps_spanned_max"] == spanned and got["requests_spanning_over_2_steps"] == (spanned > 2)
+        assert got["steps_ended_max"] == spanned and got["requests_over_2_steps"] == (spanned > 2)
