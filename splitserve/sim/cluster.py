@@ -44,7 +44,6 @@ from splitserve.workload.slo import SLO, meets_slo, misses_allowed
 
 _ARRIVE, _STEP, _XFER, _DEADLINE = 0, 1, 2, 3
 _NO_EOS: frozenset[int] = frozenset()  # simulated requests run with ignore_eos
-_ONE_TOKEN = Tokens((SAMPLED_TOKEN,))  # a decode step's output: one token, not finished
 _PAST = 1 + 1e-9  # a deadline event falls just past its target, so that float rounding does not hide the miss
 
 
@@ -292,15 +291,20 @@ class ClusterSim:
         out = w.out
         w.busy, w.out = False, None
         self.policy.observe_step(w, out, w.step_seconds, now)
+        # The two loops below run for every sequence of every step: the simulator's hot path.
+        seqs = out.seqs
         sampled = {}
-        for s in out.seqs:
+        tokens = 0
+        for s in seqs:
             if s.sample:
                 sampled[s.request.request_id] = SAMPLED_TOKEN
-            w.tokens += s.num_new_tokens
+            tokens += s.num_new_tokens
+        w.tokens += tokens
         finished = w.sched.update(out, sampled)
         reqs = self.reqs
-        decode = w.role == "decode"
-        for s in out.seqs:
+        prefill = w.role == "prefill"
+        token_times = self.token_times and not prefill
+        for s in seqs:
             if not s.sample:
                 continue
             sr = reqs[s.request.request_id]
@@ -314,15 +318,13 @@ class ClusterSim:
                     self._fail(sr)
                 elif sr.judged and self.max_fail is not None and self.slo.tpot_s is not None and sr.spec.output_len > 1:
                     self._push(now + self.slo.tpot_s * (sr.spec.output_len - 1) * _PAST, _DEADLINE, sr)
-            elif sr.second is None and w.role != "prefill":
+            elif sr.second is None and not prefill:
                 sr.second = now
-            if self.token_times and w.role != "prefill":
+            if token_times:
                 rec.token_times_s.append(now)
-            if decode and sr.split is not None and not s.request.status.finished:
-                sr.split.handle(_ONE_TOKEN, now)  # emitted: nothing to carry out
         for req in finished:
             sr = reqs[req.request_id]
-            if w.role == "prefill":
+            if prefill:
                 if self.token_times:
                     sr.record.token_times_s.append(now)
                 first = FirstToken(SAMPLED_TOKEN, req.num_cached_tokens, req.first_scheduled_time - req.arrival_time,
@@ -331,7 +333,12 @@ class ClusterSim:
                 self._start_transfer(w, sr, now)
             else:
                 if sr.split is not None:
-                    self._do(sr, sr.split.handle(Tokens((SAMPLED_TOKEN,), req.status.value), now), now)
+                    # D's tokens reach the split request in one event at the end, as a stream may deliver
+                    # several in one chunk: every token but the first (P's) that D's scheduler appended. One
+                    # event per token would only grow `emitted` token by token (no action), at a Tokens
+                    # event, a handler and an Emit per sequence per step.
+                    produced = (SAMPLED_TOKEN,) * (len(req.output_token_ids) - 1)
+                    self._do(sr, sr.split.handle(Tokens(produced, req.status.value), now), now)
                 else:
                     self._finish(sr, len(req.output_token_ids), req.num_cached_tokens, now)
         if w.role == "decode" and w.pending:
