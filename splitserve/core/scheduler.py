@@ -216,8 +216,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         prefill = self._prefill_budget()
         # This loop runs for every running sequence of every step (the simulator's hot path): locals, and
-        # the request's token count and the ScheduledSeq inlined rather than a property and a method call.
-        running, allocate, seqs = self._running, self.kv.allocate, out.seqs
+        # the request's token count, the ScheduledSeq and the blocks' room (`KVCacheManager.allocate`'s own
+        # first test) inlined rather than properties and method calls.
+        running, seqs, block_size = self._running, out.seqs, self.pool.block_size
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -232,21 +233,26 @@ class Scheduler:
                     i += 1
                     continue
                 prefill -= num_new
-            while not allocate(req, num_new):  # without prefix hits: leaves num_computed_tokens as it was
-                victim = running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
-                seqs.append(ScheduledSeq(req, start, num_new, start + num_new == total))
-                budget -= num_new
-                i += 1
-                continue
-            break
+            if start + num_new > len(req.block_ids) * block_size and not self._make_room(req, num_new, out):
+                break
+            seqs.append(ScheduledSeq(req, start, num_new, start + num_new == total))
+            budget -= num_new
+            i += 1
         if not out.preempted:
             budget = self._admit(out, budget, now, prefill)
         return out
+
+    def _make_room(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Blocks for `num_new` more tokens of running `req`, preempting the newest running requests until
+        they fit. False if `req` itself was preempted. (Without prefix hits `allocate` leaves the request's
+        computed tokens as they were.)"""
+        while not self.kv.allocate(req, num_new):
+            victim = self._running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may compute: capped while a request decodes (or one is ready to),
@@ -262,14 +268,19 @@ class Scheduler:
         Returns the requests that finished with this step (their blocks are already freed)."""
         finished = []
         # Every sequence of every step passes here: locals, and the finished test, token append and stop
-        # test without the Request's property and method calls around them.
-        publish, max_len = self.kv.publish, self.config.max_model_len
+        # test without the Request's property and method calls around them. `publish` is called only when
+        # the step completes a block: it has published every full block by the end of each call (a request's
+        # computed tokens change only here, at a prefix hit that publishes the hit blocks, on arrival of its
+        # KV, which publishes, or at preemption, to 0), so without a new full block it would do nothing.
+        publish, max_len, block_size = self.kv.publish, self.config.max_model_len, self.pool.block_size
         for s in out.seqs:
             req = s.request
             if req.status in FINISHED:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += s.num_new_tokens
-            publish(req)
+            before = req.num_computed_tokens
+            req.num_computed_tokens = before + s.num_new_tokens
+            if req.num_computed_tokens // block_size != before // block_size:
+                publish(req)
             if not s.sample:
                 continue
             output = req.output_token_ids
