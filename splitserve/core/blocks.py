@@ -53,7 +53,9 @@ def _chain(parent_hash: int, block_bytes: bytes) -> int:
     return int.from_bytes(digest, "little") or 1  # 0 is reserved for "no parent"
 
 
-@dataclass(frozen=True)
+# Slotted, not frozen: one is built per block cached or evicted (four per prompt block in a disaggregated
+# simulation), and a frozen dataclass sets each field through object.__setattr__, 3x the cost to build.
+@dataclass(slots=True)
 class KVEvent:
     seq: int
     kind: Literal["stored", "removed"]
