@@ -44,6 +44,7 @@ from splitserve.workload.slo import SLO, meets_slo, misses_allowed
 
 _ARRIVE, _STEP, _XFER, _DEADLINE = 0, 1, 2, 3
 _NO_EOS: frozenset[int] = frozenset()  # simulated requests run with ignore_eos
+_ONE_TOKEN = Tokens((SAMPLED_TOKEN,))  # a decode step's output: one token, not finished
 _PAST = 1 + 1e-9  # a deadline event falls just past its target, so that float rounding does not hide the miss
 
 
@@ -302,7 +303,7 @@ class ClusterSim:
         w.tokens += tokens
         finished = w.sched.update(out, sampled)
         reqs = self.reqs
-        prefill = w.role == "prefill"
+        prefill, decode = w.role == "prefill", w.role == "decode"
         token_times = self.token_times and not prefill
         for s in seqs:
             if not s.sample:
@@ -322,6 +323,8 @@ class ClusterSim:
                 sr.second = now
             if token_times:
                 rec.token_times_s.append(now)
+            if decode and sr.split is not None and not s.request.status.finished:
+                sr.split.handle(_ONE_TOKEN, now)  # emitted: nothing to carry out
         for req in finished:
             sr = reqs[req.request_id]
             if prefill:
@@ -333,12 +336,7 @@ class ClusterSim:
                 self._start_transfer(w, sr, now)
             else:
                 if sr.split is not None:
-                    # D's tokens reach the split request in one event at the end, as a stream may deliver
-                    # several in one chunk: every token but the first (P's) that D's scheduler appended. One
-                    # event per token would only grow `emitted` token by token (no action), at a Tokens
-                    # event, a handler and an Emit per sequence per step.
-                    produced = (SAMPLED_TOKEN,) * (len(req.output_token_ids) - 1)
-                    self._do(sr, sr.split.handle(Tokens(produced, req.status.value), now), now)
+                    self._do(sr, sr.split.handle(Tokens((SAMPLED_TOKEN,), req.status.value), now), now)
                 else:
                     self._finish(sr, len(req.output_token_ids), req.num_cached_tokens, now)
         if w.role == "decode" and w.pending:
