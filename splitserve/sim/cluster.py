@@ -13,10 +13,11 @@ not already cache; pipelined layer by layer or not) while P keeps the blocks; wh
 `release_held`s them and D gets `kv_arrived`. No worker fails in simulation, so the state machine's
 failure actions never arise here.
 
-Cost: about 5-10 us of CPU time per sequence per step plus a few per prompt block (the scheduler and block
-pool are pure Python), i.e. roughly (output tokens + prompt blocks) x requests: 10,000 requests of 1k-token
-prompts and 64-token outputs take about 8 s of CPU time; long outputs and long prompts cost proportionally
-more (the planner raises the block size for long prompts).
+Cost: about 2.5-3 us of CPU time per sequence per step plus about 5 per prompt block (its hashes, KV events
+and their replay in the router's index; the scheduler and block pool are pure Python), i.e. roughly (output
+tokens + 2 x prompt blocks) x requests: 10,000 requests of 1k-token prompts and 64-token outputs on two
+colocated workers take about 5 s of CPU time (8.6 s before the hot loops were trimmed); long outputs and long
+prompts cost proportionally more (the planner raises the block size for long prompts).
 """
 
 from __future__ import annotations
