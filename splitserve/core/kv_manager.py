@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitserve.core.blocks import NO_PARENT, BlockPool, hash_blocks
+from splitserve.core.blocks import NO_PARENT, BlockPool, extend_hashes
 from splitserve.core.request import Request
 
 
@@ -65,5 +65,7 @@ class KVCacheManager:
         self._num_published.pop(req.request_id, None)
 
     def _update_hashes(self, req: Request) -> None:
-        if len(req.block_hashes) < req.num_tokens // self.block_size:
-            req.block_hashes = hash_blocks(req.all_token_ids, self.block_size, req.block_hashes)
+        known, n = len(req.block_hashes), req.num_tokens
+        if known < n // self.block_size:
+            tail = req.token_slice(known * self.block_size, n)
+            req.block_hashes = extend_hashes(req.block_hashes, tail, self.block_size)

@@ -26,7 +26,11 @@ def prefill_tokens(out: SchedulerOutput) -> int:
     """Prompt tokens a step computes: any sequence computing several tokens (a prompt, a chunk of one, a
     recompute) or any part of its prompt (a one-token prompt, a prompt's last one-token chunk). A decode
     step computes none."""
-    return sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1 or s.start_pos < s.request.num_prompt_tokens)
+    tokens = 0
+    for s in out.seqs:  # a loop, not sum() over a generator: this runs for every sequence of every step
+        if s.num_new_tokens > 1 or s.start_pos < len(s.request.prompt_token_ids):
+            tokens += s.num_new_tokens
+    return tokens
 
 
 def running(load: SchedulerLoad) -> int:

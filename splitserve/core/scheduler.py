@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from splitserve.core.blocks import BlockPool
 from splitserve.core.kv_manager import KVCacheManager
-from splitserve.core.request import Request, RequestStatus
+from splitserve.core.request import FINISHED, Request, RequestStatus, stop_reason
 
 
 class QueueFull(Exception):
@@ -51,7 +51,7 @@ class SchedulerConfig:
             object.__setattr__(self, "max_num_batched_tokens", self.max_model_len)
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence per step: slots make it cheaper to build and read
 class ScheduledSeq:
     request: Request
     start_pos: int  # tokens already in the cache
@@ -126,11 +126,13 @@ class Scheduler:
         queued = sum(r.num_tokens - max(r.num_computed_tokens, len(self.kv.prefix_hit(r)) * bs) for r in self._waiting)
         context = owed = 0
         for r in self._running:
-            n = r.num_tokens
+            out_len = len(r.output_token_ids)
+            n = len(r.prompt_token_ids) + out_len  # r.num_tokens, without the property's call
             context += n
             if n - r.num_computed_tokens > 1:  # a prompt partly prefilled (chunked)
                 queued += n - r.num_computed_tokens
-            owed = max(owed, r.params.max_tokens - len(r.output_token_ids))
+            if r.params.max_tokens - out_len > owed:
+                owed = r.params.max_tokens - out_len
         return SchedulerLoad(
             waiting=len(self._waiting), running=len(self._running), ready=len(self._ready),
             reserved=self._num_reserved, held=len(self._held), queued_prefill_tokens=queued,
@@ -213,31 +215,44 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         prefill = self._prefill_budget()
+        # This loop runs for every running sequence of every step (the simulator's hot path): locals, and
+        # the request's token count, the ScheduledSeq and the blocks' room (`KVCacheManager.allocate`'s own
+        # first test) inlined rather than properties and method calls.
+        running, seqs, block_size = self._running, out.seqs, self.pool.block_size
         i = 0
-        while i < len(self._running) and budget > 0:
-            req = self._running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            total = len(req.prompt_token_ids) + len(req.output_token_ids)
+            start = req.num_computed_tokens
+            num_new = total - start
+            if num_new > budget:
+                num_new = budget
             if num_new > 1:  # a prompt's chunk: within the prefill budget of a step that decodes
                 num_new = min(num_new, prefill)
                 if num_new == 0:
                     i += 1
                     continue
                 prefill -= num_new
-            while not self.kv.allocate(req, num_new):
-                victim = self._running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
-                out.seqs.append(self._scheduled(req, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break
+            if start + num_new > len(req.block_ids) * block_size and not self._make_room(req, num_new, out):
+                break
+            seqs.append(ScheduledSeq(req, start, num_new, start + num_new == total))
+            budget -= num_new
+            i += 1
         if not out.preempted:
             budget = self._admit(out, budget, now, prefill)
         return out
+
+    def _make_room(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Blocks for `num_new` more tokens of running `req`, preempting the newest running requests until
+        they fit. False if `req` itself was preempted. (Without prefix hits `allocate` leaves the request's
+        computed tokens as they were.)"""
+        while not self.kv.allocate(req, num_new):
+            victim = self._running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may compute: capped while a request decodes (or one is ready to),
@@ -252,16 +267,25 @@ class Scheduler:
         """Record a computed step: advance progress, publish full blocks, append sampled tokens.
         Returns the requests that finished with this step (their blocks are already freed)."""
         finished = []
+        # Every sequence of every step passes here: locals, and the finished test, token append and stop
+        # test without the Request's property and method calls around them. `publish` is called only when
+        # the step completes a block: it has published every full block by the end of each call (a request's
+        # computed tokens change only here, at a prefix hit that publishes the hit blocks, on arrival of its
+        # KV, which publishes, or at preemption, to 0), so without a new full block it would do nothing.
+        publish, max_len, block_size = self.kv.publish, self.config.max_model_len, self.pool.block_size
         for s in out.seqs:
             req = s.request
-            if req.finished:  # aborted while the step ran
+            if req.status in FINISHED:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += s.num_new_tokens
-            self.kv.publish(req)
+            before = req.num_computed_tokens
+            req.num_computed_tokens = before + s.num_new_tokens
+            if req.num_computed_tokens // block_size != before // block_size:
+                publish(req)
             if not s.sample:
                 continue
-            req.append_token(sampled[req.request_id])
-            reason = req.stop_reason(self.config.max_model_len)
+            output = req.output_token_ids
+            output.append(sampled[req.request_id])
+            reason = stop_reason(output, req.params, req.eos_token_ids, len(req.prompt_token_ids) + len(output), max_len)
             if reason is not None:
                 self._running.remove(req)
                 self._finish(req, reason)

@@ -13,10 +13,11 @@ not already cache; pipelined layer by layer or not) while P keeps the blocks; wh
 `release_held`s them and D gets `kv_arrived`. No worker fails in simulation, so the state machine's
 failure actions never arise here.
 
-Cost: about 5-10 us of CPU time per sequence per step plus a few per prompt block (the scheduler and block
-pool are pure Python), i.e. roughly (output tokens + prompt blocks) x requests: 10,000 requests of 1k-token
-prompts and 64-token outputs take about 8 s of CPU time; long outputs and long prompts cost proportionally
-more (the planner raises the block size for long prompts).
+Cost: about 2.5-3 us of CPU time per sequence per step plus about 5 per prompt block (its hashes, KV events
+and their replay in the router's index; the scheduler and block pool are pure Python), i.e. roughly (output
+tokens + 2 x prompt blocks) x requests: 10,000 requests of 1k-token prompts and 64-token outputs on two
+colocated workers take about 5 s of CPU time (8.6 s before the hot loops were trimmed); long outputs and long
+prompts cost proportionally more (the planner raises the block size for long prompts).
 """
 
 from __future__ import annotations
@@ -292,15 +293,20 @@ class ClusterSim:
         out = w.out
         w.busy, w.out = False, None
         self.policy.observe_step(w, out, w.step_seconds, now)
+        # The two loops below run for every sequence of every step: the simulator's hot path.
+        seqs = out.seqs
         sampled = {}
-        for s in out.seqs:
+        tokens = 0
+        for s in seqs:
             if s.sample:
                 sampled[s.request.request_id] = SAMPLED_TOKEN
-            w.tokens += s.num_new_tokens
+            tokens += s.num_new_tokens
+        w.tokens += tokens
         finished = w.sched.update(out, sampled)
         reqs = self.reqs
-        decode = w.role == "decode"
-        for s in out.seqs:
+        prefill, decode = w.role == "prefill", w.role == "decode"
+        token_times = self.token_times and not prefill
+        for s in seqs:
             if not s.sample:
                 continue
             sr = reqs[s.request.request_id]
@@ -314,15 +320,15 @@ class ClusterSim:
                     self._fail(sr)
                 elif sr.judged and self.max_fail is not None and self.slo.tpot_s is not None and sr.spec.output_len > 1:
                     self._push(now + self.slo.tpot_s * (sr.spec.output_len - 1) * _PAST, _DEADLINE, sr)
-            elif sr.second is None and w.role != "prefill":
+            elif sr.second is None and not prefill:
                 sr.second = now
-            if self.token_times and w.role != "prefill":
+            if token_times:
                 rec.token_times_s.append(now)
             if decode and sr.split is not None and not s.request.status.finished:
                 sr.split.handle(_ONE_TOKEN, now)  # emitted: nothing to carry out
         for req in finished:
             sr = reqs[req.request_id]
-            if w.role == "prefill":
+            if prefill:
                 if self.token_times:
                     sr.record.token_times_s.append(now)
                 first = FirstToken(SAMPLED_TOKEN, req.num_cached_tokens, req.first_scheduled_time - req.arrival_time,

@@ -32,17 +32,19 @@ def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[
     bt, ids = spec.block_tokens, spec.prefix_blocks
     shared = min(len(ids) * bt, spec.input_len)
     hashes, parent = [], 0
-    for j in range(spec.input_len // block_size):
+    blocks = spec.input_len // block_size
+    common = min(blocks, shared // block_size)  # block j lies within the shared tokens iff j < shared // block_size
+    for j in range(common):
         lo, hi = j * block_size, (j + 1) * block_size
-        if hi <= shared:
-            k0, k1 = lo // bt, (hi - 1) // bt
-            if k0 == k1:
-                key: tuple = (ids[k0], lo - k0 * bt)
-            else:
-                key = tuple((ids[k], max(lo, k * bt) - k * bt, min(hi, (k + 1) * bt) - k * bt) for k in range(k0, k1 + 1))
+        k0, k1 = lo // bt, (hi - 1) // bt
+        if k0 == k1:
+            key: tuple = (ids[k0], lo - k0 * bt)
         else:
-            key = (-1, index, j)
+            key = tuple((ids[k], max(lo, k * bt) - k * bt, min(hi, (k + 1) * bt) - k * bt) for k in range(k0, k1 + 1))
         parent = (hash((parent, key)) & _MASK63) or 1
+        hashes.append(parent)
+    for j in range(common, blocks):  # the request's own blocks (most of a synthetic prompt's)
+        parent = (hash((parent, (-1, index, j))) & _MASK63) or 1
         hashes.append(parent)
     return hashes
 
@@ -50,14 +52,13 @@ def prompt_block_hashes(spec: RequestSpec, index: int, block_size: int) -> list[
 class SimRequest:
     """One workload request as it moves through the cluster; `record` is bench's record of it."""
 
-    __slots__ = ("index", "spec", "id", "prompt", "hashes", "record", "req", "split", "prefill_start", "second", "failed",
-                 "judged")
+    __slots__ = ("index", "spec", "id", "block_size", "_prompt", "_hashes", "record", "req", "split", "prefill_start",
+                 "second", "failed", "judged")
 
     def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
-        self.index, self.spec, self.id = index, spec, str(index)
-        # The token values only matter for partial blocks (decode extends the chain from `hashes`).
-        self.prompt = [1000 + index % 50000] * spec.input_len
-        self.hashes = prompt_block_hashes(spec, index, block_size)
+        self.index, self.spec, self.id, self.block_size = index, spec, str(index), block_size
+        self._prompt: list[int] | None = None
+        self._hashes: list[int] | None = None
         self.record = RequestRecord(index, spec.arrival_s, spec.input_len, spec.output_len, sent_s=spec.arrival_s,
                                     prompt_tokens=spec.input_len, status=200)
         self.req: Request | None = None  # the request that decodes (colocated: the only one)
@@ -66,6 +67,22 @@ class SimRequest:
         self.second: float | None = None  # the second token (the first decode step after the KV is complete)
         self.failed = False
         self.judged = False  # its misses count towards stopping the run (`ClusterSim.run`'s `judged`)
+
+    # The prompt and its hashes are built when the request arrives, not with the run: a probe stopped early
+    # never reaches its later requests (long prompts: 16k-token lists and 128 hashes each).
+
+    @property
+    def prompt(self) -> list[int]:
+        """Token values only matter for partial blocks (decode extends the chain from `hashes`)."""
+        if self._prompt is None:
+            self._prompt = [1000 + self.index % 50000] * self.spec.input_len
+        return self._prompt
+
+    @property
+    def hashes(self) -> list[int]:
+        if self._hashes is None:
+            self._hashes = prompt_block_hashes(self.spec, self.index, self.block_size)
+        return self._hashes
 
     @property
     def kv_ready(self) -> float | None:
