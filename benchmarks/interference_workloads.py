@@ -89,7 +89,9 @@ def mixed_trace(path: Path, n: int = 400, seed: int = 0, short: int = 64, long: 
 
 def cases(workdir: Path, requests: int) -> dict[str, Case]:
     """Every workload, `requests` requests per run. `workdir` receives the generated mixed trace."""
-    mixed = mixed_trace(workdir / "mixed_trace.csv")
+    # Absolute: the path is part of each sweep's kept settings, which `--out results/...` and the default
+    # `results/...` must both match.
+    mixed = mixed_trace((workdir / "mixed_trace.csv").resolve())
     all_cases = [
         Case("prompt_heavy", SyntheticSpec(rate=0.2, input=LengthDist("lognormal", 1024, 0.4), output=LengthDist("fixed", 128)),
              0.1, 0.6, "the seed's load: prompts lognormal mean 1,024 sigma 0.4, 128-token answers", seed_like=True),
