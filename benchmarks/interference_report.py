@@ -140,7 +140,7 @@ def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: s
     split_p99 = (lat.get("1p1d") or {}).get("itl_p99_s")
     colo_p99 = (lat.get("colocated") or {}).get("itl_p99_s")
     if split_p99 is not None and colo_p99:
-        out["split_stall_ratio_vs_colocated"] = split_p99 / colo_p99
+        out["split_stall_ratio_vs_colocated"] = out["split_stall_ratio_at_rate_lo"] = split_p99 / colo_p99
     goodput = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == seed_like}
     split = [goodput[d] for d in SPLIT if d in goodput]
     colo = [goodput[d] for d in COLOCATED_FAMILY if d in goodput]
