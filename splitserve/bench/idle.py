@@ -7,7 +7,7 @@ on `benchmarks.interference`'s mixed load (1P1D), a 51-token prompt's first toke
 after a stopped one, 0.2 s otherwise, and the rate failed for that.
 
 The target's load comes from its Prometheus `/metrics`: splitserve's and vLLM's gauges of running and
-waiting requests. A server that exports neither is not waited for (nothing to go by); the caller says so.
+waiting requests. A server that exports neither is not waited for: there is nothing to go by.
 """
 
 from __future__ import annotations
