@@ -42,7 +42,7 @@ from pathlib import Path
 
 from benchmarks.interference_report import attainment_by_gap, estimate_s, goodput_rejudged, headline, table
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
-from splitserve.bench.run_store import run_path
+from splitserve.bench.run_store import load_run, run_path
 from splitserve.calibrate.table import Calibration
 from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, predict_goodput, winner
 from splitserve.runtime.config import DECODE_PREFILL_CHUNK
@@ -234,12 +234,7 @@ def seed_stall_ratio(path: Path) -> dict:
 
 def kept_runs(out: Path, rate: float, trials: int) -> list[list[RequestRecord]]:
     """The records of the runs bench kept for `rate` under out/bench/runs (those that exist)."""
-    runs = []
-    for trial in range(trials):
-        path = run_path(out / "bench", rate, trial)
-        if path.is_file():
-            runs.append([RequestRecord(**r) for r in json.loads(path.read_text())["records"]])
-    return runs
+    return [kept[0] for trial in range(trials) if (kept := load_run(run_path(out / "bench", rate, trial), None))]
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ from benchmarks.interference_stall import stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench import BenchConfig, run_bench
 from splitserve.bench.results import Run
-from splitserve.bench.run_store import run_path
+from splitserve.bench.run_store import load_run, run_path
 from splitserve.bench.runner import workload_at
 from splitserve.plan.local_deployments import DEPLOYMENTS
-from splitserve.workload.record import RequestRecord
 from splitserve.workload.slo import summarize, worst_gap
 
 OUT = Path("results") / "interference" / "seed"
@@ -119,9 +118,11 @@ def kept(out: Path, trials: int) -> list[Run]:
     """The runs an earlier invocation kept under `out` (bench's run files), to analyse again."""
     runs = []
     for trial in range(trials):
-        doc = json.loads(run_path(out / f"trial-{trial}", None, 0).read_text())
-        records = [RequestRecord(**r) for r in doc["records"]]
-        runs.append(Run(None, trial, None, records, summarize(records, DEFAULT_SLO), doc["started_unix"]))
+        path = run_path(out / f"trial-{trial}", None, 0)
+        if (kept := load_run(path, None)) is None:
+            raise SystemExit(f"no kept run at {path}: run without --reanalyse first")
+        records, started = kept
+        runs.append(Run(None, trial, None, records, summarize(records, DEFAULT_SLO), started))
     return runs
 
 

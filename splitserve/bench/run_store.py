@@ -44,15 +44,15 @@ def save_run(path: Path, key: dict[str, Any], records: list[RequestRecord], star
     tmp.replace(path)
 
 
-def load_run(path: Path, key: dict[str, Any]) -> tuple[list[RequestRecord], float] | None:
-    """The records and start time of the run kept at `path` if it was measured under `key`; None if there is
-    none or it differs."""
+def load_run(path: Path, key: dict[str, Any] | None) -> tuple[list[RequestRecord], float] | None:
+    """The records and start time of the run kept at `path` if it was measured under `key` (None: whatever it
+    was measured under, for analysing kept runs again); None if there is none or it differs."""
     if not path.is_file():
         return None
     try:
         doc = msgspec.json.decode(path.read_bytes())
     except msgspec.DecodeError:
         return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("key") != key:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or (key is not None and doc.get("key") != key):
         return None
     return [RequestRecord(**r) for r in doc["records"]], doc["started_unix"]
