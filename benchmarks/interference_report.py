@@ -114,6 +114,7 @@ def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted:
             rows.append({
                 "workload": w, "deployment": d, "measured_goodput": lo, "measured_upper": hi,
                 "predicted_goodput": p, "error": (p - lo) / lo if p is not None and lo > 0 else None,
+                "prediction_holds": None if p is None else prediction_holds(p, lo, hi),
                 "measured_winner": best, "predicted_winner": pick,
                 # None when no deployment passed even the lowest rate: nothing to agree with.
                 "agrees": None if not any(g for g, _ in by_dep.values()) else pick is not None and within_spread(by_dep, pick),
@@ -121,13 +122,27 @@ def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted:
     return rows
 
 
+PREDICTION_TOLERANCE = 0.15  # the issue's bound on the planner's goodput error
+
+
+def prediction_holds(predicted: float, lo: float, hi: float | None) -> bool:
+    """A predicted goodput agrees with a measured bracket (`lo` the highest rate passed, `hi` the lowest
+    failed, None when none failed) when it is within 15 % of `lo` or inside the bracket: the measurement
+    cannot tell the rates between apart. A `lo` of 0 (not even the lowest rate passed) is matched only by a
+    prediction below that lowest rate."""
+    inside = predicted >= lo and (hi is None or predicted < hi)
+    return inside or (lo > 0 and abs(predicted - lo) <= PREDICTION_TOLERANCE * lo)
+
+
 def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: str | None) -> dict:
     """The benchmark's last line: the planner's agreement over workloads, and on the seed-like workload the
     1P1D p99 inter-token gap over colocated's (at the sweep's lowest rate, which every deployment runs) and
     the best split deployment's goodput over the best colocated one's."""
     agree = {r["workload"]: r["agrees"] for r in rows if r["agrees"] is not None}
+    held = [r["prediction_holds"] for r in rows if r.get("prediction_holds") is not None]
     out: dict = {"planner_winner_agreement": sum(agree.values()) / len(agree) if agree else None,
                  "workloads_judged": len(agree),
+                 "predictions_holding": f"{sum(held)} of {len(held)}",
                  "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
     mixed = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == "mixed"}
     if "1p1d_conditional" in mixed and len(mixed) > 1:

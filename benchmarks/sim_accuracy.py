@@ -61,7 +61,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import median
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,6 +78,7 @@ from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Network
 from splitserve.sim.perf import PerfModel
 from splitserve.sim.placement import RouterPolicy
+from splitserve.plan.local_deployments import step_kind
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, from_trace, read_trace, synthetic
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
@@ -139,10 +140,6 @@ def cluster(cal: Calibration, mode: str, kv_gib: float, net: Network) -> Cluster
         PoolSpec("prefill", 1, 1, 64, 2048), PoolSpec("decode", 1, 1, 64, 2048))
     return ClusterSpec(cal.model, cal.hardware, pools, network=net if mode != "colocated" else None,
                        efficiency=cal.efficiency, pipelined=True, block_size=16, max_model_len=8192, kv_blocks=blocks)
-
-
-def step_kind(new_tokens: Iterable[int]) -> str:
-    return "prefill" if any(n > 1 for n in new_tokens) else "decode"
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,31 @@ Deployments, all on the same two cores (`splitserve serve` flags in benchmarks/i
   1p1d               a prefill and a decode worker, one core each, every prompt prefilled remotely
   1p1d_conditional   the same, the router prefilling a prompt on the decode worker when its costs say so
 
-Not modelled: the two workers of a 1-core deployment slowing each other through the shared host (memory
-bandwidth, caches; measured at ~20 % by benchmarks/sim_accuracy.py), the frontend's per-request costs, and
-a ticket's deadline expiring while its prefill queues (the runtime then recomputes the request on the
-decode worker). Where these matter the prediction is optimistic for the split deployments.
+The calibration times an engine alone. A served one shares the two cores with the frontend's process (and,
+in a 1-core deployment, with the other worker): its steps run slower than calibrated, by 10-25 % on this
+machine. `Machine.serving_speed` carries that factor per deployment, worker role and step kind, as measured
+from the step logs of real runs (benchmarks/interference.py takes it from the other workloads' runs, never
+the predicted one's); empty, the simulation runs at the calibration's speed.
+
+Not modelled beyond that average: the two workers of a 1-core deployment slowing each other more while both
+compute (benchmarks/sim_accuracy.py models it step by step), the frontend's per-request costs, and a
+ticket's deadline expiring while its prefill queues (the runtime then recomputes the request on the decode
+worker). Where these matter the prediction is optimistic for the split deployments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from splitserve.calibrate.table import Calibration
+from splitserve.core.scheduler import SchedulerOutput
 from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
 from splitserve.sim.hardware import Network
 from splitserve.sim.placement import RouterPolicy
+from splitserve.sim.state import Worker
 from splitserve.workload.goodput import Bracket, Goodput, search_goodput
 from splitserve.workload.requests import RequestSpec
 from splitserve.workload.slo import SLO, attainment
@@ -51,6 +59,30 @@ class Machine:
     max_num_batched_tokens: int = 2048
     chunk: int = 128  # the chunked deployment's --max-num-batched-tokens
     decode_prefill_chunk: int = 32  # the runtime's DECODE_PREFILL_CHUNK (runtime/config.py; plan may not import it)
+    # Real step seconds over the calibrated model's, keyed speed_key(deployment, role, kind); a key absent: 1.
+    serving_speed: Mapping[str, float] = field(default_factory=dict)
+
+
+def step_kind(new_tokens: Iterable[int]) -> str:
+    """"prefill" for a step that computes prompt tokens (with or without decodes beside them), else "decode"."""
+    return "prefill" if any(n > 1 for n in new_tokens) else "decode"
+
+
+def speed_key(deployment: str, role: str, kind: str) -> str:
+    return f"{deployment}/{role}/{kind}"
+
+
+def serving_step_time(machine: Machine, deployment: str) -> Callable[[Worker, float, SchedulerOutput, float], float] | None:
+    """The simulator's step-time hook that runs each step at the deployment's serving speed (None: none known)."""
+    speed = {k: v for k, v in machine.serving_speed.items() if k.startswith(deployment + "/")}
+    if not speed:
+        return None
+
+    def step_time(worker: Worker, now: float, out: SchedulerOutput, seconds: float) -> float:
+        kind = step_kind([s.num_new_tokens for s in out.seqs])
+        return seconds * speed.get(speed_key(deployment, worker.role, kind), 1.0)
+
+    return step_time
 
 
 def cluster(machine: Machine, deployment: str) -> tuple[ClusterSpec, RouterPolicy | None]:
@@ -82,7 +114,7 @@ def simulated_attainment(machine: Machine, deployment: str, requests: Sequence[R
     """The fraction of `requests` the simulated deployment serves within `slo` (every token timed, so the
     worst-gap target is judged as on the real run)."""
     spec, policy = cluster(machine, deployment)
-    result = ClusterSim(spec, policy).run(list(requests), token_times=True)
+    result = ClusterSim(spec, policy, serving_step_time(machine, deployment)).run(list(requests), token_times=True)
     return attainment(result.records, slo)
 
 

@@ -5,6 +5,7 @@ on this repository's calibration (simulation only, a few seconds)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ from benchmarks.interference_report import (
     headline,
     latency_figures,
     planned_rates,
+    prediction_holds,
     table,
 )
+from benchmarks.interference_speed import MIN_MODELLED_S, held_out_speed, speed_by_workload, step_sums, workload_sums
 from benchmarks.interference_stall import classify, stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench.results import Run
@@ -28,7 +31,9 @@ from splitserve.plan.local_deployments import (
     DEPLOYMENTS,
     Machine,
     cluster,
+    serving_step_time,
     simulated_attainment,
+    speed_key,
     within_spread,
 )
 from splitserve.workload.record import RequestRecord
@@ -153,6 +158,56 @@ def test_the_table_and_headline_judge_the_planner_by_the_measured_spread():
     nothing = table({"heavy": {"colocated": (0.0, 0.1), "1p1d": (0.0, 0.1)}}, {"heavy": {"colocated": 0.0, "1p1d": 0.2}})
     assert nothing[0]["agrees"] is None and headline(nothing, {}, None)["planner_winner_agreement"] is None
     assert not within_spread({"a": (1.0, 1.2), "b": (0.5, 0.9)}, "b") and within_spread({"a": (1.0, 1.2), "b": (0.5, None)}, "b")
+    # A prediction holds within 15 % of the highest rate passed, or inside the measured bracket.
+    assert by["heavy", "1p1d"]["prediction_holds"] is False  # 0.25 against (0.3, 0.4): 17 % low
+    assert by["heavy", "1p1d_conditional"]["prediction_holds"]  # 0.33 inside (0.2, 0.35)
+    assert by["heavy", "colocated"]["prediction_holds"]  # 0.05: below 0.1, the lowest rate, which failed
+    assert by["short", "colocated"]["prediction_holds"] is False  # 1.0 where 2.0 passed
+    assert head["predictions_holding"] == "3 of 5"
+
+
+@pytest.mark.parametrize("predicted, lo, hi, holds", [
+    (1.0, 1.0, 1.5, True), (1.14, 1.0, 1.1, True), (1.16, 1.0, 1.1, False), (0.86, 1.0, 1.5, True),
+    (0.84, 1.0, 1.5, False), (1.4, 1.0, 1.5, True), (3.0, 2.0, None, True), (0.0, 0.0, 0.1, True), (0.1, 0.0, 0.1, False),
+])
+def test_a_prediction_holds_within_15_percent_or_inside_the_measured_bracket(predicted, lo, hi, holds):
+    assert prediction_holds(predicted, lo, hi) is holds
+
+
+def _step_log(path: Path, role: str, steps: list[tuple[float, list[list[int]]]]) -> None:
+    lines = [{"role": role, "pid": 1, "clock": "unix"}] + [{"t": 1e9 + i, "s": s, "b": b} for i, (s, b) in enumerate(steps)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_the_serving_speed_of_a_workload_comes_only_from_the_other_workloads_step_logs(tmp_path):
+    cal = Calibration.load(CALIBRATION)
+    machine = Machine(cal, cal, link_bw=2e9)
+    perf = cal.perf()
+    decode, prefill = [[1, 500, 1]] * 8, [[512, 0, 1]]
+    t_dec, t_pre = perf.step([(1, 500, True)] * 8).seconds, perf.step([(512, 0, True)]).seconds
+    # Enough steps of each kind for the modelled time to pass MIN_MODELLED_S.
+    n_dec, n_pre = math.ceil(2 * MIN_MODELLED_S / t_dec), math.ceil(2 * MIN_MODELLED_S / t_pre)
+    # Workload "a": decode steps at 1.2x the model, prefills at 1.5x; workload "b": 1.1x and 1.3x.
+    _step_log(tmp_path / "a" / "1p1d" / "steps" / "steps-decode-1.jsonl", "decode", [(1.2 * t_dec, decode)] * n_dec)
+    _step_log(tmp_path / "a" / "1p1d" / "steps" / "steps-prefill-2.jsonl", "prefill", [(1.5 * t_pre, prefill)] * n_pre)
+    _step_log(tmp_path / "b" / "1p1d" / "steps" / "steps-decode-3.jsonl", "decode", [(1.1 * t_dec, decode)] * n_dec)
+    _step_log(tmp_path / "b" / "1p1d" / "steps" / "steps-prefill-4.jsonl", "prefill", [(1.3 * t_pre, prefill)] * n_pre)
+    got = step_sums(tmp_path / "a" / "1p1d" / "steps", "1p1d", machine)
+    assert got[speed_key("1p1d", "decode", "decode")][0] == pytest.approx(n_dec * 1.2 * t_dec)
+    sums = workload_sums(tmp_path, ["a", "b", "c"], DEPLOYMENTS, machine)
+    assert set(sums) == {"a", "b"}  # "c" kept no sweep
+    assert speed_by_workload(sums)["a"][speed_key("1p1d", "prefill", "prefill")] == pytest.approx(1.5)
+    for_a, for_c = held_out_speed(sums, "a"), held_out_speed(sums, "c")
+    assert for_a[speed_key("1p1d", "decode", "decode")] == pytest.approx(1.1)  # b's only: a's own runs never count
+    assert for_a[speed_key("1p1d", "prefill", "prefill")] == pytest.approx(1.3)
+    assert for_c[speed_key("1p1d", "decode", "decode")] == pytest.approx(1.15, abs=1e-3)  # pooled by time
+    # The simulator runs the deployment's steps at that speed: a slower machine serves fewer within the SLO.
+    served = Machine(cal, cal, link_bw=2e9, serving_speed={speed_key("1p1d", "decode", "decode"): 3.0,
+                                                           speed_key("1p1d", "prefill", "prefill"): 3.0})
+    assert serving_step_time(machine, "1p1d") is None and serving_step_time(served, "colocated") is None
+    requests = cases(tmp_path, 20)["prompt_heavy"].requests(0.3, 0).requests
+    assert simulated_attainment(served, "1p1d", requests, DEFAULT_SLO) < simulated_attainment(machine, "1p1d", requests, DEFAULT_SLO)
 
 
 def test_the_planner_sees_a_colocated_decode_stall_that_the_split_avoids(every):

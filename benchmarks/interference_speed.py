@@ -1,0 +1,71 @@
+"""How fast each deployment's engine ran while it served, against the calibrated model: the serving speed
+the planner's prediction of one workload takes from the other workloads' runs.
+
+The calibration (`splitserve plan calibrate`) times an engine alone. Served, it shares the two cores with
+the frontend's process (HTTP, tokens streamed one by one) and, in a 1-core deployment, with the other
+worker; on this machine its steps then ran 10-25 % slower than calibrated (the step logs of every kept
+sweep say so, `serving_speed_by_workload` in result.json). Near saturation a 15 % error in step time is a
+far larger one in goodput, so the planner runs each deployment at its serving speed: per deployment,
+worker role and step kind, the sum of the real step seconds over the sum of the modelled ones for the
+same batches. For a workload's prediction only the *other* workloads' step logs count (leave one out):
+no prediction sees the runs it is judged against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from splitserve.plan.local_deployments import Machine, speed_key, step_kind
+from splitserve.runtime.worker.step_log import read_step_log
+
+Sums = dict[str, tuple[float, float]]  # speed key -> (real seconds, modelled seconds)
+
+
+def step_sums(steps_dir: Path, deployment: str, machine: Machine) -> Sums:
+    """Real and modelled seconds of every logged step of one deployment's sweep, by role and step kind."""
+    cal = machine.two_threads if deployment in ("colocated", "chunked") else machine.one_thread
+    perf = cal.perf()
+    sums: dict[str, list[float]] = {}
+    for path in sorted(steps_dir.glob("steps-*.jsonl")):
+        header, steps = read_step_log(path)
+        for s in steps:
+            batch = [(n, cached, bool(samples)) for n, cached, samples in s["b"]]
+            key = speed_key(deployment, header["role"], step_kind(n for n, _, _ in batch))
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += s["s"]
+            acc[1] += perf.step(batch).seconds
+    return {k: (real, model) for k, (real, model) in sums.items()}
+
+
+def workload_sums(out: Path, workloads: Iterable[str], deployments: Iterable[str], machine: Machine) -> dict[str, Sums]:
+    """Per workload, the sums of every deployment whose sweep kept step logs under OUT/workload/deployment/steps."""
+    found: dict[str, Sums] = {}
+    for w in workloads:
+        for d in deployments:
+            steps = out / w / d / "steps"
+            if steps.is_dir():
+                found.setdefault(w, {}).update(step_sums(steps, d, machine))
+    return found
+
+
+MIN_MODELLED_S = 5.0  # less modelled step time than this for a key over the other workloads: too few steps to tell
+
+
+def held_out_speed(sums: Mapping[str, Sums], workload: str) -> dict[str, float]:
+    """The serving speed for predicting `workload`: real over modelled seconds pooled over the other workloads."""
+    pooled: dict[str, list[float]] = {}
+    for w, by_key in sums.items():
+        if w == workload:
+            continue
+        for key, (real, model) in by_key.items():
+            acc = pooled.setdefault(key, [0.0, 0.0])
+            acc[0] += real
+            acc[1] += model
+    return {k: round(real / model, 4) for k, (real, model) in pooled.items() if model >= MIN_MODELLED_S}
+
+
+def speed_by_workload(sums: Mapping[str, Sums]) -> dict[str, dict[str, float]]:
+    """Each workload's own measured speed per key (for the report: how much it varies between loads)."""
+    return {w: {k: round(real / model, 4) for k, (real, model) in by_key.items() if model > 0}
+            for w, by_key in sums.items()}
