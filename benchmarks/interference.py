@@ -51,6 +51,7 @@ from splitserve.bench.run_store import load_run, run_path
 from splitserve.calibrate.table import Calibration
 from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, predict_goodput, winner
 from splitserve.runtime.config import DECODE_PREFILL_CHUNK
+from splitserve.runtime.frontend.pool_client import PoolConfig
 from splitserve.workload.goodput import Bracket
 from splitserve.workload.record import RequestRecord
 from splitserve.workload.slo import SLO
@@ -144,7 +145,8 @@ def main() -> None:
 
     machine = Machine(calibration(args.calibration_1t, 1, args.quick_calibration),
                       calibration(args.calibration_2t, 2, args.quick_calibration),
-                      loopback_bandwidth(), chunk=args.chunk, decode_prefill_chunk=DECODE_PREFILL_CHUNK)
+                      loopback_bandwidth(), chunk=args.chunk, decode_prefill_chunk=DECODE_PREFILL_CHUNK,
+                      admit_wait_s=PoolConfig.admit_wait_s, admit_waiting=PoolConfig.max_waiting)
     # Every workload's kept sweeps give the serving speed; each prediction uses the other workloads' only.
     sums = workload_sums(out, every, DEPLOYMENTS, machine)
     predicted: dict[str, dict[str, float]] = {}

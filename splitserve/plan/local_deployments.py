@@ -18,7 +18,8 @@ machine. `Machine.serving_speed` carries that factor per deployment, worker role
 from the step logs of real runs (benchmarks/interference.py takes it from the other workloads' runs, never
 the predicted one's); empty, the simulation runs at the calibration's speed.
 
-Not modelled beyond that average: the two workers of a 1-core deployment slowing each other more while both
+Arrivals pass the frontend's admission (core.admission, as the runtime's): a request expected to wait for its
+first token longer than the budget is refused with a 429, a miss. Not modelled beyond that average: the two workers of a 1-core deployment slowing each other more while both
 compute (benchmarks/sim_accuracy.py models it step by step), the frontend's per-request costs, and a
 ticket's deadline expiring while its prefill queues (the runtime then recomputes the request on the decode
 worker). Where these matter the prediction is optimistic for the split deployments.
@@ -59,6 +60,8 @@ class Machine:
     max_num_batched_tokens: int = 2048
     chunk: int = 128  # the chunked deployment's --max-num-batched-tokens
     decode_prefill_chunk: int = 32  # the runtime's DECODE_PREFILL_CHUNK (runtime/config.py; plan may not import it)
+    admit_wait_s: float = 10.0  # the frontend's admission budget and waiting room (runtime PoolConfig's
+    admit_waiting: int = 256  # admit_wait_s and max_waiting): a request expected to wait longer gets a 429
     # Real step seconds over the calibrated model's, keyed speed_key(deployment, role, kind); a key absent: 1.
     serving_speed: Mapping[str, float] = field(default_factory=dict)
 
@@ -106,7 +109,8 @@ def cluster(machine: Machine, deployment: str) -> tuple[ClusterSpec, RouterPolic
     else:
         raise ValueError(f"unknown deployment {deployment!r}: one of {', '.join(DEPLOYMENTS)}")
     spec = ClusterSpec(cal.model, cal.hardware, pools, network=net, efficiency=cal.efficiency, pipelined=True,
-                       block_size=16, max_model_len=8192, kv_blocks=blocks)
+                       block_size=16, max_model_len=8192, kv_blocks=blocks, admit_wait_s=machine.admit_wait_s,
+                       admit_waiting=machine.admit_waiting)
     return spec, policy
 
 

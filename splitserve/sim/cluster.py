@@ -11,7 +11,8 @@ request waits in D's FIFO while none are free: never prefill what cannot be deco
 prompt with `hold_kv` and samples the first token (TTFT); its KV crosses the link (only the blocks D does
 not already cache; pipelined layer by layer or not) while P keeps the blocks; when the last byte lands P
 `release_held`s them and D gets `kv_arrived`. No worker fails in simulation, so the state machine's
-failure actions never arise here.
+failure actions never arise here. With `ClusterSpec.admit_wait_s` set, arrivals pass the frontend's core
+`Admission` first, as in the runtime: one whose expected wait exceeds the budget is refused (429).
 
 Cost: about 2.5-3 us of CPU time per sequence per step plus about 5 per prompt block (its hashes, KV events
 and their replay in the router's index; the scheduler and block pool are pure Python), i.e. roughly (output
@@ -28,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from splitserve.core.admission import Admission
 from splitserve.core.blocks import BlockPool
 from splitserve.core.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerOutput
 from splitserve.core.split_request import (
@@ -136,6 +138,8 @@ class ClusterSim:
         self.max_fail = misses_allowed(len(judged), stop_below) if (self.slo and stop_below is not None) else None
         self.fails = 0
         self.watch = watch
+        cs = self.spec
+        self.admission = Admission(cs.admit_waiting, cs.admit_wait_s) if cs.admit_wait_s is not None else None
         sims = [SimRequest(i, r, self.spec.block_size) for i, r in enumerate(requests)]
         for i in judged:
             sims[i].judged = True
@@ -192,8 +196,13 @@ class ClusterSim:
             if self.watch is not None:
                 self.watch.arrived(sr.record)
         if spec.input_len + spec.output_len > self.max_model_len:
-            self._reject(sr, 400, f"{spec.input_len + spec.output_len} tokens exceed the {self.max_model_len}-token context")
+            self._reject(sr, 400, f"{spec.input_len + spec.output_len} tokens exceed the {self.max_model_len}-token context", now)
             return
+        if self.admission is not None:
+            if self.admission.offer(now) is not None:
+                self._reject(sr, 429, "its expected wait exceeds the admission budget", now)
+                return
+            sr.admitted = True
         if not self.spec.disaggregated:
             self._run_local(self.policy.place(sr, now)[0], sr, now)
             return
@@ -210,7 +219,7 @@ class ClusterSim:
         try:
             w.sched.add_request(sr.req)
         except QueueFull:
-            self._reject(sr, 429, "queue full")
+            self._reject(sr, 429, "queue full", now)
             return
         self._kick(w, now)
 
@@ -254,7 +263,7 @@ class ClusterSim:
             p.sched.add_request(sr.make(1, now, hold_kv=True))
         except QueueFull:
             self._do(sr, sr.split.handle(Abort(), now), now)
-            self._reject(sr, 429, "prefill queue full")
+            self._reject(sr, 429, "prefill queue full", now)
             return
         self._kick(p, now)
 
@@ -313,6 +322,9 @@ class ClusterSim:
             rec = sr.record
             if rec.first_token_s is None:
                 rec.first_token_s = now
+                if sr.admitted:  # its first output: it leaves the waiting room, and times its drain rate
+                    sr.admitted = False
+                    self.admission.leave(now)
                 sr.prefill_start = s.request.first_scheduled_time
                 if sr.judged and self.watch is not None:
                     self.watch.first_token(rec)
@@ -403,7 +415,10 @@ class ClusterSim:
             sr.failed = True
             self.fails += sr.judged
 
-    def _reject(self, sr: SimRequest, status: int, why: str) -> None:
+    def _reject(self, sr: SimRequest, status: int, why: str, now: float) -> None:
+        if sr.admitted:  # refused after admission: it leaves without a first token, which times nothing
+            sr.admitted = False
+            self.admission.leave(now, started=False)
         rec = sr.record
         rec.status, rec.error_kind, rec.error = status, "http", why
         self._fail(sr)

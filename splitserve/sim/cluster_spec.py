@@ -55,6 +55,11 @@ class ClusterSpec:
     max_waiting: int = 1 << 30  # the simulated queue is unbounded unless asked
     kv_blocks: int | None = None  # blocks per worker; None: what the GPU memory holds after the weights
     request_overhead_s: float = 0.0  # arrival -> the request reaches a scheduler (frontend, HTTP, routing)
+    # The frontend's admission (core.admission, as the runtime's PoolClient runs it): at most `admit_waiting`
+    # requests waiting for their first token, and none whose expected wait exceeds `admit_wait_s`; a refused
+    # one is a 429. None: every request is admitted (the planner's GPU clusters: their frontends differ).
+    admit_wait_s: float | None = None
+    admit_waiting: int = 256
 
     def __post_init__(self) -> None:
         roles = sorted(p.role for p in self.pools)

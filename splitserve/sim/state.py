@@ -53,7 +53,7 @@ class SimRequest:
     """One workload request as it moves through the cluster; `record` is bench's record of it."""
 
     __slots__ = ("index", "spec", "id", "block_size", "_prompt", "_hashes", "record", "req", "split", "prefill_start",
-                 "second", "failed", "judged")
+                 "second", "failed", "judged", "admitted")
 
     def __init__(self, index: int, spec: RequestSpec, block_size: int) -> None:
         self.index, self.spec, self.id, self.block_size = index, spec, str(index), block_size
@@ -67,6 +67,7 @@ class SimRequest:
         self.second: float | None = None  # the second token (the first decode step after the KV is complete)
         self.failed = False
         self.judged = False  # its misses count towards stopping the run (`ClusterSim.run`'s `judged`)
+        self.admitted = False  # in the frontend's waiting room (admission), until its first token
 
     # The prompt and its hashes are built when the request arrives, not with the run: a probe stopped early
     # never reaches its later requests (long prompts: 16k-token lists and 128 hashes each).
