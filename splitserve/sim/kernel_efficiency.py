@@ -18,19 +18,32 @@ Sources:
   Medians (interquartile range; shapes): H100 compute 0.806 (0.769-0.836; 2,277), memory 0.802 (0.740-0.870;
   1,464); H200 0.790 (0.750-0.819), 0.735 (0.670-0.818); A100 0.902 (0.844-0.929; 240), 0.684 (0.636-0.727;
   592); L40S 0.638 (0.577-0.706; 2,252), 0.809 (0.762-0.834; 1,461); B200 0.697 (0.664-0.733), 0.678
-  (0.580-0.766). Its TensorRT-LLM tables agree within 0.07 on every figure. Its decode-attention tables were
-  not used for KV reads: on part of the shapes the bytes they imply exceed the peak bandwidth (cache effects
-  or a context convention not documented there), so no clean figure comes out.
-No published figure was found here for KV-read efficiency, or for a serving engine's per-step overhead
-(scheduling, launches; with CUDA graphs it is far below the 2 ms default): those stay the defaults, named in
-`sources` as such. Using aiconfigurator's measurements makes the comparison against aiconfigurator
-(`benchmarks/plan_vs_aiconfigurator.py`) share its GEMM figures: what still differs is the rest of the model
+  (0.580-0.766). Its TensorRT-LLM tables agree within 0.07 on every figure. kv_memory: the median over its
+  decode-attention tables (generation_attention_perf.parquet; bf16 KV, full attention, the kernel vLLM picks
+  on that GPU) of the K and V bytes read / latency / peak, over shapes reading >= 256 MB: H100 0.818
+  (0.762-0.882; 2,369, FA3), H200 0.747 (0.681-0.830; FA3), A100 0.690 (0.636-0.748; 621), L40S 0.781
+  (0.728-0.825; FA2), B200 0.767 (0.672-0.833; 2,590, FlashInfer TRT-LLM decode). Its sliding-window rows
+  read only the window, so counted with the whole context they seemed faster than the bandwidth allows (the
+  reason an earlier reading found no clean figure); they are left out.
+  layer_overhead_s: the latency floors of one decoder layer's kernels at batch 1, which the roofline puts near
+  zero: 4 GEMMs (fused QKV, output, fused gate-up, down) at the median latency of the database's bf16 GEMMs
+  with m <= 8 moving <= 1 MB, one decode attention at the median of its shapes reading <= 1 MB, and the 3
+  memory-bound kernels per layer (two add-norms, the activation) that aiconfigurator's Llama model counts,
+  at its per-kernel constant (systems/<gpu>.yaml, mem_empirical_constant_latency, 3 us): H100 4 x 2.94 +
+  12.09 + 3 x 3 = 32.9 us, H200 32.6, A100 44.5, L40S 32.0, B200 27.0.
+- AIC-vLLM: aiconfigurator 0.12.0's vLLM backend (sdk/backends/vllm_backend.py) adds no per-step time to a
+  decode step beyond its kernels (CUDA graphs replay a step's launches), so step_overhead_s is 0 on every
+  GPU table. (Its one fixed cost, 0.8 ms of CPU dispatch per layer, is added once per request to TTFT: a fit
+  to end-to-end measurements, not a kernel figure; splitserve does not add it.)
+No published figure was found for the per-sequence overhead: it stays the default, named in `sources` as
+such. Using aiconfigurator's measurements makes the comparison against aiconfigurator
+(`benchmarks/plan_vs_aiconfigurator.py`) share its kernel figures: what still differs is the rest of the model
 and the search.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from splitserve.sim.perf import Efficiency
 
@@ -59,27 +72,57 @@ def _aic(gpu: str, v: str, what: str, x: str, iqr: str, n: str) -> str:
 
 
 _COMPUTE, _MEMORY = "bf16 GEMM (m >= 2048, n, k >= 4096) FLOP/s", "weight-bound bf16 GEMM (m <= 8) bandwidth"
+_KV = ("aiconfigurator 0.12.0 perf database, {gpu}/attention/vllm/{v}/generation_attention_perf.parquet ({kernel}, "
+       "full attention, bf16 KV, >= 256 MB read): median {x} of peak bandwidth ({iqr}, {n} shapes)")
+_FLOORS = ("aiconfigurator 0.12.0 perf database ({gpu}, vllm {v}): 4 GEMMs x {g} us (median of bf16 m <= 8, <= 1 MB) "
+           "+ decode attention {a} us (median, <= 1 MB of KV) + 3 memory-bound kernels x 3 us ({gpu}.yaml "
+           "mem_empirical_constant_latency) = {t} us per layer")
+_NO_STEP = ("aiconfigurator 0.12.0's vLLM backend (sdk/backends/vllm_backend.py) adds no per-step time to a decode "
+            "step beyond its kernels (CUDA graphs): 0 ms; the kernels' floors are counted per layer")
+
+
+def _kv(gpu: str, v: str, kernel: str, x: str, iqr: str, n: str) -> str:
+    return _KV.format(gpu=gpu, v=v, kernel=kernel, x=x, iqr=iqr, n=n)
+
+
+def _floors(gpu: str, v: str, g: str, a: str, t: str) -> str:
+    return _FLOORS.format(gpu=gpu, v=v, g=g, a=a, t=t)
+
+
+def _gpu(kernels: KernelTable) -> KernelTable:
+    """A GPU table with the CUDA-graph step: no fixed per-step time, said so."""
+    return KernelTable(replace(kernels.efficiency, step_overhead_s=0.0), {**kernels.sources, "step_overhead_s": _NO_STEP})
 TABLES: dict[str, KernelTable] = {
-    "h100": KernelTable(Efficiency(compute=0.81, memory=0.8, attention=0.75), {
+    "h100": _gpu(KernelTable(Efficiency(compute=0.81, memory=0.8, attention=0.75, kv_memory=0.82, layer_overhead_s=32.9e-6), {
         "attention": _FA3,
         "compute": _aic("h100_sxm", "0.24.0", _COMPUTE, "0.806", "IQR 0.769-0.836", "2,277"),
-        "memory": _aic("h100_sxm", "0.24.0", _MEMORY, "0.802", "IQR 0.740-0.870", "1,464")}),
+        "memory": _aic("h100_sxm", "0.24.0", _MEMORY, "0.802", "IQR 0.740-0.870", "1,464"),
+        "kv_memory": _kv("h100_sxm", "0.24.0", "FA3", "0.818", "IQR 0.762-0.882", "2,369"),
+        "layer_overhead_s": _floors("h100_sxm", "0.24.0", "2.94", "12.09", "32.9")})),
     # The H200 has the H100's compute die (same 989 TFLOP/s): the same attention kernels reach the same share.
-    "h200": KernelTable(Efficiency(compute=0.79, memory=0.74, attention=0.75), {
+    "h200": _gpu(KernelTable(Efficiency(compute=0.79, memory=0.74, attention=0.75, kv_memory=0.75, layer_overhead_s=32.6e-6), {
         "attention": _FA3 + " (same Hopper die as the H200)",
         "compute": _aic("h200_sxm", "0.24.0", _COMPUTE, "0.790", "IQR 0.750-0.819", "2,277"),
-        "memory": _aic("h200_sxm", "0.24.0", _MEMORY, "0.735", "IQR 0.670-0.818", "1,464")}),
-    "a100": KernelTable(Efficiency(compute=0.9, memory=0.68, attention=0.6), {
+        "memory": _aic("h200_sxm", "0.24.0", _MEMORY, "0.735", "IQR 0.670-0.818", "1,464"),
+        "kv_memory": _kv("h200_sxm", "0.24.0", "FA3", "0.747", "IQR 0.681-0.830", "2,369"),
+        "layer_overhead_s": _floors("h200_sxm", "0.24.0", "2.92", "11.90", "32.6")})),
+    "a100": _gpu(KernelTable(Efficiency(compute=0.9, memory=0.68, attention=0.6, kv_memory=0.69, layer_overhead_s=44.5e-6), {
         "attention": "FlashAttention-2 (arXiv 2307.08691): 50-73 % of peak forward on A100; the middle, 0.6",
         "compute": _aic("a100_sxm", "0.14.0", _COMPUTE, "0.902", "IQR 0.844-0.929", "240"),
-        "memory": _aic("a100_sxm", "0.14.0", _MEMORY, "0.684", "IQR 0.636-0.727", "592")}),
-    "b200": KernelTable(Efficiency(compute=0.7, memory=0.68), {
+        "memory": _aic("a100_sxm", "0.14.0", _MEMORY, "0.684", "IQR 0.636-0.727", "592"),
+        "kv_memory": _kv("a100_sxm", "0.14.0", "FlashAttention", "0.690", "IQR 0.636-0.748", "621"),
+        "layer_overhead_s": _floors("a100_sxm", "0.14.0", "4.27", "18.39", "44.5")})),
+    "b200": _gpu(KernelTable(Efficiency(compute=0.7, memory=0.68, kv_memory=0.77, layer_overhead_s=27.0e-6), {
         "compute": "pyptx.dev/performance: cuBLAS BF16 GEMM 1,532-1,652 TFLOP/s of 2,250 on B200 (68-73 %); "
                    + _aic("b200_sxm", "0.24.0", _COMPUTE, "0.697", "IQR 0.664-0.733", "2,277"),
-        "memory": _aic("b200_sxm", "0.24.0", _MEMORY, "0.678", "IQR 0.580-0.766", "1,464")}),
-    "l40s": KernelTable(Efficiency(compute=0.64, memory=0.81), {
+        "memory": _aic("b200_sxm", "0.24.0", _MEMORY, "0.678", "IQR 0.580-0.766", "1,464"),
+        "kv_memory": _kv("b200_sxm", "0.24.0", "FlashInfer TRT-LLM decode", "0.767", "IQR 0.672-0.833", "2,590"),
+        "layer_overhead_s": _floors("b200_sxm", "0.24.0", "2.20", "9.15", "27.0")})),
+    "l40s": _gpu(KernelTable(Efficiency(compute=0.64, memory=0.81, kv_memory=0.78, layer_overhead_s=32.0e-6), {
         "compute": _aic("l40s", "0.24.0", _COMPUTE, "0.638", "IQR 0.577-0.706", "2,252"),
-        "memory": _aic("l40s", "0.24.0", _MEMORY, "0.809", "IQR 0.762-0.834", "1,461")}),
+        "memory": _aic("l40s", "0.24.0", _MEMORY, "0.809", "IQR 0.762-0.834", "1,461"),
+        "kv_memory": _kv("l40s", "0.24.0", "FA2", "0.781", "IQR 0.728-0.825", "2,369"),
+        "layer_overhead_s": _floors("l40s", "0.24.0", "2.67", "12.29", "32.0")})),
 }
 
 

@@ -5,7 +5,8 @@ per GPU, is the model's own account (`core.model_spec.WorkModel`); here each ope
 max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (peak bandwidth x memory efficiency)), attention reads
 the paged cache at its own efficiency, and with tp > 1 two all-reduces per layer join the shards over the
 intra-node link (latency x log2(tp) + traffic / link each). A step is the layers plus the LM head, plus a
-fixed overhead, a per-sequence and a per-token overhead (scheduling, launches, sampling).
+fixed overhead, a per-layer one (the floors of a layer's small kernels, which a roofline alone puts near zero
+at batch 1), a per-sequence and a per-token overhead (scheduling, launches, sampling).
 Decode (few tokens per sequence) is bound by bandwidth, a long prefill by compute: the model shows both.
 
 The efficiencies default to round figures for tuned GPU kernels; `splitserve plan calibrate` fits them (and
@@ -31,6 +32,7 @@ class Efficiency:
     kv_memory: float = 0.7  # fraction of peak bandwidth when attention reads the paged KV cache
     comm: float = 0.7  # all-reduce: fraction of the intra-node link bandwidth
     step_overhead_s: float = 2e-3  # per step: scheduling, kernel launches
+    layer_overhead_s: float = 0.0  # per layer per step: the latency floors of its kernels (GPU tables)
     seq_overhead_s: float = 5e-6  # per sequence in the batch
     token_overhead_s: float = 0.0  # per token in the batch
 
@@ -72,7 +74,8 @@ class PerfModel:
             layer += 2 * (self.ar_latency + w.allreduce_bytes / self.link_rate)
         head = max(w.head_flops / self.compute_rate, w.head_bytes / self.mem_rate)
         e = self.eff
-        t = (self.layers * layer + head + e.step_overhead_s + e.seq_overhead_s * w.seqs + e.token_overhead_s * w.tokens)
+        t = (self.layers * (layer + e.layer_overhead_s) + head + e.step_overhead_s + e.seq_overhead_s * w.seqs
+             + e.token_overhead_s * w.tokens)
         return StepCost(t, w.flops, w.bytes)
 
     def cost(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int) -> StepCost:

@@ -22,9 +22,12 @@ def test_every_figure_off_the_default_names_its_source(gpu):
             assert 0 < value <= 1
 
 
-def test_gemm_figures_are_sourced_for_every_preset_and_kv_reads_are_marked_unsourced():
+def test_kernel_and_overhead_figures_are_sourced_for_every_preset_and_the_rest_marked_unsourced():
     for gpu in ("h100", "h200", "a100", "l40s", "b200"):
         t = kernel_table(gpu)
-        assert t.source("compute") != DEFAULT and t.source("memory") != DEFAULT
-        assert t.source("kv_memory") == DEFAULT and t.source("step_overhead_s") == DEFAULT
+        for name in ("compute", "memory", "kv_memory", "layer_overhead_s", "step_overhead_s"):
+            assert t.source(name) != DEFAULT, (gpu, name)
+        assert t.source("seq_overhead_s") == DEFAULT
+        # A decoder layer's kernel floors are tens of microseconds, and with CUDA graphs no fixed step time.
+        assert 10e-6 < t.efficiency.layer_overhead_s < 100e-6 and t.efficiency.step_overhead_s == 0.0
     assert kernel_table("no-such-gpu").efficiency == Efficiency()

@@ -39,6 +39,11 @@ def test_efficiencies_and_overheads_scale_the_time():
     assert slow.prefill_time(8192) > 1.5 * fast.prefill_time(8192)  # attention has its own efficiency
     busy = PerfModel(L70, H100, 4, Efficiency(step_overhead_s=0.010))
     assert busy.decode_step_time(1, 100) - fast.decode_step_time(1, 100) == pytest.approx(0.008)
+    # A layer's kernel floors are paid once per layer per step, whatever the batch.
+    floors = PerfModel(L70, H100, 4, Efficiency(layer_overhead_s=30e-6))
+    for batch in (1, 64):
+        extra = floors.decode_step_time(batch, 100) - PerfModel(L70, H100, 4).decode_step_time(batch, 100)
+        assert extra == pytest.approx(L70.num_layers * 30e-6)
 
 
 def test_kv_capacity_counts_weights_and_tp():
