@@ -20,10 +20,10 @@ The planner (splitserve/plan/local_deployments.py) simulates each deployment fro
 (one for a 1-thread worker, one for a 2-thread worker: --calibration-1t/-2t, made as `splitserve plan
 calibrate --threads N` does when missing; the 2-thread one times wall clock, so make it on a quiet machine)
 through the same core Scheduler and Router, over the same requests and
-sweep, and names the winner per workload. Each deployment runs at its serving speed: how much slower than
-calibrated its engine's steps ran while serving, from the step logs the other workloads' sweeps kept
-(benchmarks/interference_speed.py; never the predicted workload's own). The table at the calibration's own
-speed is in result.json beside it (`at_calibration_speed`).
+sweep, and names the winner per workload: what `splitserve plan` tells a user of this machine. Beside it
+(`with_serving_speed` in result.json) the same planner with each deployment at its serving speed: how much
+slower than calibrated its engine's steps ran while serving, from the step logs the other workloads' sweeps
+kept (benchmarks/interference_speed.py; never the predicted workload's own).
 
     python -m benchmarks.interference [--quick] [--workloads a,b] [--deployments a,b] [--trials 3]
                                       [--requests 20] [--predict-only] [--estimate-only]
@@ -150,7 +150,7 @@ def main() -> None:
     # Every workload's kept sweeps give the serving speed; each prediction uses the other workloads' only.
     sums = workload_sums(out, every, DEPLOYMENTS, machine)
     predicted: dict[str, dict[str, float]] = {}
-    predicted_at_calibration: dict[str, dict[str, float]] = {}
+    predicted_served: dict[str, dict[str, float]] = {}
     predicted_tight: dict[str, dict[str, float]] = {}
     prediction_probes: dict[str, dict[str, list]] = {}
     speeds: dict[str, dict[str, float]] = {}
@@ -159,17 +159,17 @@ def main() -> None:
         speeds[w] = held_out_speed(sums, w)
         served = replace(machine, serving_speed=speeds[w])
         requests_at = (lambda c: lambda rate, trial: c.requests(rate, trial).requests)(case)
-        predicted[w], predicted_at_calibration[w], predicted_tight[w], prediction_probes[w] = {}, {}, {}, {}
+        predicted[w], predicted_served[w], predicted_tight[w], prediction_probes[w] = {}, {}, {}, {}
         for d in deployments:
-            g = predict_goodput(served, d, requests_at, slo, bracket(case, args.parts), args.trials, args.attainment)
+            g = predict_goodput(machine, d, requests_at, slo, bracket(case, args.parts), args.trials, args.attainment)
             predicted[w][d] = g.lower
             prediction_probes[w][d] = [{"rate": p.rate, "median": p.median} for p in g.probes]
-            predicted_tight[w][d] = predict_goodput(served, d, requests_at, tight, bracket(case, args.parts), args.trials,
+            predicted_tight[w][d] = predict_goodput(machine, d, requests_at, tight, bracket(case, args.parts), args.trials,
                                                     args.attainment).lower
-            predicted_at_calibration[w][d] = predict_goodput(machine, d, requests_at, slo, bracket(case, args.parts),
-                                                             args.trials, args.attainment).lower
-        print(f"[{w}] predicted goodput (req/s): {predicted[w]} (at the calibration's own speed {predicted_at_calibration[w]}); "
-              f"at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; predicted winner "
+            predicted_served[w][d] = predict_goodput(served, d, requests_at, slo, bracket(case, args.parts),
+                                                     args.trials, args.attainment).lower
+        print(f"[{w}] predicted goodput (req/s): {predicted[w]} (at the serving speed of the other workloads' runs "
+              f"{predicted_served[w]}); at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; predicted winner "
               f"{winner(predicted[w]) if any(predicted[w].values()) else 'none (no deployment passed the lowest rate)'}",
               file=sys.stderr)
 
@@ -187,7 +187,7 @@ def main() -> None:
 
     brackets_measured = {w: {d: (m["goodput"], m["upper"]) for d, m in by.items()} for w, by in measured.items()}
     rows = table(brackets_measured, predicted)
-    rows_at_calibration = table(brackets_measured, predicted_at_calibration)
+    rows_served = table(brackets_measured, predicted_served)
     lowest = {w: {d: m["latency_by_rate"].get(f"{chosen[w].rate_lo:g}", {}) for d, m in by.items()}
               for w, by in measured.items()}
     seed_like = next((w for w, c in chosen.items() if c.seed_like), None)
@@ -214,10 +214,11 @@ def main() -> None:
         "link_bw": machine.link_bw,
         "table": rows,
         "predicted": predicted, "prediction_probes": prediction_probes,
-        # The planner at the speed the calibration measured, the engine alone: what serving costs it, unseen.
-        "at_calibration_speed": {"predicted": predicted_at_calibration, "table": rows_at_calibration,
-                                 **{k: v for k, v in headline(rows_at_calibration, {}, None).items()
-                                    if k in ("planner_winner_agreement", "predictions_holding")}},
+        # The planner again with each deployment's steps slowed (or sped) by what serving did to them on the
+        # other workloads: a refinement a user has only after serving loads on the machine.
+        "with_serving_speed": {"predicted": predicted_served, "table": rows_served,
+                               **{k: v for k, v in headline(rows_served, {}, None).items()
+                                  if k in ("planner_winner_agreement", "predictions_holding")}},
         "serving_speed_used": speeds, "serving_speed_by_workload": speed_by_workload(sums),
         "measured": measured,
         "latency_at_rate_lo": lowest,

@@ -23,7 +23,9 @@ from splitserve.bench.runner import workload_at
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, Workload, read_trace
 from splitserve.workload.slo import SLO
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+# Resolved: a checkout in a worktree reaches the traces through a symlink, and a kept sweep is matched by
+# its load's repr, path included, so every checkout must name the same file the same way.
+TRACES = (Path(__file__).resolve().parents[1].parent / "shared" / "traces").resolve()
 MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
 AZURE_CODE = TRACES / "AzureLLMInferenceTrace_code.csv"
 

@@ -15,8 +15,9 @@ Deployments, all on the same two cores (`splitserve serve` flags in benchmarks/i
 The calibration times an engine alone. A served one shares the two cores with the frontend's process (and,
 in a 1-core deployment, with the other worker): its steps run slower than calibrated, by 10-25 % on this
 machine. `Machine.serving_speed` carries that factor per deployment, worker role and step kind, as measured
-from the step logs of real runs (benchmarks/interference.py takes it from the other workloads' runs, never
-the predicted one's); empty, the simulation runs at the calibration's speed.
+from the step logs of real runs; empty (what `splitserve plan` has on a new machine), the simulation runs at
+the calibration's speed. benchmarks/interference.py reports both, taking the factor for one workload from
+the other workloads' runs, never its own.
 
 Arrivals pass the frontend's admission (core.admission, as the runtime's): a request expected to wait for its
 first token longer than the budget is refused with a 429, a miss. Not modelled beyond that average: the two workers of a 1-core deployment slowing each other more while both
