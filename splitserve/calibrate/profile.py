@@ -51,12 +51,8 @@ class Grid:
             # overestimated such steps (1,286 tokens in 3 prompts) by 9 %.
             ((1, 16, 0), (1, 64, 0), (1, 128, 0), (1, 256, 0), (1, 512, 0), (1, 1024, 0), (1, 1536, 0), (1, 2048, 0),
              (4, 64, 0), (8, 32, 0), (2, 512, 0), (3, 512, 0), (5, 256, 0), (2, 1024, 0),
-             # Chunks over a long cached context, as chunked prefill runs a 1-2k-token prompt: a fit without
-             # them modelled such steps 20-40 % short (issue 19's step logs).
-             (1, 64, 448), (1, 128, 256), (1, 256, 768), (1, 128, 1024), (1, 128, 1920), (1, 512, 1536)),
-            # Decodes over 1-2k-token contexts too: the served loads decode there.
-            ((1, 64), (1, 512), (4, 64), (4, 512), (8, 128), (16, 64), (16, 512), (32, 128), (48, 256),
-             (1, 2048), (4, 1536), (8, 1024)),
+             (1, 64, 448), (1, 128, 256), (1, 256, 768)),
+            ((1, 64), (1, 512), (4, 64), (4, 512), (8, 128), (16, 64), (16, 512), (32, 128), (48, 256)),
         )
 
 
