@@ -158,7 +158,9 @@ def main() -> None:
     for w, case in chosen.items():
         speeds[w] = held_out_speed(sums, w)
         served = replace(machine, serving_speed=speeds[w])
-        requests_at = (lambda c: lambda rate, trial: c.requests(rate, trial).requests)(case)
+        def requests_at(rate: float, trial: int) -> list:
+            return case.requests(rate, trial).requests
+
         predicted[w], predicted_served[w], predicted_tight[w], prediction_probes[w] = {}, {}, {}, {}
         for d in deployments:
             g = predict_goodput(machine, d, requests_at, slo, bracket(case, args.parts), args.trials, args.attainment)

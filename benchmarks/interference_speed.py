@@ -3,8 +3,9 @@ the planner's prediction of one workload takes from the other workloads' runs.
 
 The calibration (`splitserve plan calibrate`) times an engine alone. Served, it shares the two cores with
 the frontend's process (HTTP, tokens streamed one by one) and, in a 1-core deployment, with the other
-worker; on this machine its steps then ran 10-25 % slower than calibrated (the step logs of every kept
-sweep say so, `serving_speed_by_workload` in result.json). Near saturation a 15 % error in step time is a
+worker; on this machine a 2-thread worker's steps then took 1.02-1.27x the calibrated model, a 1-core
+worker's decode steps 0.84-0.98x and its prefills 0.95-1.16x (the step logs of every kept sweep,
+`serving_speed_by_workload` in result.json). Near saturation a 15 % error in step time is a
 far larger one in goodput, so the planner runs each deployment at its serving speed: per deployment,
 worker role and step kind, the sum of the real step seconds over the sum of the modelled ones for the
 same batches. For a workload's prediction only the *other* workloads' step logs count (leave one out):

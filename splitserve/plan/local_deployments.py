@@ -12,16 +12,19 @@ Deployments, all on the same two cores (`splitserve serve` flags in benchmarks/i
   1p1d               a prefill and a decode worker, one core each, every prompt prefilled remotely
   1p1d_conditional   the same, the router prefilling a prompt on the decode worker when its costs say so
 
-The calibration times an engine alone. A served one shares the two cores with the frontend's process (and,
-in a 1-core deployment, with the other worker): its steps run slower than calibrated, by 10-25 % on this
-machine. `Machine.serving_speed` carries that factor per deployment, worker role and step kind, as measured
-from the step logs of real runs; empty (what `splitserve plan` has on a new machine), the simulation runs at
-the calibration's speed. benchmarks/interference.py reports both, taking the factor for one workload from
-the other workloads' runs, never its own.
+Arrivals pass the frontend's admission (core.admission, as the runtime's): a request expected to wait for
+its first token longer than the budget is refused with a 429, a miss.
 
-Arrivals pass the frontend's admission (core.admission, as the runtime's): a request expected to wait for its
-first token longer than the budget is refused with a 429, a miss. Not modelled beyond that average: the two workers of a 1-core deployment slowing each other more while both
-compute (benchmarks/sim_accuracy.py models it step by step), the frontend's per-request costs, and a
+The calibration times an engine alone. A served one shares the two cores with the frontend's process (and,
+in a 1-core deployment, with the other worker), and its steps do not run at the calibrated speed: on this
+machine's four measured loads a 2-thread worker's steps took 1.02-1.27x the model, a 1-core worker's decode
+steps 0.84-0.98x and its prefills 0.95-1.16x. `Machine.serving_speed` carries such a factor per
+deployment, worker role and step kind; empty (what `splitserve plan` has on a new machine), the simulation
+runs at the calibration's speed. benchmarks/interference.py reports both, taking the factor for one
+workload from the other workloads' runs, never its own.
+
+Not modelled: the two workers of a 1-core deployment slowing each other more while both compute than on
+average (benchmarks/sim_accuracy.py models it step by step), the frontend's per-request costs, and a
 ticket's deadline expiring while its prefill queues (the runtime then recomputes the request on the decode
 worker). Where these matter the prediction is optimistic for the split deployments.
 """

@@ -138,8 +138,8 @@ class ClusterSim:
         self.max_fail = misses_allowed(len(judged), stop_below) if (self.slo and stop_below is not None) else None
         self.fails = 0
         self.watch = watch
-        cs = self.spec
-        self.admission = Admission(cs.admit_waiting, cs.admit_wait_s) if cs.admit_wait_s is not None else None
+        self.admission = (Admission(self.spec.admit_waiting, self.spec.admit_wait_s)
+                          if self.spec.admit_wait_s is not None else None)
         sims = [SimRequest(i, r, self.spec.block_size) for i, r in enumerate(requests)]
         for i in judged:
             sims[i].judged = True

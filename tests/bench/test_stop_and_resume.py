@@ -112,7 +112,8 @@ def test_each_run_waits_for_the_server_to_finish_what_a_stopped_run_left(fake_se
     """A stopped run's requests stay on the server for a while (their steps finish): the next run starts only
     once its /metrics show nothing in flight, so no request of it arrives while they do; with
     --idle-timeout 0 the next run starts at once and some do."""
-    server = fake_server(token_delay_s=0.01, token_delay_per_in_flight_s=0.1, metrics=True, linger_s=2.0)  # long enough that a loaded machine still starts the next run within it
+    # Lingering 2 s: long enough that a client on a loaded machine still starts its next run within it.
+    server = fake_server(token_delay_s=0.01, token_delay_per_in_flight_s=0.1, metrics=True, linger_s=2.0)
     assert main(sweep_argv(server, tiny_checkpoint, tmp_path, "--idle-timeout", idle_timeout)) == 0
     doc = json.loads((tmp_path / "result.json").read_text())
     assert any("stopped" in [rec["error_kind"] for rec in r["records"]] for r in doc["runs"][:-1])

@@ -42,6 +42,19 @@ def test_every_step_is_logged_with_its_batch(engine, tmp_path):
     assert logged[0]["t"] <= logged[1]["t"] <= logged[2]["t"]
 
 
+def test_a_last_line_cut_by_a_killed_writer_is_left_out_and_any_other_damage_is_an_error(tmp_path):
+    log = StepLog(tmp_path, "decode")
+    log.observe(type("Out", (), {"seqs": []})(), 0.05)
+    whole = log.path.read_bytes()
+    log.path.write_bytes(whole + b'{"t": 1795046400.1, "s": 0.0')  # killed mid-write
+    header, steps = read_step_log(log.path)
+    assert header["role"] == "decode" and len(steps) == 1
+    first, rest = whole.split(b"\n", 1)
+    log.path.write_bytes(first + b"\n" + b'{"t": 1.0, "s"\n' + rest)  # damage before the end
+    with pytest.raises(ValueError, match="line 2"):
+        read_step_log(log.path)
+
+
 def test_a_failing_observer_does_not_fail_the_step(engine):
     def broken(out, seconds):
         raise RuntimeError("observer bug")

@@ -43,10 +43,18 @@ class StepLog:
 
 
 def read_step_log(path: str | Path) -> tuple[dict, list[dict]]:
-    """(header, steps) of one step-log file."""
+    """(header, steps) of one step-log file. A last line cut short (its worker killed mid-write, as a
+    benchmark stopping its servers may do) is left out; a damaged line anywhere else is an error."""
     decode = msgspec.json.Decoder().decode
     with open(path, "rb") as f:
-        lines = [decode(line) for line in f if line.strip()]
+        raw = [line for line in f if line.strip()]
+    lines = []
+    for i, line in enumerate(raw):
+        try:
+            lines.append(decode(line))
+        except msgspec.DecodeError:
+            if i < len(raw) - 1 or line.endswith(b"\n"):
+                raise ValueError(f"{path}: line {i + 1} is not a step record") from None
     if not lines or "role" not in lines[0]:
         raise ValueError(f"{path}: not a splitserve step log")
     return lines[0], lines[1:]
