@@ -13,13 +13,16 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -99,20 +102,43 @@ def _pool_sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
 
 
 def _serve_in_process(args: argparse.Namespace) -> int:
-    from splitserve.runtime.frontend.app import create_app, run_server
+    from splitserve.runtime.frontend.app import create_app, http_server
 
     try:
-        engine = AsyncEngine(build_engine(args)).start()
+        engine = AsyncEngine(build_engine(args))
     except (OSError, ValueError) as exc:  # a missing model, an unwritable step log
         log.error("cannot start: %s", exc)
         return 2
+    app = create_app(engine, served_model_name=args.served_model_name, max_body_bytes=_max_body(args))
+    _guard(app, args, None)
+    server = http_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile,
+                         ssl_certfile=args.ssl_certfile)
+    serve_beside_engine(server, engine)
+    return 0 if server.started else 1
+
+
+def serve_beside_engine(server: uvicorn.Server, engine: AsyncEngine) -> None:
+    """Step `engine` on this thread, the one that loaded its model, so that the process has one OpenMP team
+    (async_engine.py says why); serve HTTP on a side thread until SIGINT or SIGTERM, caught here and handed
+    to `server` (a worker's starts its drain). Returns when both have stopped; a failed engine stops the
+    server, a stopped server the engine."""
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()
+
+    http = threading.Thread(target=serve_http, name="http")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    freeze_startup_heap()
+    http.start()
     try:
-        app = create_app(engine, served_model_name=args.served_model_name, max_body_bytes=_max_body(args))
-        _guard(app, args, None)
-        run_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+        engine.run()
     finally:
-        engine.shutdown()
-    return 0
+        server.should_exit = True
+        http.join()
 
 
 def _spawn_and_serve(args: argparse.Namespace, n_prefill: int, n_decode: int, n_colocated: int) -> int:
@@ -298,8 +324,6 @@ def _secret_file(path: str | None) -> str:
 
 def run_worker(args: argparse.Namespace) -> int:
     """`splitserve worker`: one engine in one role, behind its internal HTTP API."""
-    import uvicorn
-
     from splitserve.runtime.worker.app import Worker, create_worker_app
     from splitserve.runtime.worker.server import WorkerServer
 
@@ -322,16 +346,16 @@ def run_worker(args: argparse.Namespace) -> int:
         from splitserve.transfer.available import transports_line
 
         log.info("%s", transports_line(args.transfer, args.device))
-    worker.start()
+    worker.start(engine_thread=False)  # the engine runs on this thread: serve_beside_engine
     url = args.advertise or f"http://{args.host}:{args.port}"
     # No access log: a worker's callers are the frontend's polls and calls, not people (those show in the
     # frontend's own log).
     config = uvicorn.Config(create_worker_app(worker), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = WorkerServer(config, url, args.router, idle=worker.idle, secret=secret)
-    freeze_startup_heap()
     try:
-        server.run()
+        serve_beside_engine(server, worker.async_engine)
     finally:
         worker.close()
-    return 2 if server.registration_error else 0
+    # Not started: uvicorn could not bind (it said why) and ended its thread.
+    return 2 if server.registration_error or not server.started else 0

@@ -108,16 +108,23 @@ def create_app(
     return app
 
 
-def run_server(
+def http_server(
     app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", graceful_timeout_s: float = 30.0,
     ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM (over TLS when given a key and certificate). Shutdown stops accepting
+) -> uvicorn.Server:
+    """The frontend's server (over TLS when given a key and certificate). Shutdown stops accepting
     connections, lets running requests finish for up to graceful_timeout_s, then cancels the rest, which
     aborts their engine requests."""
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=graceful_timeout_s,
+                                         ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile))
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options: object) -> None:
+    """Serve until SIGINT or SIGTERM (`http_server` says how it shuts down)."""
+    server = http_server(app, host, port, log_level, **options)  # type: ignore[arg-type]
     freeze_startup_heap()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
-                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+    server.run()
 
 
 class _Frontend:

@@ -89,10 +89,13 @@ class Worker:
         role = self.decode_role or self.prefill_role
         role.before_abort(request_id)  # type: ignore[union-attr]
 
-    def start(self) -> None:
+    def start(self, engine_thread: bool = True) -> None:
+        """Start the KV receiver (decode role) and the engine on a thread of its own; with `engine_thread`
+        False the caller runs the engine (`async_engine.run()`) on its own thread."""
         if self.receiver is not None:
             self.receiver.start()
-        self.async_engine.start()
+        if engine_thread:
+            self.async_engine.start()
 
     def close(self) -> None:
         self.async_engine.shutdown()

@@ -1,4 +1,11 @@
-"""Drives an Engine in real time on its own thread and serves it to asyncio code as an EngineClient.
+"""Drives an Engine in real time on one thread and serves it to asyncio code as an EngineClient.
+
+The engine runs on a thread of its own (`start`) or on the calling one (`run`). A worker process runs it on
+its main thread, with HTTP on a side thread: the thread that loads the model is the one that steps it, so the
+process has one OpenMP team. A second team (model loaded on the main thread, stepped on another) makes
+libgomp count more threads than cores; it then stops spinning between parallel regions and sleeps at each:
+measured with SmolLM2-135M, 2 threads, batch 16 at 1k contexts, 125 ms a step with one team against
+158 ms with two, and ~400 context switches a step against ~7 (`benchmarks/vs_vllm_steps.py` served: 150 ms).
 
 Every scheduler mutation (add, abort, reserve, step) happens on the engine thread, between steps: an
 abort can never free blocks that a running forward pass is still writing. Other threads read the
@@ -62,7 +69,8 @@ class AsyncEngine:
         self._adds_sent = 0
         self._adds_applied = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._running = False  # the loop is on some thread (set and cleared by that thread)
         # Written by the engine thread only, read by /health from the event loop (single assignments).
         self._step_started: float | None = None
         self._step_seconds: deque[float] = deque(maxlen=64)
@@ -71,16 +79,32 @@ class AsyncEngine:
         self._drain_per_s: float | None = None
 
     def start(self) -> "AsyncEngine":
+        """Run the engine on a thread of its own."""
+        self._running = True  # before the thread exists: a request may come at once
+        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self._thread.start()
         return self
 
-    def shutdown(self) -> None:
+    def run(self) -> None:
+        """Run the engine on the calling thread until `stop` (or `shutdown`) is called."""
+        self._running = True
+        try:
+            self._loop()
+        finally:
+            self._running = False
+
+    def stop(self) -> None:
+        """Make the engine loop return after its current step (callable from any thread)."""
         self._stop.set()
         self._inbox.put(lambda: None)
-        self._thread.join(timeout=10)
+
+    def shutdown(self) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._running and not self._stop.is_set()
 
     def step_age(self) -> float | None:
         """Seconds the engine thread has been inside its current step, None between steps (any thread)."""
