@@ -130,8 +130,13 @@ inline void accumulate_values(const float* p, const float* v, int64_t n, float* 
 
 // Asks for a [block_size, head_dim] run ahead of its use: a context is read as scattered 4 KB pieces
 // (SmolLM2: 16 x 64 floats) that the hardware prefetcher only picks up after the first lines of each.
+// Into L2 (locality 2: prefetcht1), not L1: a run is 64 lines, more than L1 has miss buffers for. Measured
+// (AMD EPYC, SmolLM2 shapes, 1.1k-token contexts, 30 layers' caches so each layer comes from memory; medians
+// of 7): batch 16 at 2 threads 1.26 ms a layer against 2.01 with prefetcht0, at 1 thread 2.44 against 4.36;
+// batch 1 0.097 against 0.155; batch 4 0.32 against 0.57. Prefetching 2-6 blocks ahead instead of one gained
+// nothing.
 inline void prefetch_run(const float* p, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
 // HD > 0: head_dim known at compile time (full unrolling); HD == 0: any head_dim, given at run time.
