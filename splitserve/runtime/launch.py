@@ -185,7 +185,7 @@ def serve_pools(
     """The frontend over running workers of the deployment whose calls `secret` signs. `on_app` may add to
     the app before it serves (the Ray launcher adds its pools' lifecycle and /admin/scale)."""
     from splitserve.model.loader import load_tokenizer
-    from splitserve.runtime.frontend.app import create_app, run_server
+    from splitserve.runtime.frontend.app import create_app, http_server
 
     try:
         tokenizer, name = load_tokenizer(args.model)
@@ -198,7 +198,10 @@ def serve_pools(
     if on_app is not None:
         on_app(app, engine)
     _guard(app, args, Verifier(secret))
-    run_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    server = http_server(app, args.host, args.port, args.log_level, ssl_keyfile=args.ssl_keyfile,
+                         ssl_certfile=args.ssl_certfile)
+    freeze_startup_heap()
+    server.run()  # until SIGINT or SIGTERM
     return 0
 
 

@@ -39,9 +39,11 @@ def test_run_steps_on_the_calling_thread_until_stopped(checkpoint):
             params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
             results[rid] = [t async for out in ae.generate(rid, [5, 6, 7, 8 + len(rid)], params) for t in out.new_token_ids]
 
-        await asyncio.gather(*(one(f"r{i}") for i in range(3)))
-        health.append(ae.healthy())
-        ae.stop()
+        try:
+            await asyncio.gather(*(one(f"r{i}") for i in range(3)))
+            health.append(ae.healthy())
+        finally:
+            ae.stop()  # a failing client still ends run(): the test fails on its assertions, not by hanging
 
     side = threading.Thread(target=lambda: asyncio.run(client()))
     side.start()

@@ -48,7 +48,6 @@ from splitserve.runtime.frontend.openai_protocol import (
     Usage,
 )
 from splitserve.runtime.frontend.text_output import TextOutput
-from splitserve.runtime.process import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +118,6 @@ def http_server(
                                          timeout_graceful_shutdown=graceful_timeout_s,
                                          ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile))
 
-
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options: object) -> None:
-    """Serve until SIGINT or SIGTERM (`http_server` says how it shuts down)."""
-    server = http_server(app, host, port, log_level, **options)  # type: ignore[arg-type]
-    freeze_startup_heap()
-    server.run()
 
 
 class _Frontend:

@@ -4,8 +4,8 @@ The engine runs on a thread of its own (`start`) or on the calling one (`run`). 
 its main thread, with HTTP on a side thread: the thread that loads the model is the one that steps it, so the
 process has one OpenMP team. A second team (model loaded on the main thread, stepped on another) makes
 libgomp count more threads than cores; it then stops spinning between parallel regions and sleeps at each:
-measured with SmolLM2-135M, 2 threads, batch 16 at 1k contexts, 125 ms a step with one team against
-158 ms with two, and ~400 context switches a step against ~7 (`benchmarks/vs_vllm_steps.py` served: 150 ms).
+measured with SmolLM2-135M, 2 threads, batch 16 at 1k contexts, the engine alone: 125 ms a step with one
+team against 158 ms with two; served, ~400 context switches a step against ~35.
 
 Every scheduler mutation (add, abort, reserve, step) happens on the engine thread, between steps: an
 abort can never free blocks that a running forward pass is still writing. Other threads read the
