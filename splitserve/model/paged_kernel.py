@@ -9,8 +9,9 @@ kernel is ready, and start-up never waits for a compiler.
 Builders are serialised by an flock, which the OS releases when its holder dies. torch's own lock is a file
 that a builder killed mid-build (a worker stopped in its first 30 s) leaves behind, and every later builder
 waits on it forever: seen in a clean-clone test run that hung. Whoever holds the flock removes that file,
-since only a dead builder can have left it. The build directory is named by the source's hash and builds a
-copy of it placed there, so checkouts at other paths share one build instead of rebuilding in turn.
+since only a dead builder can have left it. The build directory is named by the source's hash and the CPU's
+feature flags, and builds a copy of the source placed there: checkouts at other paths share one build instead
+of rebuilding in turn, and a cache shared with a machine of another CPU never loads a build for the wrong one.
 No compiler, a failed build, a non-CPU device or a non-fp32 cache: the gather path, with one log line.
 SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests); it is read per step, and the linear
 kernel, once loaded, stays in use (benchmarks switch that one with linear.SKINNY).
@@ -22,6 +23,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -46,13 +48,27 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def _cpu_features() -> bytes:
+    """What -march=native compiles for: the CPU's feature flags. A cache shared between machines (a home
+    directory on a network disk, a copied ~/.cache) must not hand an AVX-512 build to an AVX2-only CPU, where it
+    dies with SIGILL at the first step."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, arm64
+                return line.encode()
+    except OSError:
+        pass
+    return platform.machine().encode() + platform.processor().encode()
+
+
 def build_directory() -> Path:
-    """Where the kernel is built and cached: per torch and Python version (the .so links against both) and
-    per source content."""
+    """Where the kernel is built and cached: per torch and Python version (the .so links against both), per
+    source content and per CPU feature set (-march=native)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    digest = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in _SOURCES)).hexdigest()[:12]
+    parts = [s.name.encode() + s.read_bytes() for s in _SOURCES] + [_cpu_features()]
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()[:12]
     return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{digest}"
 
 

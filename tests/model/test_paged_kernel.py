@@ -258,3 +258,15 @@ def test_the_avx2_path_matches_the_dense_reference_on_an_avx512_machine_too():
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AVX2 path ok" in done.stdout
+
+
+def test_a_cpu_with_other_features_gets_a_build_directory_of_its_own(monkeypatch):
+    """-march=native: an AVX-512 build loaded on an AVX2-only CPU dies with SIGILL, so a cache shared between
+    machines (network home, copied ~/.cache) keys builds by the CPU's feature flags as well as the source."""
+    here = paged_kernel.build_directory()
+    assert paged_kernel.build_directory() == here
+    monkeypatch.setattr(paged_kernel, "_cpu_features", lambda: b"flags : fpu sse2 avx2 fma avx512f")
+    avx512 = paged_kernel.build_directory()
+    monkeypatch.setattr(paged_kernel, "_cpu_features", lambda: b"flags : fpu sse2 avx2 fma")
+    avx2 = paged_kernel.build_directory()
+    assert len({here, avx512, avx2}) == 3 and avx512.parent == avx2.parent == here.parent
