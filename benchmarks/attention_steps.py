@@ -2,12 +2,13 @@
 
 Decode steps at batch 1/4/16 with 1k contexts, a mixed step (a 512-token chunk beside 15 decodes) and a
 1k-token prefill, each timed in alternation (A, B, C, A, ...) so that load from other processes hits all
-alike; medians of --repeats rounds. Modes: "kernel" (paged decode kernel, skinny linear for 1-2 rows),
+alike; medians of --repeats rounds. Modes: "kernel" (what serves: paged decode kernel, skinny linear for
+1-8 rows, packed oneDNN weights above), "plain" (oneDNN handed the plain weights: SPLITSERVE_PACKED_WEIGHTS=0),
 "gather" (SPLITSERVE_PAGED_KERNEL=0: decode attention gathers contexts for SDPA) and "onednn" (the kernel's
-attention, every linear in oneDNN: linear.SKINNY off). --threads takes a list (1,2): each thread count is
-timed in the same rounds. The load average is printed beside them.
+attention, every linear in packed oneDNN: linear.SKINNY off). --threads takes a list (1,2): each thread count
+is timed in the same rounds. The load average is printed beside them.
 
-    python -m benchmarks.attention_steps [--threads 1,2] [--repeats 7] [--context 1024]
+    python -m benchmarks.attention_steps [--threads 1,2] [--repeats 7] [--context 1024] [--modes kernel,plain,gather,onednn]
 
 The last line printed is a JSON summary (also written to results/attention_steps.json).
 """
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="thread counts, comma-separated")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--modes", default="kernel,plain,gather,onednn", help="comma-separated, of those above")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     t0 = time.perf_counter()
@@ -69,6 +71,7 @@ def main() -> None:
 
     def timed(seqs: list[SeqInput], mode: str, threads: int) -> float:
         os.environ[paged_kernel.ENV] = "0" if mode == "gather" else "1"
+        os.environ[linear.PACK_ENV] = "0" if mode == "plain" else "1"
         linear.SKINNY = mode != "onednn"
         torch.set_num_threads(threads)
         batch = build_forward_batch(seqs, BLOCK, loaded.device)
@@ -76,7 +79,7 @@ def main() -> None:
         loaded.model(batch, cache)
         return (time.perf_counter() - t) * 1000
 
-    modes = ["kernel", "gather", "onednn"] if kernel else ["gather"]
+    modes = args.modes.split(",") if kernel else ["gather"]
     runs = [(m, t) for t in thread_counts for m in modes]
     key = lambda m, t: f"{m}_ms" if len(thread_counts) == 1 else f"{m}_t{t}_ms"  # noqa: E731
     times: dict[str, dict[str, list[float]]] = {k: {key(m, t): [] for m, t in runs} for k in kinds}
@@ -88,6 +91,7 @@ def main() -> None:
             for m, t in runs:
                 times[name][key(m, t)].append(timed(seqs, m, t))
     os.environ.pop(paged_kernel.ENV, None)
+    os.environ.pop(linear.PACK_ENV, None)
     linear.SKINNY = True
     load_after = os.getloadavg()[0]
     summary = {"threads": thread_counts, "context": args.context, "repeats": args.repeats,

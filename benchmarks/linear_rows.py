@@ -40,15 +40,18 @@ def main() -> None:
     )] + [model.lm_head_weight.detach()]
     clock = time.thread_time if args.threads == 1 else time.process_time
     # The kernel called directly, at any row count (also past the cut-off, to find it); oneDNN as linear.py
-    # calls it for rows the kernel does not take.
+    # calls it for rows the kernel does not take: with each weight's packed copy (linear.PackedWeight).
     linear.SKINNY = False
-    paths = {"kernel": lambda x, w: paged_kernel.linear(x, w, None), "onednn": linear.linear}
+    packed = {id(w): linear.PackedWeight() for w in weights}
+    for w in weights:
+        packed[id(w)].of(w)
+    paths = {"kernel": lambda x, w: paged_kernel.linear(x, w, None), "onednn": lambda x, w: linear.linear(x, w, None, packed[id(w)])}
     summary: dict = {"threads": args.threads, "repeats": args.repeats, "loadavg_1m": [round(os.getloadavg()[0], 2)]}
     with torch.inference_mode():
         for rows in map(int, args.rows.split(",")):
             xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
             for w in weights[:4] + weights[-1:]:  # the same products, before any is timed
-                torch.testing.assert_close(paths["kernel"](xs[w.shape[1]], w), linear.linear(xs[w.shape[1]], w), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(paths["kernel"](xs[w.shape[1]], w), paths["onednn"](xs[w.shape[1]], w), rtol=1e-4, atol=1e-4)
             times: dict[str, list[float]] = {p: [] for p in paths}
             for _ in range(args.repeats):
                 for name, fn in paths.items():

@@ -63,6 +63,7 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     model.to_empty(device=device)
     model.load_hf_weights(weights)
     model.eval()
+    model.pack_weights()
     return LoadedModel(config, model, tokenizer, name, _fingerprint(config, model), dtype, torch.device(device))
 
 

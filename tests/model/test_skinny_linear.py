@@ -57,17 +57,46 @@ def test_rejects_what_it_does_not_handle(kernel):
         paged_kernel.linear(torch.randn(1, 16), w.contiguous(), None)
 
 
-def test_linear_routes_one_to_ten_rows_to_it(kernel, monkeypatch):
+def test_linear_routes_one_to_eight_rows_to_it(kernel, monkeypatch):
     calls = []
     real = paged_kernel.linear
     monkeypatch.setattr(paged_kernel, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     w = _column_major(32, 16, torch.Generator().manual_seed(1))
-    for rows in (0, 1, 2, 3, 8, 10, 11, 16):
+    for rows in (0, 1, 2, 3, 8, 9, 16):
         x = torch.randn(rows, 16)
         torch.testing.assert_close(linear_mod.linear(x, w), x @ w.t())
-    # 11+ rows: oneDNN, faster there. 0 rows too: a chunk of a long prompt that samples nothing asks the LM
+    # 9+ rows: oneDNN, faster there. 0 rows too: a chunk of a long prompt that samples nothing asks the LM
     # head for no row (a 2,311-token prompt failed with a 500 when that reached the kernel).
-    assert calls == [1, 2, 3, 8, 10]
+    assert calls == [1, 2, 3, 8]
     monkeypatch.setattr(linear_mod, "SKINNY", False)
     linear_mod.linear(torch.randn(1, 16), w)
-    assert calls == [1, 2, 3, 8, 10]
+    assert calls == [1, 2, 3, 8]
+
+
+def test_the_packed_copy_gives_torchs_product_and_follows_the_weight():
+    """PackedWeight: oneDNN's blocked copy, made once, gives F.linear's result at any row count, and is remade
+    when the weight is written in place or replaced, so a stale copy is never used."""
+    if not linear_mod._ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear")
+    g = torch.Generator().manual_seed(2)
+    w, b = _column_major(40, 24, g), torch.randn(40, generator=g)
+    packed = linear_mod.PackedWeight()
+    first = packed.of(w)
+    assert first is not None and packed.of(w) is first  # made once
+    for rows in (0, 9, 16, 300):
+        x = torch.randn(rows, 24, generator=g)
+        expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(linear_mod.linear(x, w, b, packed).double(), expected, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        w.mul_(-2.0)  # in place: the version counter moves
+    x = torch.randn(12, 24, generator=g)
+    torch.testing.assert_close(linear_mod.linear(x, w, None, packed), x @ w.t(), rtol=1e-5, atol=1e-4)
+    assert packed.of(w) is not first
+    replaced = _column_major(40, 24, g)
+    torch.testing.assert_close(linear_mod.linear(x, replaced, None, packed), x @ replaced.t(), rtol=1e-5, atol=1e-4)
+    assert linear_mod.PackedWeight().of(w.double()) is None  # float32 CPU weights only
+
+
+def test_packing_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(linear_mod.PACK_ENV, "0")
+    assert linear_mod.PackedWeight().of(_column_major(8, 8, torch.Generator().manual_seed(3))) is None
