@@ -4,11 +4,12 @@ Decode steps at batch 1/4/16 with 1k contexts, a mixed step (a 512-token chunk b
 1k-token prefill, each timed in alternation (A, B, C, A, ...) so that load from other processes hits all
 alike; medians of --repeats rounds. Modes: "kernel" (what serves: paged decode kernel, skinny linear for
 1-8 rows, packed oneDNN weights above), "plain" (oneDNN handed the plain weights: SPLITSERVE_PACKED_WEIGHTS=0),
-"gather" (SPLITSERVE_PAGED_KERNEL=0: decode attention gathers contexts for SDPA) and "onednn" (the kernel's
-attention, every linear in packed oneDNN: linear.SKINNY off). --threads takes a list (1,2): each thread count
+"unfused" (a layer's elementwise parts in torch's ops, not csrc/layer_ops.cpp), "gather"
+(SPLITSERVE_PAGED_KERNEL=0: decode attention gathers contexts for SDPA) and "onednn" (the kernel's attention,
+every linear in packed oneDNN: linear.SKINNY off). --threads takes a list (1,2): each thread count
 is timed in the same rounds. The load average is printed beside them.
 
-    python -m benchmarks.attention_steps [--threads 1,2] [--repeats 7] [--context 1024] [--modes kernel,plain,gather,onednn]
+    python -m benchmarks.attention_steps [--threads 1,2] [--repeats 7] [--context 1024] [--modes kernel,plain,unfused,gather,onednn]
 
 The last line printed is a JSON summary (also written to results/attention_steps.json).
 """
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="thread counts, comma-separated")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--modes", default="kernel,plain,gather,onednn", help="comma-separated, of those above")
+    ap.add_argument("--modes", default="kernel,plain,unfused,gather,onednn", help="comma-separated, of those above")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     t0 = time.perf_counter()
@@ -73,6 +74,7 @@ def main() -> None:
         os.environ[paged_kernel.ENV] = "0" if mode == "gather" else "1"
         os.environ[linear.PACK_ENV] = "0" if mode == "plain" else "1"
         linear.SKINNY = mode != "onednn"
+        paged_kernel.FUSED_LAYER_OPS = mode != "unfused"
         torch.set_num_threads(threads)
         batch = build_forward_batch(seqs, BLOCK, loaded.device)
         t = time.perf_counter()
@@ -93,6 +95,7 @@ def main() -> None:
     os.environ.pop(paged_kernel.ENV, None)
     os.environ.pop(linear.PACK_ENV, None)
     linear.SKINNY = True
+    paged_kernel.FUSED_LAYER_OPS = True
     load_after = os.getloadavg()[0]
     summary = {"threads": thread_counts, "context": args.context, "repeats": args.repeats,
                "loadavg_1m": [round(load_before, 2), round(load_after, 2)]}

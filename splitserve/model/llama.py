@@ -15,7 +15,7 @@ from splitserve.model.batch import ForwardBatch
 from splitserve.core.model_spec import ModelSpec
 from splitserve.model.kv_cache import PagedKVCache
 from splitserve.model.linear import Linear, PackedWeight, linear
-from splitserve.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from splitserve.model.rope import inv_frequencies, rope_cos_sin, rotate_
 
 
 class LayerHooks(Protocol):
@@ -36,6 +36,12 @@ class RMSNorm(nn.Module):
         # The fused kernel computes in float32 for half types, as transformers' RMSNorm does.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
+    def add_then_norm(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """h += delta (the residual stream, in place), then this norm of it: one pass where fused."""
+        if paged_kernel.fused(h, delta, self.weight) and h.dim() == 2 and h.is_contiguous() and delta.stride(-1) == 1:
+            return paged_kernel.add_rms_norm_(h, delta, self.weight, self.eps)
+        return self(h.add_(delta))
+
 
 class Attention(nn.Module):
     def __init__(self, c: ModelSpec) -> None:
@@ -49,8 +55,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
-        # Rotate q and k together: they are adjacent in qkv.
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        # Rotate q and k together, in place: they are adjacent in qkv.
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        rotate_(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         return self.o_proj(paged_attention(q, k, v, cache_layer, plan))
@@ -64,7 +71,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if paged_kernel.fused(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous():
+            return self.down_proj(paged_kernel.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -79,8 +89,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache_layer, plan)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """h, the residual stream, is updated in place and returned."""
+        attended = self.self_attn(self.input_layernorm(h), cos, sin, cache_layer, plan)
+        return h.add_(self.mlp(self.post_attention_layernorm.add_then_norm(h, attended)))
 
 
 class LlamaModel(nn.Module):

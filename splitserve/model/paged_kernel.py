@@ -1,5 +1,6 @@
-"""The C++ kernels, built on the machine that runs them: paged decode attention (csrc/paged_attention.cpp)
-and the few-row linear of small decode steps (csrc/skinny_linear.cpp; linear.py routes to it).
+"""The C++ kernels, built on the machine that runs them: paged decode attention (csrc/paged_attention.cpp),
+the few-row linear of small decode steps (csrc/skinny_linear.cpp; linear.py routes to it) and a layer's
+elementwise parts fused (csrc/layer_ops.cpp: SiLU * up, rotary embedding, residual add + RMSNorm).
 
 torch's extension builder compiles it once per machine into its cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) and later loads it from there. The first build takes tens of seconds, so
@@ -34,10 +35,15 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "SPLITSERVE_PAGED_KERNEL"
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "skinny_linear.cpp")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "skinny_linear.cpp", "layer_ops.cpp")]
+_HEADERS = [_CSRC / "fast_exp.h"]
 # -march=native: the build runs on the machine that runs the kernel. -fopenmp: at::parallel_for's inline
 # OpenMP region (the process already has torch's libgomp loaded, which the extension then uses).
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -fno-trapping-math: the code never enables FP exceptions, and with it g++ vectorizes the loops that compute
+# exp (softmax, SiLU), which it otherwise keeps scalar. Unlike -ffast-math it changes no result and sets no
+# process-wide FP mode.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _ready = threading.Event()
@@ -63,11 +69,11 @@ def _cpu_features() -> bytes:
 
 def build_directory() -> Path:
     """Where the kernel is built and cached: per torch and Python version (the .so links against both), per
-    source content and per CPU feature set (-march=native)."""
+    source content and flags, and per CPU feature set (-march=native)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    parts = [s.name.encode() + s.read_bytes() for s in _SOURCES] + [_cpu_features()]
+    parts = [s.name.encode() + s.read_bytes() for s in _SOURCES + _HEADERS] + [" ".join(_CFLAGS).encode(), _cpu_features()]
     digest = hashlib.sha256(b"".join(parts)).hexdigest()[:12]
     return Path(root) / f"splitserve_paged_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{digest}"
 
@@ -91,10 +97,11 @@ def _build() -> None:
         with open(build_dir / "build.flock", "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)  # another live builder finishes first; a dead one released it
             (build_dir / "lock").unlink(missing_ok=True)  # torch's: left only by a builder that died
-            copies = [build_dir / s.name for s in _SOURCES]
-            for original, copy in zip(_SOURCES, copies):
+            for original in _SOURCES + _HEADERS:
+                copy = build_dir / original.name
                 if not copy.exists() or copy.read_bytes() != original.read_bytes():
                     shutil.copyfile(original, copy)
+            copies = [build_dir / s.name for s in _SOURCES]
             cpp_extension.load(
                 name="splitserve_paged",
                 sources=[str(c) for c in copies],
@@ -153,6 +160,35 @@ def decode(
 ) -> torch.Tensor:
     """q [B, heads, head_dim] -> [B, heads, head_dim]; tables [B, width] and lens [B] int32."""
     return torch.ops.splitserve_paged.decode(q, cache_layer, block_tables, context_lens, scale)
+
+
+# Benchmarks set this False to time the fused elementwise ops against torch's in one process.
+FUSED_LAYER_OPS = True
+
+
+def fused(*tensors: torch.Tensor) -> bool:
+    """Whether a layer's elementwise part can run fused (csrc/layer_ops.cpp): built, and CPU float32 tensors."""
+    return (
+        FUSED_LAYER_OPS
+        and _ready.is_set()
+        and _ok
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] contiguous ([gate | up]) -> silu(gate) * up [T, I]."""
+    return torch.ops.splitserve_layer.silu_mul(gate_up)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x [T, heads, head_dim] (unit stride in head_dim) rotated in place; cos, sin [T, 1, head_dim] contiguous."""
+    torch.ops.splitserve_layer.rope_(x, cos, sin)
+
+
+def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h [T, hidden] contiguous += delta, in place; returns RMSNorm(h) * weight."""
+    return torch.ops.splitserve_layer.add_rms_norm_(h, delta, weight, eps)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

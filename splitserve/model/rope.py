@@ -7,6 +7,7 @@ import math
 import torch
 
 from splitserve.core.model_spec import ModelSpec
+from splitserve.model import paged_kernel
 
 
 def inv_frequencies(config: ModelSpec) -> torch.Tensor:
@@ -46,3 +47,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """apply_rope in place: one fused pass (csrc/layer_ops.cpp) where the kernels are built."""
+    if paged_kernel.fused(x, cos, sin) and x.dim() == 3 and x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous():
+        paged_kernel.rope_(x, cos, sin)
+    else:
+        x.copy_(apply_rope(x, cos, sin))

@@ -217,8 +217,8 @@ copies = [build / source.name for source in sources]
 for source, copy in zip(sources, copies):
     if not copy.exists() or copy.read_bytes() != source.read_bytes():
         shutil.copyfile(source, copy)
-cpp_extension.load(name="splitserve_paged_avx2", sources=[str(c) for c in copies], build_directory=str(build),
-                   extra_cflags=["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], extra_ldflags=["-fopenmp"],
+cpp_extension.load(name="splitserve_paged_avx2", sources=[str(c) for c in copies if c.suffix == ".cpp"], build_directory=str(build),
+                   extra_cflags=paged_kernel._CFLAGS + ["-mno-avx512f"], extra_ldflags=["-fopenmp"],
                    is_python_module=False, verbose=False)
 if shutil.which("objdump"):  # the build really is the AVX2 one: no 512-bit register anywhere in it
     so = next(build.glob("splitserve_paged_avx2*.so"))
@@ -254,7 +254,7 @@ def test_the_avx2_path_matches_the_dense_reference_on_an_avx512_machine_too():
     if " avx512f" not in flags or " avx2" not in flags or " fma" not in flags:
         pytest.skip("not an AVX-512 machine: the normal build is the AVX2 (or scalar) one, which the tests above check")
     build = paged_kernel.build_directory().with_name(paged_kernel.build_directory().name + "_avx2")
-    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK, str(build), *map(str, paged_kernel._SOURCES)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK, str(build), *map(str, paged_kernel._SOURCES + paged_kernel._HEADERS)], capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AVX2 path ok" in done.stdout
