@@ -87,11 +87,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer: torch.Tensor, plan: AttentionPlan
+        self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        cache_layer: torch.Tensor, plan: AttentionPlan,
     ) -> torch.Tensor:
-        """h, the residual stream, is updated in place and returned."""
-        attended = self.self_attn(self.input_layernorm(h), cos, sin, cache_layer, plan)
-        return h.add_(self.mlp(self.post_attention_layernorm.add_then_norm(h, attended)))
+        """h, the residual stream, is updated in place: the previous layer's output `delta` (None before the
+        first layer) is added to it in the same pass as this layer's first norm. Returns this layer's output,
+        for the next layer (or the final norm) to add."""
+        if delta is None:
+            x = self.input_layernorm(h)
+        else:
+            x = self.input_layernorm.add_then_norm(h, delta)
+        attended = self.self_attn(x, cos, sin, cache_layer, plan)
+        return self.mlp(self.post_attention_layernorm.add_then_norm(h, attended))
 
 
 class LlamaModel(nn.Module):
@@ -138,13 +145,15 @@ class LlamaModel(nn.Module):
         plan = AttentionPlan.build(batch, kv_cache.block_size, self.config.num_kv_heads, decode_kernel)
         h = self.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(self._inv_freq, batch.positions, h.dtype)
+        delta = None
         for i, layer in enumerate(self.layers):
             if hooks is not None:
                 hooks.before_layer(i)
-            h = layer(h, cos, sin, kv_cache.layer(i), plan)
+            delta = layer(h, delta, cos, sin, kv_cache.layer(i), plan)
             if hooks is not None:
                 hooks.after_layer(i)
-        h = self.norm(h[batch.logits_indices])
+        rows = batch.logits_indices
+        h = self.norm(h[rows] if delta is None else h[rows] + delta[rows])
         w = self.lm_head_weight
         # Half-precision weights are cast per step, a new tensor each time: nothing to keep a packed copy of.
         packed = self._lm_head_packed if w.dtype == torch.float32 else None

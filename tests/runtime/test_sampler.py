@@ -58,3 +58,27 @@ def test_one_poisoned_row_leaves_the_others_seeded_draws_unchanged():
     alone = Sampler().sample(logits[[0, 2]], ["a", "c"], [fair, fair])
     mixed = Sampler().sample(logits, ["a", "b", "c"], [fair, poison, fair])
     assert [mixed[0], mixed[2]] == alone
+
+
+def test_draws_follow_the_distribution_after_temperature_top_k_and_top_p():
+    """The batched inverse-CDF draw: frequencies over many rows match softmax(logits / T) restricted by top-k
+    and top-p, and a token those drop is never drawn."""
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4] + [0.0] * (VOCAB - 5))
+    logits = probs.clamp_min(1e-30).log()
+    n = 20000
+    sampler = Sampler()
+    plain = SamplingParams(temperature=1.0, seed=3)
+    tokens = sampler.sample(logits.repeat(n, 1), [f"p{i}" for i in range(n)], [SamplingParams(temperature=1.0)] * n)
+    counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB).float() / n
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    hot = SamplingParams(temperature=2.0, top_k=4, top_p=0.8)  # top-k drops token 0; top-p then token 1
+    tokens = sampler.sample(logits.repeat(n, 1), [f"h{i}" for i in range(n)], [hot] * n)
+    kept = (probs[2:5] ** 0.5) / (probs[2:5] ** 0.5).sum()
+    counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB).float() / n
+    assert counts[:2].sum() == 0 and counts[5:].sum() == 0
+    torch.testing.assert_close(counts[2:5], kept, atol=0.015, rtol=0)
+    # A seeded request draws the same tokens whatever else is in its batch.
+    alone = [Sampler().sample(logits[None], ["s"], [plain])[0] for _ in range(3)]
+    beside = [Sampler().sample(logits.repeat(3, 1), ["x", "s", "y"], [SamplingParams(temperature=1.0), plain, hot])[1]
+              for _ in range(3)]
+    assert alone == beside

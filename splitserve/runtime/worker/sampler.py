@@ -10,6 +10,11 @@ back to its argmax.
 
 Structured output masks the rows of constrained requests (all of a step's at once) before any of this, on a
 copy: `logits` stays the model's, which is what logprobs report.
+
+A step's draws are batched: one softmax and one cumulative sum over all its sampling rows, and each row's
+token found by inverse CDF from one uniform number drawn from its own generator. torch.multinomial drew one
+row at a time and took ~1.2 ms a row at SmolLM2's 49,152-token vocabulary (an exponential per token): 18 ms
+of a 140 ms batch-16 decode step (cProfile, AVX2 EPYC, 2 threads).
 """
 
 from __future__ import annotations
@@ -43,14 +48,15 @@ class Sampler:
         produced so far, wherever they were produced (its grammar, if it has one, resumes after them)."""
         tokens = logits.argmax(dim=-1).tolist()
         masked = self._masked(logits, request_ids, params, outputs)
-        for row, (rid, p) in enumerate(zip(request_ids, params)):
-            row_logits = masked.get(row)
-            if row_logits is None:
-                row_logits = logits[row]
-            elif p.greedy:
-                tokens[row] = int(row_logits.argmax().item())
-            if not p.greedy:
-                tokens[row] = self._draw(row_logits, p, self._generator(rid, p))
+        for row, p in enumerate(params):
+            if p.greedy and row in masked:
+                tokens[row] = int(masked[row].argmax().item())
+        drawn = [row for row, p in enumerate(params) if not p.greedy]
+        if drawn:
+            rows = torch.stack([masked[r] if r in masked else logits[r] for r in drawn]).float()
+            picks = self._draw(rows, [params[r] for r in drawn], [self._generator(request_ids[r], params[r]) for r in drawn])
+            for row, token in zip(drawn, picks):
+                tokens[row] = token
         return tokens
 
     @staticmethod
@@ -95,19 +101,39 @@ class Sampler:
         return gen
 
     @staticmethod
-    def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-        logits = logits.float() / p.temperature
-        if 0 < p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
-            drop = probs.cumsum(-1) - probs >= p.top_p
-            drop[0] = False
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
-            return int(logits.argmax().item())
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+    def _draw(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
+        """One token per row of `logits` [R, vocab] float32 (a copy, changed in place)."""
+        logits /= torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+        for row, p in enumerate(params):
+            if 0 < p.top_k < logits.shape[-1] or p.top_p < 1.0:
+                logits[row] = _filtered(logits[row], p)
+        cdf = logits.softmax(-1).cumsum_(-1)
+        total = cdf[:, -1]
+        # Each row's own generator, so a seeded request's draws do not depend on its batch.
+        u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        # The first token whose cumulative mass exceeds u * total: a token of zero probability never does.
+        picks = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].tolist()
+        fine = (torch.isfinite(total) & (total > 0)).tolist()
+        tokens = []
+        for row, (pick, ok) in enumerate(zip(picks, fine)):
+            if not ok:  # a distribution still not finite: the row's argmax (see the module's docstring)
+                pick = int(logits[row].argmax().item())
+            elif pick >= logits.shape[-1]:  # u * total rounded up to total: the last token with mass
+                pick = int((cdf[row] < total[row]).sum().item())
+            tokens.append(pick)
+        return tokens
+
+
+def _filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's logits with top-k, then top-p, applied (dropped tokens at -inf)."""
+    if 0 < p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[0] = False
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    return logits
