@@ -200,6 +200,17 @@ class AsyncEngine:
             loop, q = stream
             loop.call_soon_threadsafe(q.put_nowait, out)
 
+    def emit_step(self, outs: list[TokenOutput]) -> None:
+        """Deliver a step's outputs with one wake-up of each event loop they go to, not one per output: each
+        call_soon_threadsafe writes the loop's self-pipe and takes the GIL from the engine thread again."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenOutput]]] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], out))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, deliveries)
+
     def _retry_after(self, waiting: int) -> float:
         """How long the waiting queue takes to drain at its measured rate (requests leaving it per busy
         second); at least a second, and a second while nothing has left it yet."""
@@ -260,12 +271,16 @@ class AsyncEngine:
             now = time.monotonic()
             if outs:  # a step that computed (an idle turn's nothing would hide the long ones)
                 self._step_seconds.append(now - started)
-            for out in outs:
-                self.emit(out)
+            self.emit_step(outs)
             load = self.engine.load()
             self._drain.observe(now, waiting, max(0, waiting - load.waiting))
             self._drain_per_s = self._drain.per_s()
             self._published = (load, self._adds_applied)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, TokenOutput]]) -> None:
+    for q, out in deliveries:
+        q.put_nowait(out)
 
 
 def _settle(fut: asyncio.Future, result: object, exc: BaseException | None) -> None:
