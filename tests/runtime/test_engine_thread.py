@@ -40,12 +40,16 @@ def test_run_steps_on_the_calling_thread_until_stopped(checkpoint):
             results[rid] = [t async for out in ae.generate(rid, [5, 6, 7, 8 + len(rid)], params) for t in out.new_token_ids]
 
         try:
+            # run() may not have started yet on the main thread: a request before then is refused (as a worker's
+            # HTTP server answers 503 until its engine runs). Seen in a clean-clone run on a loaded machine.
+            while not ae.healthy():
+                await asyncio.sleep(0.01)
             await asyncio.gather(*(one(f"r{i}") for i in range(3)))
             health.append(ae.healthy())
         finally:
             ae.stop()  # a failing client still ends run(): the test fails on its assertions, not by hanging
 
-    side = threading.Thread(target=lambda: asyncio.run(client()))
+    side = threading.Thread(target=lambda: asyncio.run(client()), daemon=True)
     side.start()
     ae.run()  # returns once the client has stopped it
     side.join(timeout=30)
