@@ -10,8 +10,8 @@ kernel is ready, and start-up never waits for a compiler.
 Builders are serialised by an flock, which the OS releases when its holder dies. torch's own lock is a file
 that a builder killed mid-build (a worker stopped in its first 30 s) leaves behind, and every later builder
 waits on it forever: seen in a clean-clone test run that hung. Whoever holds the flock removes that file,
-since only a dead builder can have left it. The build directory is named by the source's hash and the CPU's
-feature flags, and builds a copy of the source placed there: checkouts at other paths share one build instead
+since only a dead builder can have left it. The build directory is named by the source's hash, the build flags and
+the CPU's feature flags, and builds a copy of the source placed there: checkouts at other paths share one build instead
 of rebuilding in turn, and a cache shared with a machine of another CPU never loads a build for the wrong one.
 No compiler, a failed build, a non-CPU device or a non-fp32 cache: the gather path, with one log line.
 SPLITSERVE_PAGED_KERNEL=0 forces the gather path (comparisons, tests); it is read per step, and the linear
@@ -168,12 +168,7 @@ FUSED_LAYER_OPS = True
 
 def fused(*tensors: torch.Tensor) -> bool:
     """Whether a layer's elementwise part can run fused (csrc/layer_ops.cpp): built, and CPU float32 tensors."""
-    return (
-        FUSED_LAYER_OPS
-        and _ready.is_set()
-        and _ok
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    )
+    return FUSED_LAYER_OPS and ready() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
