@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from splitserve.core.model_spec import ARCHITECTURES, ROPE_TYPES, ModelSpec
 from splitserve.model.gguf_file import config_from_gguf, hf_weights_from_gguf, open_gguf
@@ -57,14 +58,27 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     _check_buildable(config)
     config = config.with_dtype(dtype.itemsize)
 
-    # Built on "meta" so no time goes into random init; the checkpoint then fills every parameter.
-    with torch.device("meta"):
+    # Built on "meta" with no random init: the checkpoint then fills every parameter.
+    with torch.device("meta"), _SkipInit():
         model = LlamaModel(config).to(dtype)
     model.to_empty(device=device)
     model.load_hf_weights(weights)
     model.eval()
     model.pack_weights()
     return LoadedModel(config, model, tokenizer, name, _fingerprint(config, model), dtype, torch.device(device))
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips torch.nn.init's in-place initializers (normal_, kaiming_uniform_, ...) of modules being built.
+
+    Not only wasted work: on "meta" tensors torch runs them through torch._refs, whose import of
+    torch._dynamo (and triton) costs every worker process ~1.5 s of start-up and ~150 MB."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def load_tokenizer(path: str | Path | None = None) -> tuple[Tokenizer, str]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -157,3 +160,14 @@ def test_fingerprint_identifies_the_weights(tiny_dir, tmp_path):
 def test_load_in_bfloat16(tiny_dir):
     loaded = load_model(tiny_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+
+
+def test_loading_imports_no_compiler(tiny_dir):
+    """The model is built on "meta" without torch.nn.init's random init, which torch would run through
+    torch._refs and so import torch._dynamo and triton: ~1.5 s and ~150 MB in every worker process."""
+    code = ("import sys; from splitserve.model.loader import load_model; load_model(sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
