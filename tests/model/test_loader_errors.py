@@ -164,7 +164,7 @@ def test_load_in_bfloat16(tiny_dir):
 
 def test_loading_imports_no_compiler(tiny_dir):
     """The model is built on "meta" without torch.nn.init's random init, which torch would run through
-    torch._refs and so import torch._dynamo and triton: ~1.5 s and ~150 MB in every worker process."""
+    torch._refs and so import torch._dynamo and triton: ~1 s and ~110 MB in every worker process."""
     code = ("import sys; from splitserve.model.loader import load_model; load_model(sys.argv[1]); "
             "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], capture_output=True, text=True, timeout=300,
