@@ -50,6 +50,7 @@ from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench.run_store import load_run, run_path
 from splitserve.calibrate.table import Calibration
 from splitserve.plan.local_deployments import DEPLOYMENTS, Machine, predict_goodput, winner
+from splitserve.plan.local_pick import pick_deployment
 from splitserve.runtime.config import DECODE_PREFILL_CHUNK
 from splitserve.runtime.frontend.pool_client import PoolConfig
 from splitserve.workload.goodput import Bracket
@@ -63,6 +64,10 @@ DRAIN_S = 60.0
 # The stricter stall bound every sweep's runs are judged again at (half the default SLO's): chunked prefill
 # keeps stalls under 0.5 s at 128-token chunks, not under this; a split's decode worker does.
 TIGHT_GAP_S = 0.25
+# `splitserve plan local`'s default band: every step this fraction slower and faster. A served engine's steps
+# ran 0.84-1.27x the calibration here (plan/local_deployments.py), and picks turned on single requests at an
+# SLO's edge; the band says which picks are that close.
+BAND = 0.1
 
 
 def calibration(path: Path, threads: int, quick: bool) -> Calibration:
@@ -153,6 +158,8 @@ def main() -> None:
     predicted_served: dict[str, dict[str, float]] = {}
     predicted_tight: dict[str, dict[str, float]] = {}
     prediction_probes: dict[str, dict[str, list]] = {}
+    predicted_band: dict[str, dict[str, tuple[float, float]]] = {}
+    picks: dict[str, dict] = {}
     speeds: dict[str, dict[str, float]] = {}
     tight = SLO(slo.ttft_s, slo.tpot_s, TIGHT_GAP_S)
     for w, case in chosen.items():
@@ -161,19 +168,26 @@ def main() -> None:
         def requests_at(rate: float, trial: int) -> list:
             return case.requests(rate, trial).requests
 
-        predicted[w], predicted_served[w], predicted_tight[w], prediction_probes[w] = {}, {}, {}, {}
+        # What `splitserve plan local` tells the user: each goodput, and again with every step BAND slower and faster.
+        pick = pick_deployment(machine, deployments, requests_at, slo, bracket(case, args.parts), args.trials,
+                               args.attainment, BAND)
+        predicted[w] = {g.deployment: g.goodput for g in pick.deployments}
+        prediction_probes[w] = {g.deployment: [{"rate": p.rate, "median": p.median} for p in g.nominal.probes]
+                                for g in pick.deployments}
+        predicted_band[w] = {g.deployment: (g.slower, g.faster) for g in pick.deployments}
+        picks[w] = {"winner": pick.winner, "robust": pick.robust, "contenders": list(pick.contenders()),
+                    "winner_slower": pick.winner_slower, "winner_faster": pick.winner_faster}
+        predicted_served[w], predicted_tight[w] = {}, {}
         for d in deployments:
-            g = predict_goodput(machine, d, requests_at, slo, bracket(case, args.parts), args.trials, args.attainment)
-            predicted[w][d] = g.lower
-            prediction_probes[w][d] = [{"rate": p.rate, "median": p.median} for p in g.probes]
             predicted_tight[w][d] = predict_goodput(machine, d, requests_at, tight, bracket(case, args.parts), args.trials,
                                                     args.attainment).lower
             predicted_served[w][d] = predict_goodput(served, d, requests_at, slo, bracket(case, args.parts),
                                                      args.trials, args.attainment).lower
         print(f"[{w}] predicted goodput (req/s): {predicted[w]} (at the serving speed of the other workloads' runs "
-              f"{predicted_served[w]}); at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; predicted winner "
-              f"{winner(predicted[w]) if any(predicted[w].values()) else 'none (no deployment passed the lowest rate)'}",
-              file=sys.stderr)
+              f"{predicted_served[w]}); at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; with steps "
+              f"±{BAND:.0%} {predicted_band[w]}; predicted winner "
+              f"{pick.winner or 'none (no deployment passed the lowest rate)'}"
+              f"{'' if pick.robust else f' (not robust: contenders {pick.contenders()})'}", file=sys.stderr)
 
     started = time.time()
     measured: dict[str, dict[str, dict]] = {}
@@ -188,12 +202,12 @@ def main() -> None:
                            for d in deployments}
 
     brackets_measured = {w: {d: (m["goodput"], m["upper"]) for d, m in by.items()} for w, by in measured.items()}
-    rows = table(brackets_measured, predicted)
+    rows = table(brackets_measured, predicted, predicted_band)
     rows_served = table(brackets_measured, predicted_served)
     lowest = {w: {d: m["latency_by_rate"].get(f"{chosen[w].rate_lo:g}", {}) for d, m in by.items()}
               for w, by in measured.items()}
     seed_like = next((w for w, c in chosen.items() if c.seed_like), None)
-    head = headline(rows, lowest, seed_like)
+    head = headline(rows, lowest, seed_like, picks)
     by_gap = {w: attainment_by_gap({d: kept_runs(out / w / d, chosen[w].rate_lo, args.trials) for d in by}, slo)
               for w, by in measured.items()}
     tight_goodput = {w: {d: goodput_rejudged({p["rate"]: kept_runs(out / w / d, p["rate"], args.trials) for p in m["probes"]},
@@ -216,6 +230,9 @@ def main() -> None:
         "link_bw": machine.link_bw,
         "table": rows,
         "predicted": predicted, "prediction_probes": prediction_probes,
+        # The same planner with every step BAND slower and faster: (goodput slower, goodput faster) per
+        # deployment, and per workload whether the pick holds across it and which deployments win somewhere in it.
+        "band": BAND, "predicted_band": predicted_band, "picks": picks,
         # The planner again with each deployment's steps slowed (or sped) by what serving did to them on the
         # other workloads: a refinement a user has only after serving loads on the machine.
         "with_serving_speed": {"predicted": predicted_served, "table": rows_served,

@@ -100,10 +100,12 @@ def estimate_s(sweeps: dict[str, tuple[float, float, float, int]], deployments: 
     return per_deployment * deployments
 
 
-def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted: dict[str, dict[str, float]]) -> list[dict]:
+def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted: dict[str, dict[str, float]],
+          band: dict[str, dict[str, tuple[float, float]]] | None = None) -> list[dict]:
     """Per workload and deployment: measured goodput bracket, predicted goodput, relative error; and per
     workload the measured and predicted winners, and whether the planner's pick is within the measured spread
-    of the winner. `measured[w][d]` is (highest rate passed, lowest failed or None)."""
+    of the winner. `measured[w][d]` is (highest rate passed, lowest failed or None); `band[w][d]`, where
+    given, the predicted goodput with every step slower and faster (plan local's band)."""
     rows = []
     for w, by_dep in measured.items():
         pred = predicted.get(w, {})
@@ -111,10 +113,14 @@ def table(measured: dict[str, dict[str, tuple[float, float | None]]], predicted:
         pick = winner({d: pred[d] for d in by_dep if d in pred}) if any(d in pred for d in by_dep) else None
         for d, (lo, hi) in by_dep.items():
             p = pred.get(d)
+            ends = (band or {}).get(w, {}).get(d)
+            span = None if ends is None or p is None else (min(p, *ends), max(p, *ends))
             rows.append({
                 "workload": w, "deployment": d, "measured_goodput": lo, "measured_upper": hi,
                 "predicted_goodput": p, "error": (p - lo) / lo if p is not None and lo > 0 else None,
                 "prediction_holds": None if p is None else prediction_holds(p, lo, hi),
+                "predicted_band": None if span is None else list(span),
+                "band_holds": None if span is None else band_holds(*span, lo, hi),
                 "measured_winner": best, "predicted_winner": pick,
                 # None when no deployment passed even the lowest rate: nothing to agree with.
                 "agrees": None if not any(g for g, _ in by_dep.values()) else pick is not None and within_spread(by_dep, pick),
@@ -134,16 +140,37 @@ def prediction_holds(predicted: float, lo: float, hi: float | None) -> bool:
     return inside or (lo > 0 and abs(predicted - lo) <= PREDICTION_TOLERANCE * lo)
 
 
-def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: str | None) -> dict:
+def band_holds(slower: float, faster: float, lo: float, hi: float | None) -> bool:
+    """Whether some goodput in the predicted band [slower, faster] holds against the measured bracket as
+    prediction_holds judges one: within 15 % of `lo`, or in [lo, hi)."""
+    reaches = faster >= lo * (1 - PREDICTION_TOLERANCE)
+    below_top = slower <= lo * (1 + PREDICTION_TOLERANCE) or hi is None or slower < hi
+    return reaches and below_top
+
+
+def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: str | None,
+             picks: dict[str, dict] | None = None) -> dict:
     """The benchmark's last line: the planner's agreement over workloads, and on the seed-like workload the
     1P1D p99 inter-token gap over colocated's (at the sweep's lowest rate, which every deployment runs) and
-    the best split deployment's goodput over the best colocated one's."""
+    the best split deployment's goodput over the best colocated one's. With `picks` (plan local's verdict
+    per workload: robust, contenders), how often a pick held across the step-time band and how often the
+    measured winner was among the contenders the planner named."""
     agree = {r["workload"]: r["agrees"] for r in rows if r["agrees"] is not None}
     held = [r["prediction_holds"] for r in rows if r.get("prediction_holds") is not None]
+    in_band = [r["band_holds"] for r in rows if r.get("band_holds") is not None]
     out: dict = {"planner_winner_agreement": sum(agree.values()) / len(agree) if agree else None,
                  "workloads_judged": len(agree),
                  "predictions_holding": f"{sum(held)} of {len(held)}",
                  "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
+    if in_band:
+        out["predictions_holding_in_band"] = f"{sum(in_band)} of {len(in_band)}"
+    if picks:
+        judged = {w: p for w, p in picks.items() if w in agree}
+        out["robust_picks"] = f"{sum(p['robust'] for p in judged.values())} of {len(judged)}"
+        measured = {w: {r["deployment"]: (r["measured_goodput"], r["measured_upper"]) for r in rows if r["workload"] == w}
+                    for w in judged}
+        hits = [any(c in measured[w] and within_spread(measured[w], c) for c in p["contenders"]) for w, p in judged.items()]
+        out["planner_contender_agreement"] = sum(hits) / len(hits) if hits else None
     mixed = {r["deployment"]: r["measured_goodput"] for r in rows if r["workload"] == "mixed"}
     if "1p1d_conditional" in mixed and len(mixed) > 1:
         # Conditional placement's own case: does it beat both always splitting and never splitting?

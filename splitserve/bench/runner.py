@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import replace
 from typing import Callable
 
 from rich.console import Console
@@ -23,14 +22,13 @@ from splitserve.bench.run_store import load_run, run_key, run_path, save_run
 from splitserve.bench.vocab import VocabError, find_vocab
 from splitserve.workload.goodput import Bracket, search_goodput
 from splitserve.workload.requests import (
+    Scaling,
     SyntheticSpec,
     Trace,
     Workload,
     WorkloadError,
-    at_rate,
-    from_trace,
     read_trace,
-    synthetic,
+    trial_workload,
 )
 from splitserve.workload.record import RequestRecord
 from splitserve.workload.slo import SLO, certain_miss, misses_allowed, summarize
@@ -129,12 +127,11 @@ def verdict_certain(slo: SLO, target: float) -> Callable[[list[RequestRecord], f
 
 
 def workload_at(load: TraceLoad | SyntheticSpec, trace: Trace | None, rate: float | None, trial: int) -> Workload:
-    """The requests of one run: `load` at `rate` (None: as given), trial `trial` of that rate. Public, so a
-    simulation of the same run (benchmarks.interference's planner check) gets the very same requests."""
+    """The requests of one run: `load` at `rate` (None: as given), trial `trial` of that rate (the workload
+    layer's trial_workload, given the trace read once per bench). Public, so a simulation of the same run
+    (benchmarks.interference's planner check) gets the very same requests."""
     if isinstance(load, SyntheticSpec):
-        return synthetic(load if rate is None else replace(load, rate=rate, seed=load.seed + trial))
+        return trial_workload(load, Scaling(), rate, trial)
     assert trace is not None
-    if rate is None:
-        return from_trace(trace, load.scaling)
-    return at_rate(trace, replace(load.scaling, seed=load.scaling.seed + trial), rate)
+    return trial_workload(trace, load.scaling, rate, trial)
 

@@ -7,6 +7,7 @@
     splitserve plan ... --search-gpus h100,h200,a100      # every type per pool: the cheapest per token wins
     splitserve plan calibrate --out calibration.json     # fit the model to the engine on this machine
     splitserve plan report results/plan/plan.json --out results/plan
+    splitserve plan local --calibration-1t A.json --calibration-2t B.json ...   # which deployment of this machine
 
 Exit codes: 0 done; 2 bad input or an SLO no configuration meets (one line on stderr); 130 interrupted.
 """
@@ -22,15 +23,17 @@ from rich.console import Console
 
 from splitserve.workload.slo import SLO
 from splitserve.plan import report
+from splitserve.plan.cli_args import add_traffic_args, duration, workload_from_args
+from splitserve.plan.local_cli import add_local_parser
 from splitserve.plan.search import plan
-from splitserve.plan.spec import PlanError, PlanSpec, WorkloadDef
+from splitserve.plan.spec import PlanError, PlanSpec
 from splitserve.plan.sweep import AXES, sweep
 from splitserve.sim.cluster_spec import InfeasibleConfig
 from splitserve.sim.hardware import DEFAULT_PRICES, PresetError, gpu, load_prices, network, parse_prices
 from splitserve.sim.kernel_efficiency import kernel_table
 from splitserve.sim.models import model as model_preset
 from splitserve.sim.perf import Efficiency
-from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, WorkloadError, read_trace
+from splitserve.workload.requests import WorkloadError
 
 PROG = "splitserve plan"
 USER_ERRORS = (PlanError, PresetError, WorkloadError, InfeasibleConfig)
@@ -45,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=run_command, plan_action=_plan)
-    sub = p.add_subparsers(dest="plan_command", metavar="{calibrate,report}")
+    sub = p.add_subparsers(dest="plan_command", metavar="{calibrate,report,local}")
     cal = sub.add_parser("calibrate", help="profile the real engine here and fit the performance model")
     cal.add_argument("--model", default=None, help="HF checkpoint dir or .gguf (default: the bundled SmolLM2-135M)")
     cal.add_argument("--threads", type=int, default=1, help="torch threads, as each worker will run (default %(default)s)")
@@ -58,6 +61,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     rep.add_argument("files", nargs="+", type=Path, metavar="RESULT.json")
     rep.add_argument("--out", type=Path, required=True, help="folder for the plots and HTML")
     rep.set_defaults(plan_action=_report)
+    add_local_parser(sub)
 
     g = p.add_argument_group("deployment")
     g.add_argument("--model", help="model preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b, qwen3-32b, mistral-7b, "
@@ -84,20 +88,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-conditional", dest="conditional", action="store_false",
                    help="with --router: always prefill on the prefill pool (no local prefill on the decode worker)")
 
-    g = p.add_argument_group("traffic (a trace, or a synthetic load as in `splitserve bench`)")
-    g.add_argument("--trace", help="Mooncake JSONL or Azure CSV; its first --requests requests, stretched to each probed rate")
-    g.add_argument("--trace-format", choices=("mooncake", "azure", "auto"), default="auto")
-    g.add_argument("--length-scale", type=float, default=1.0, help="multiply the trace's lengths")
-    g.add_argument("--jitter", type=float, help="spread trace arrivals over this many seconds (default: 3 for Mooncake, else 0)")
-    for name, what, mean in (("isl", "prompt", 2048), ("osl", "output", 256)):
-        g.add_argument(f"--{name}", type=float, default=mean, help=f"mean {what} length (default %(default)s)")
-        g.add_argument(f"--{name}-dist", choices=("fixed", "uniform", "lognormal"), default="fixed")
-        g.add_argument(f"--{name}-spread", type=float, default=0.5)
-    g.add_argument("--shared-prefix-ratio", type=float, default=0.0, help="fraction of each prompt from a few shared prefixes")
-    g.add_argument("--num-prefixes", type=int, default=4)
-    g.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
-    g.add_argument("--burstiness", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    add_traffic_args(p, 2048, 256, "3 for Mooncake, else 0")
 
     g = p.add_argument_group("SLO")
     g.add_argument("--slo-ttft", help="time-to-first-token target: 2, 2s or 600ms (plain: seconds)")
@@ -121,22 +112,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print the result as one JSON document")
     g.add_argument("--out", type=Path, help="write JSON, plots and an HTML page to this folder")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
-_UNITS = {"ms": 1e-3, "s": 1.0, "": 1.0}
-
-
-def duration(text: str, name: str) -> float:
-    """Seconds from `600ms`, `0.6s` or `0.6` (seconds): SLOs are quoted either way."""
-    t = text.strip().lower()
-    unit = "ms" if t.endswith("ms") else "s" if t.endswith("s") else ""
-    try:
-        value = float(t[: len(t) - len(unit)].strip())
-    except ValueError:
-        raise PlanError(f"--{name} takes a duration such as 600ms, 0.6s or 0.6 (seconds), got {text!r}") from None
-    if not value > 0:
-        raise PlanError(f"--{name} must be positive, got {text!r}")
-    return value * _UNITS[unit]
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -175,23 +150,7 @@ def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     slo = SLO(duration(args.slo_ttft, "slo-ttft"), duration(args.slo_tpot, "slo-tpot"))
     if args.block_size is not None and args.block_size < 1:
         raise PlanError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.requests < 10:
-        raise PlanError(f"--requests must be at least 10, got {args.requests}")
-    if args.trace is not None:
-        trace = read_trace(args.trace, args.trace_format)
-        jitter = args.jitter if args.jitter is not None else (3.0 if trace.format == "mooncake" else 0.0)
-        wl = WorkloadDef(trace=trace, scaling=Scaling(length_scale=args.length_scale, jitter_s=jitter, seed=args.seed),
-                         num_requests=args.requests)
-    else:
-        syn = SyntheticSpec(
-            rate=1.0, arrival=args.arrival, burstiness=args.burstiness,
-            input=LengthDist(args.isl_dist, args.isl, args.isl_spread),
-            output=LengthDist(args.osl_dist, args.osl, args.osl_spread),
-            shared_prefix_ratio=args.shared_prefix_ratio, num_prefixes=args.num_prefixes,
-            num_requests=args.requests, seed=args.seed,
-        )
-        wl = WorkloadDef(synthetic=syn, num_requests=args.requests)
-        wl.at(1.0)  # validate the synthetic parameters now
+    wl = workload_from_args(args, mooncake_jitter=3.0)
     prices = load_prices(args.prices_file) if getattr(args, "prices_file", None) else {}
     prices.update(parse_prices(getattr(args, "price", None) or ()))
     pick = lambda name: None if not name else hw if name.strip().lower() == str(args.gpu or "").strip().lower() else gpu(name)

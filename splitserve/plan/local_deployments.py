@@ -68,6 +68,9 @@ class Machine:
     admit_waiting: int = 256  # admit_wait_s and max_waiting): a request expected to wait longer gets a 429
     # Real step seconds over the calibrated model's, keyed speed_key(deployment, role, kind); a key absent: 1.
     serving_speed: Mapping[str, float] = field(default_factory=dict)
+    # Every step's seconds times this, over serving_speed: how a pick moves if the machine runs a little
+    # slower or faster than calibrated (plan local's band), since a pick can turn on one request at an SLO's edge.
+    step_scale: float = 1.0
 
 
 def step_kind(new_tokens: Iterable[int]) -> str:
@@ -80,14 +83,16 @@ def speed_key(deployment: str, role: str, kind: str) -> str:
 
 
 def serving_step_time(machine: Machine, deployment: str) -> Callable[[Worker, float, SchedulerOutput, float], float] | None:
-    """The simulator's step-time hook that runs each step at the deployment's serving speed (None: none known)."""
+    """The simulator's step-time hook that runs each step at the deployment's serving speed, times the
+    machine's step_scale (None: neither known, the calibration's speed)."""
     speed = {k: v for k, v in machine.serving_speed.items() if k.startswith(deployment + "/")}
-    if not speed:
+    scale = machine.step_scale
+    if not speed and scale == 1.0:
         return None
 
     def step_time(worker: Worker, now: float, out: SchedulerOutput, seconds: float) -> float:
         kind = step_kind([s.num_new_tokens for s in out.seqs])
-        return seconds * speed.get(speed_key(deployment, worker.role, kind), 1.0)
+        return seconds * scale * speed.get(speed_key(deployment, worker.role, kind), 1.0)
 
     return step_time
 

@@ -19,6 +19,7 @@ from splitserve.workload.requests import (
     Workload,
     at_rate,
     synthetic,
+    trial_workload,
 )
 from splitserve.workload.slo import SLO
 
@@ -53,6 +54,16 @@ class WorkloadDef:
         if self.synthetic is not None:
             return synthetic(replace(self.synthetic, rate=rate, num_requests=n, duration_s=None))
         return at_rate(self.trace, replace(self.scaling, max_requests=n, max_duration_s=None), rate)
+
+    def trial(self, rate: float, trial: int) -> Workload:
+        """Trial `trial` of a sweep at `rate`: the requests `splitserve bench --sweep` sends in that run given
+        the same load flags and --num-requests (the workload layer's trial_workload, shared by both)."""
+        if self.synthetic is not None:
+            return trial_workload(replace(self.synthetic, num_requests=self.num_requests, duration_s=None), Scaling(),
+                                  rate, trial)
+        assert self.trace is not None
+        return trial_workload(self.trace, replace(self.scaling, max_requests=self.num_requests, max_duration_s=None),
+                              rate, trial)
 
     def describe(self) -> str:
         if self.synthetic is not None:

@@ -320,6 +320,18 @@ def at_rate(trace: Trace, scaling: Scaling, rate: float) -> Workload:
     return from_trace(trace, replace(scaling, time_scale=base.mean_rate / rate))
 
 
+def trial_workload(source: SyntheticSpec | Trace, scaling: Scaling, rate: float | None, trial: int) -> Workload:
+    """The requests of one run of a sweep: `source` at `rate` (None: as given), trial `trial` of that rate,
+    whose seed is moved by `trial` so that each trial draws its own requests. `scaling` cuts a trace and is
+    ignored for a synthetic load. `splitserve bench` sends exactly these and `splitserve plan local`
+    simulates exactly these, so a prediction and a measurement of the same flags judge the same requests."""
+    if isinstance(source, SyntheticSpec):
+        return synthetic(source if rate is None else replace(source, rate=rate, seed=source.seed + trial))
+    if rate is None:
+        return from_trace(source, scaling)
+    return at_rate(source, replace(scaling, seed=scaling.seed + trial), rate)
+
+
 def _cut_reason(s: Scaling) -> str:
     reasons = []
     if s.max_requests is not None:

@@ -14,6 +14,7 @@ import pytest
 from benchmarks.interference_measure import serve_args
 from benchmarks.interference_report import (
     attainment_by_gap,
+    band_holds,
     estimate_s,
     goodput_rejudged,
     headline,
@@ -172,6 +173,36 @@ def test_the_table_and_headline_judge_the_planner_by_the_measured_spread():
 ])
 def test_a_prediction_holds_within_15_percent_or_inside_the_measured_bracket(predicted, lo, hi, holds):
     assert prediction_holds(predicted, lo, hi) is holds
+
+
+@pytest.mark.parametrize("slower, faster, lo, hi, holds", [
+    (0.8, 1.2, 1.0, 1.5, True), (0.5, 0.8, 1.0, 1.5, False), (0.5, 0.86, 1.0, 1.5, True),  # reaches 15 % below lo
+    (1.6, 2.0, 1.0, 1.5, False), (1.1, 2.0, 1.0, 1.5, True), (3.0, 4.0, 2.0, None, True),
+    (0.0, 0.2, 0.0, 0.1, True), (0.1, 0.2, 0.0, 0.1, False),  # nothing passed: only a band reaching 0 holds
+])
+def test_a_band_holds_when_some_goodput_in_it_would(slower, faster, lo, hi, holds):
+    assert band_holds(slower, faster, lo, hi) is holds
+    if holds:  # and then some goodput in it does hold on its own
+        assert any(prediction_holds(slower + (faster - slower) * k / 100, lo, hi) for k in range(101))
+
+
+def test_the_headline_counts_robust_picks_and_winners_among_the_contenders():
+    measured = {"heavy": {"chunked": (0.3, 0.4), "1p1d": (0.1, 0.2)}, "short": {"chunked": (1.0, 1.5), "1p1d": (2.0, None)},
+                "none": {"chunked": (0.0, 0.1), "1p1d": (0.0, 0.1)}}
+    predicted = {"heavy": {"chunked": 0.3, "1p1d": 0.1}, "short": {"chunked": 2.0, "1p1d": 1.8}, "none": {"chunked": 0.0, "1p1d": 0.0}}
+    band = {"heavy": {"chunked": (0.2, 0.35), "1p1d": (0.05, 0.15)}, "short": {"chunked": (1.6, 2.2), "1p1d": (1.7, 2.4)},
+            "none": {"chunked": (0.0, 0.1), "1p1d": (0.0, 0.0)}}
+    picks = {"heavy": {"robust": True, "contenders": ["chunked"]}, "short": {"robust": False, "contenders": ["chunked", "1p1d"]},
+             "none": {"robust": True, "contenders": []}}
+    rows = table(measured, predicted, band)
+    by = {(r["workload"], r["deployment"]): r for r in rows}
+    assert by["short", "chunked"]["predicted_band"] == [1.6, 2.2] and by["short", "chunked"]["band_holds"] is False
+    assert by["short", "1p1d"]["band_holds"] and by["heavy", "chunked"]["band_holds"]
+    head = headline(rows, {}, None, picks)
+    assert head["planner_winner_agreement"] == 0.5  # short: chunked picked, 1p1d measured
+    assert head["robust_picks"] == "1 of 2"  # "none" judged no winner: not counted
+    assert head["planner_contender_agreement"] == 1.0  # short's contenders name 1p1d
+    assert head["predictions_holding_in_band"] == "5 of 6"
 
 
 def _step_log(path: Path, role: str, steps: list[tuple[float, list[list[int]]]]) -> None:
