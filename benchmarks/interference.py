@@ -23,7 +23,9 @@ through the same core Scheduler and Router, over the same requests and
 sweep, and names the winner per workload: what `splitserve plan` tells a user of this machine. Beside it
 (`with_serving_speed` in result.json) the same planner with each deployment at its serving speed: how much
 slower than calibrated its engine's steps ran while serving, from the step logs the other workloads' sweeps
-kept (benchmarks/interference_speed.py; never the predicted workload's own).
+kept (benchmarks/interference_speed.py; never the predicted workload's own). And (`with_served_calibration`)
+the same planner with both calibrations fitted again to those served steps, shape by shape (`splitserve plan
+calibrate --from-step-logs`, splitserve/calibrate/from_steps.py), again from the other workloads' runs only.
 
     python -m benchmarks.interference [--quick] [--workloads a,b] [--deployments a,b] [--trials 3]
                                       [--requests 20] [--predict-only] [--estimate-only]
@@ -45,7 +47,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.interference_report import attainment_by_gap, estimate_s, goodput_rejudged, headline, table
-from benchmarks.interference_speed import held_out_speed, speed_by_workload, workload_sums
+from benchmarks.interference_speed import held_out_calibrations, held_out_speed, speed_by_workload, workload_sums
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench.run_store import load_run, run_path
 from splitserve.calibrate.table import Calibration
@@ -159,12 +161,15 @@ def main() -> None:
     predicted_tight: dict[str, dict[str, float]] = {}
     prediction_probes: dict[str, dict[str, list]] = {}
     predicted_band: dict[str, dict[str, tuple[float, float]]] = {}
+    predicted_refit: dict[str, dict[str, float]] = {}
+    refit_report: dict[str, dict] = {}
     picks: dict[str, dict] = {}
     speeds: dict[str, dict[str, float]] = {}
     tight = SLO(slo.ttft_s, slo.tpot_s, TIGHT_GAP_S)
     for w, case in chosen.items():
         speeds[w] = held_out_speed(sums, w)
         served = replace(machine, serving_speed=speeds[w])
+        refitted, refit_report[w] = held_out_calibrations(out, every, w, machine)
         def requests_at(rate: float, trial: int) -> list:
             return case.requests(rate, trial).requests
 
@@ -177,14 +182,16 @@ def main() -> None:
         predicted_band[w] = {g.deployment: (g.slower, g.faster) for g in pick.deployments}
         picks[w] = {"winner": pick.winner, "robust": pick.robust, "contenders": list(pick.contenders()),
                     "winner_slower": pick.winner_slower, "winner_faster": pick.winner_faster}
-        predicted_served[w], predicted_tight[w] = {}, {}
+        predicted_served[w], predicted_tight[w], predicted_refit[w] = {}, {}, {}
         for d in deployments:
             predicted_tight[w][d] = predict_goodput(machine, d, requests_at, tight, bracket(case, args.parts), args.trials,
                                                     args.attainment).lower
             predicted_served[w][d] = predict_goodput(served, d, requests_at, slo, bracket(case, args.parts),
                                                      args.trials, args.attainment).lower
+            predicted_refit[w][d] = predict_goodput(refitted, d, requests_at, slo, bracket(case, args.parts),
+                                                    args.trials, args.attainment).lower
         print(f"[{w}] predicted goodput (req/s): {predicted[w]} (at the serving speed of the other workloads' runs "
-              f"{predicted_served[w]}); at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; with steps "
+              f"{predicted_served[w]}; with calibrations fitted to their served steps {predicted_refit[w]}); at a {TIGHT_GAP_S:g} s stall bound {predicted_tight[w]}; with steps "
               f"±{BAND:.0%} {predicted_band[w]}; predicted winner "
               f"{pick.winner or 'none (no deployment passed the lowest rate)'}"
               f"{'' if pick.robust else f' (not robust: contenders {pick.contenders()})'}", file=sys.stderr)
@@ -204,6 +211,7 @@ def main() -> None:
     brackets_measured = {w: {d: (m["goodput"], m["upper"]) for d, m in by.items()} for w, by in measured.items()}
     rows = table(brackets_measured, predicted, predicted_band)
     rows_served = table(brackets_measured, predicted_served)
+    rows_refit = table(brackets_measured, predicted_refit)
     lowest = {w: {d: m["latency_by_rate"].get(f"{chosen[w].rate_lo:g}", {}) for d, m in by.items()}
               for w, by in measured.items()}
     seed_like = next((w for w, c in chosen.items() if c.seed_like), None)
@@ -239,6 +247,11 @@ def main() -> None:
                                **{k: v for k, v in headline(rows_served, {}, None).items()
                                   if k in ("planner_winner_agreement", "predictions_holding")}},
         "serving_speed_used": speeds, "serving_speed_by_workload": speed_by_workload(sums),
+        # The planner again with both calibrations fitted to the steps the other workloads' sweeps served
+        # (`splitserve plan calibrate --from-step-logs`): each step shape at its served time.
+        "with_served_calibration": {"predicted": predicted_refit, "table": rows_refit, "fits": refit_report,
+                                    **{k: v for k, v in headline(rows_refit, {}, None).items()
+                                       if k in ("planner_winner_agreement", "predictions_holding")}},
         "measured": measured,
         "latency_at_rate_lo": lowest,
         "attainment_by_gap_at_rate_lo": by_gap,
@@ -255,6 +268,7 @@ def main() -> None:
 
         plot(doc, out.parent / "interference.png")
     print(json.dumps({**head, "planner_winner_agreement_tight_stall": doc["goodput_at_tight_stall"]["planner_winner_agreement"],
+                      "planner_winner_agreement_served_calibration": doc["with_served_calibration"].get("planner_winner_agreement"),
                       "predicted_winners": {w: winner(p) for w, p in predicted.items()},
                       "measured_goodput": {w: {d: m["goodput"] for d, m in by.items()} for w, by in measured.items()},
                       "load_average": os.getloadavg(), "quick": args.quick}))

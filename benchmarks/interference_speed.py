@@ -14,10 +14,13 @@ no prediction sees the runs it is judged against.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from splitserve.plan.local_deployments import Machine, speed_key, step_kind
+from splitserve.calibrate.from_steps import calibrate_from_steps
+from splitserve.calibrate.table import step_kind
+from splitserve.plan.local_deployments import Machine, speed_key
 from splitserve.runtime.worker.step_log import read_step_log
 
 Sums = dict[str, tuple[float, float]]  # speed key -> (real seconds, modelled seconds)
@@ -70,3 +73,30 @@ def speed_by_workload(sums: Mapping[str, Sums]) -> dict[str, dict[str, float]]:
     """Each workload's own measured speed per key (for the report: how much it varies between loads)."""
     return {w: {k: round(real / model, 4) for k, (real, model) in by_key.items() if model > 0}
             for w, by_key in sums.items()}
+
+
+# A served calibration per worker size: which deployments' workers run on one core, which on both.
+ONE_CORE = ("replicas", "1p1d", "1p1d_conditional")
+TWO_THREADS = ("colocated", "chunked")
+
+
+def held_out_calibrations(out: Path, workloads: Iterable[str], workload: str, machine: Machine) -> tuple[Machine, dict]:
+    """The machine with each calibration fitted again to the steps the *other* workloads' sweeps served
+    (`splitserve plan calibrate --from-step-logs`: per step shape, not one factor per step kind), and what
+    was fitted: per worker size the step logs' count and the fit's errors, or why the profiled one stayed."""
+    fitted, report = {}, {}
+    for size, deployments, base in (("1t", ONE_CORE, machine.one_thread), ("2t", TWO_THREADS, machine.two_threads)):
+        dirs = [out / w / d / "steps" for w in workloads if w != workload for d in deployments
+                if (out / w / d / "steps").is_dir() and any((out / w / d / "steps").glob("steps-*.jsonl"))]
+        try:
+            cal = calibrate_from_steps(base, dirs) if dirs else None
+        except ValueError as e:
+            cal, report[size] = None, {"kept_profiled": str(e)}
+        if cal is None:
+            report.setdefault(size, {"kept_profiled": "no other workload's step logs"})
+            fitted[size] = base
+            continue
+        fitted[size] = cal
+        report[size] = {"step_logs": len(cal.machine["step_logs"]), "steps": cal.machine["steps"], "points": len(cal.points),
+                        "median_rel_err": round(cal.median_rel_err, 4), "p90_rel_err": round(cal.p90_rel_err, 4)}
+    return replace(machine, one_thread=fitted["1t"], two_threads=fitted["2t"]), report

@@ -78,7 +78,7 @@ from splitserve.sim.result import SimResult
 from splitserve.sim.hardware import Network
 from splitserve.sim.perf import PerfModel
 from splitserve.sim.placement import RouterPolicy
-from splitserve.plan.local_deployments import step_kind
+from splitserve.calibrate.table import step_kind
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, from_trace, read_trace, synthetic
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"

@@ -3,7 +3,7 @@
 1. Measure the machine's peaks: FLOP/s of a large matrix product, bytes/s of a large copy
    (`runtime/worker/peaks.py`).
 2. Run the real `Engine` over a grid of batches: prefills of several lengths, alone and batched, some over a
-   cached prefix; decode steps of several batch sizes and context lengths. Each timed step is recorded with
+   cached prefix; decode steps of several batch sizes and context lengths; prompt chunks beside decodes. Each timed step is recorded with
    the batch the scheduler actually ran (new tokens, cached tokens, sampled) and its wall time.
 3. Fit `Efficiency` (`fit.py`). The fitted model then times batches for the simulator on this machine.
 
@@ -37,13 +37,18 @@ from splitserve.runtime.worker.peaks import measure_peaks, step_clock
 class Grid:
     prefill: tuple[tuple[int, int, int], ...]  # (prompts, new tokens each, cached prefix tokens)
     decode: tuple[tuple[int, int], ...]  # (batch, context tokens)
+    # (decoding requests, their context tokens, prompt chunk tokens, the chunk's cached prefix tokens): a
+    # prompt chunk computed beside running decodes, the step chunked prefill and a decode worker's local
+    # prefill run all the time while serving.
+    mixed: tuple[tuple[int, int, int, int], ...] = ()
     decode_steps: int = 6  # timed steps per decode point (their median): single CPU steps jitter by ~10 %
     repeats: int = 3
 
     @classmethod
     def default(cls, quick: bool = False) -> Grid:
         if quick:
-            return cls(((1, 16, 0), (1, 128, 0), (2, 64, 0), (1, 64, 128)), ((1, 32), (4, 64), (8, 128)), 2, 1)
+            return cls(((1, 16, 0), (1, 128, 0), (2, 64, 0), (1, 64, 128)), ((1, 32), (4, 64), (8, 128)),
+                       ((2, 64, 16, 32),), 2, 1)
         return cls(
             # Up to 2,048 tokens: attention's share grows with the square of the length, and only long
             # prompts pin down its efficiency (a fit on <= 1,024 underestimated a 1,362-token prefill by 16 %).
@@ -52,7 +57,15 @@ class Grid:
             ((1, 16, 0), (1, 64, 0), (1, 128, 0), (1, 256, 0), (1, 512, 0), (1, 1024, 0), (1, 1536, 0), (1, 2048, 0),
              (4, 64, 0), (8, 32, 0), (2, 512, 0), (3, 512, 0), (5, 256, 0), (2, 1024, 0),
              (1, 64, 448), (1, 128, 256), (1, 256, 768)),
-            ((1, 64), (1, 512), (4, 64), (4, 512), (8, 128), (16, 64), (16, 512), (32, 128), (48, 256)),
+            # Contexts up to 2,048 too: with none past 512 the fit left KV reads unpinned, and served decodes of
+            # 1-2k-token contexts ran 1.1-1.6x its prediction (benchmarks.interference's step logs).
+            ((1, 64), (1, 512), (4, 64), (4, 512), (8, 128), (16, 64), (16, 512), (32, 128), (48, 256),
+             (1, 1024), (1, 2048), (4, 1024), (4, 2048), (8, 1024), (16, 1024)),
+            # 128-token chunks (the chunked deployment's) and 32-token ones (the decode worker's local prefill)
+            # over 0-1,024 cached tokens beside 1-8 decodes of 1k contexts: served, such steps ran 1.2-1.4x a
+            # fit that had never timed one.
+            ((1, 1024, 128, 0), (2, 1024, 128, 512), (4, 1024, 128, 1024), (4, 1024, 32, 0), (8, 1024, 32, 512),
+             (2, 512, 128, 256)),
         )
 
 
@@ -137,6 +150,29 @@ def profile_engine(
                 batch = batch_now
         if times:
             add("decode", batch, times)
+    for d, ctx, chunk, cached in grid.mixed:
+        # Enough tokens to still be decoding at the last repeat: a step or two each, and a few while they prefill.
+        long = SamplingParams(max_tokens=2 * grid.repeats + 8, ignore_eos=True)
+        for _ in range(d):
+            engine.add_request(f"cal{next(counter)}", prompt(ctx), long, 0.0)
+        while True:  # prefill them (untimed)
+            engine.step(time.monotonic())
+            if all(n == 1 for n, _, _ in batches()[-1]):
+                break
+        times, batch = [], []
+        for _ in range(grid.repeats):
+            base = prompt(cached)
+            if cached:  # prefilled beside the decodes (untimed); it ends there and its blocks stay cached
+                engine.add_request(f"cal{next(counter)}", base, one, 0.0)
+                engine.step(time.monotonic())
+            engine.add_request(f"cal{next(counter)}", base + prompt(chunk), one, 0.0)
+            batch_now, dt = timed_step()
+            if sorted(n for n, _, _ in batch_now) == [1] * d + [chunk]:
+                times.append(dt)
+                batch = batch_now
+        drain()
+        if times:
+            add("prefill", batch, times)
     return points
 
 

@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from splitserve.core.model_spec import ModelSpec
 from splitserve.sim.hardware import Hardware, PresetError
 from splitserve.sim.perf import Efficiency, PerfModel
 
 Batch = list[tuple[int, int, bool]]  # (new tokens, cached tokens, samples) per sequence
+
+
+def step_kind(new_tokens: Iterable[int]) -> str:
+    """"prefill" for a step that computes prompt tokens (with or without decodes beside them), else "decode"."""
+    return "prefill" if any(n > 1 for n in new_tokens) else "decode"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from rich.console import Console
 
+from splitserve.calibrate.table import Calibration
 from splitserve.workload.slo import SLO
 from splitserve.plan import report
 from splitserve.plan.cli_args import add_traffic_args, duration, workload_from_args
@@ -56,6 +57,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--cpu-time", action="store_true", help="time steps by the thread's CPU time (one thread only): "
                      "the engine's own cost on a machine shared with other work")
     cal.add_argument("--out", type=Path, default=Path("calibration.json"), help="where to write it (default %(default)s)")
+    cal.add_argument("--from-step-logs", type=Path, nargs="+", metavar="PATH",
+                     help="fit to the steps workers ran while serving (`serve --step-log-dir` files or folders, "
+                          "workers of --base's thread count) instead of profiling: served steps share the cores with "
+                          "the frontend and run slower than alone")
+    cal.add_argument("--base", type=Path, help="with --from-step-logs: the calibration whose hardware and model to keep")
     cal.set_defaults(plan_action=_calibrate)
     rep = sub.add_parser("report", help="plots and an HTML page from saved plan or sweep JSON")
     rep.add_argument("files", nargs="+", type=Path, metavar="RESULT.json")
@@ -127,8 +133,6 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 def spec_from_args(args: argparse.Namespace) -> PlanSpec:
     eff = Efficiency()
     if args.calibration is not None:
-        from splitserve.calibrate.table import Calibration
-
         cal = Calibration.load(args.calibration)
         hw, eff = cal.hardware, cal.efficiency
         m = model_preset(args.model) if args.model else cal.model
@@ -193,17 +197,22 @@ def _emit(args: argparse.Namespace, out, doc: dict, show, write) -> int:  # type
 
 
 def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from splitserve.calibrate.profile import calibrate
+    if args.from_step_logs:
+        cal = _calibrate_from_steps(args)
+    else:
+        from splitserve.calibrate.profile import calibrate
 
-    if args.threads is not None and args.threads < 1:
-        raise PlanError("--threads must be >= 1")
-    err.print(f"[dim]profiling the engine ({'quick' if args.quick else 'full'} grid, {args.threads} thread(s))...[/]")
-    try:
-        cal = calibrate(args.model, args.threads, args.quick, on_point=lambda pt: err.print(
-            f"[dim]  {pt.kind}: {len(pt.batch)} seq, {sum(n for n, _, _ in pt.batch)} tokens, {pt.seconds * 1e3:.1f} ms[/]"),
-            cpu_time=args.cpu_time)
-    except (FileNotFoundError, ValueError) as e:
-        raise PlanError(f"cannot calibrate: {e}") from None
+        if args.base is not None:
+            raise PlanError("--base goes with --from-step-logs")
+        if args.threads is not None and args.threads < 1:
+            raise PlanError("--threads must be >= 1")
+        err.print(f"[dim]profiling the engine ({'quick' if args.quick else 'full'} grid, {args.threads} thread(s))...[/]")
+        try:
+            cal = calibrate(args.model, args.threads, args.quick, on_point=lambda pt: err.print(
+                f"[dim]  {pt.kind}: {len(pt.batch)} seq, {sum(n for n, _, _ in pt.batch)} tokens, {pt.seconds * 1e3:.1f} ms[/]"),
+                cpu_time=args.cpu_time)
+        except (FileNotFoundError, ValueError) as e:
+            raise PlanError(f"cannot calibrate: {e}") from None
     cal.save(args.out)
     e = cal.efficiency
     out.print(f"{cal.hardware.describe()}")
@@ -212,6 +221,17 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(f"step-time error over {len(cal.points)} points: median {cal.median_rel_err:.1%}, p90 {cal.p90_rel_err:.1%}")
     out.print(f"wrote {args.out}")
     return 0
+
+
+def _calibrate_from_steps(args: argparse.Namespace) -> Calibration:
+    from splitserve.calibrate.from_steps import calibrate_from_steps
+
+    if args.base is None:
+        raise PlanError("--from-step-logs needs --base: the profiled calibration of the same thread count")
+    try:
+        return calibrate_from_steps(Calibration.load(args.base), args.from_step_logs)
+    except ValueError as e:
+        raise PlanError(f"cannot calibrate from step logs: {e}") from None
 
 
 def _report(args: argparse.Namespace, out: Console, err: Console) -> int:

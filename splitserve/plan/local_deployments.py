@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from splitserve.calibrate.table import Calibration
+from splitserve.calibrate.table import Calibration, step_kind
 from splitserve.core.scheduler import SchedulerOutput
 from splitserve.sim.cluster import ClusterSim
 from splitserve.sim.cluster_spec import ClusterSpec, PoolSpec
@@ -71,11 +71,6 @@ class Machine:
     # Every step's seconds times this, over serving_speed: how a pick moves if the machine runs a little
     # slower or faster than calibrated (plan local's band), since a pick can turn on one request at an SLO's edge.
     step_scale: float = 1.0
-
-
-def step_kind(new_tokens: Iterable[int]) -> str:
-    """"prefill" for a step that computes prompt tokens (with or without decodes beside them), else "decode"."""
-    return "prefill" if any(n > 1 for n in new_tokens) else "decode"
 
 
 def speed_key(deployment: str, role: str, kind: str) -> str:

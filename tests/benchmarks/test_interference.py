@@ -23,7 +23,14 @@ from benchmarks.interference_report import (
     prediction_holds,
     table,
 )
-from benchmarks.interference_speed import MIN_MODELLED_S, held_out_speed, speed_by_workload, step_sums, workload_sums
+from benchmarks.interference_speed import (
+    MIN_MODELLED_S,
+    held_out_calibrations,
+    held_out_speed,
+    speed_by_workload,
+    step_sums,
+    workload_sums,
+)
 from benchmarks.interference_stall import classify, stall_breakdown
 from benchmarks.interference_workloads import DEFAULT_SLO, cases
 from splitserve.bench.results import Run
@@ -239,6 +246,25 @@ def test_the_serving_speed_of_a_workload_comes_only_from_the_other_workloads_ste
     assert serving_step_time(machine, "1p1d") is None and serving_step_time(served, "colocated") is None
     requests = cases(tmp_path, 20)["prompt_heavy"].requests(0.3, 0).requests
     assert simulated_attainment(served, "1p1d", requests, DEFAULT_SLO) < simulated_attainment(machine, "1p1d", requests, DEFAULT_SLO)
+
+
+def test_a_workloads_served_calibrations_are_fitted_to_the_other_workloads_steps_only(tmp_path):
+    cal = Calibration.load(CALIBRATION)
+    machine = Machine(cal, cal, link_bw=2e9)
+    perf = cal.perf()
+    shapes = [[[128, c, 0]] + [[1, 800, 1]] * d for c in (0, 256, 512, 1024) for d in (0, 1, 2, 4)]
+    shapes += [[[1, c, 1]] * b for b in (1, 2, 4, 8) for c in (300, 900)]
+    for w, slow in (("a", 1.3), ("b", 1.6)):  # 2-thread steps served 1.3x the model on "a", 1.6x on "b"
+        steps = [(slow * perf.step([tuple(x) for x in b]).seconds, b) for b in shapes for _ in range(3)]
+        _step_log(tmp_path / w / "chunked" / "steps" / "steps-colocated-1.jsonl", "colocated", steps)
+    refit, report = held_out_calibrations(tmp_path, ["a", "b", "c"], "a", machine)
+    assert report["1t"] == {"kept_profiled": "no other workload's step logs"} and refit.one_thread is cal
+    assert report["2t"]["step_logs"] == 1 and report["2t"]["steps"] == 3 * len(shapes)
+    decode = [(1, 900, True)] * 4
+    # Fitted to b's steps alone: b's 1.6x, not a's 1.3x.
+    assert refit.two_threads.perf().step(decode).seconds == pytest.approx(1.6 * perf.step(decode).seconds, rel=0.1)
+    _, for_c = held_out_calibrations(tmp_path, ["a", "b", "c"], "c", machine)
+    assert for_c["2t"]["step_logs"] == 2
 
 
 def test_the_planner_sees_a_colocated_decode_stall_that_the_split_avoids(every):

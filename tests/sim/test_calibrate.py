@@ -54,9 +54,14 @@ def test_profiling_runs_the_real_engine_over_the_grid(tmp_path):
 
     loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))
     engine = Engine(loaded, EngineConfig(max_num_seqs=16, num_blocks=256))
-    grid = Grid(prefill=((1, 32, 0), (2, 16, 0), (1, 16, 32)), decode=((1, 20), (4, 40)), decode_steps=2, repeats=1)
+    grid = Grid(prefill=((1, 32, 0), (2, 16, 0), (1, 16, 32)), decode=((1, 20), (4, 40)), mixed=((2, 20, 16, 32),),
+                decode_steps=2, repeats=2)
     points = profile_engine(engine, grid, loaded.config.vocab_size)
-    assert [p.kind for p in points] == ["prefill"] * 3 + ["decode"] * 2
+    assert [p.kind for p in points] == ["prefill"] * 3 + ["decode"] * 2 + ["prefill"]
+    # A 16-token chunk over its 32 cached tokens, beside two decodes of 20-token prompts.
+    chunk = [x for x in points[5].batch if x[0] > 1]
+    assert chunk == [(16, 32, True)] and sorted(n for n, _, _ in points[5].batch) == [1, 1, 16]
+    assert all(c > 20 for n, c, _ in points[5].batch if n == 1)
     assert points[0].batch == [(32, 0, True)]
     assert points[1].batch == [(16, 0, True), (16, 0, True)]
     assert points[2].batch == [(16, 32, True)]  # the cached prefix is not recomputed
