@@ -19,7 +19,7 @@ from splitserve.plan.spec import WorkloadDef
 from splitserve.workload.goodput import Bracket, Goodput
 from splitserve.workload.requests import LengthDist, Scaling, SyntheticSpec, read_trace
 from splitserve.workload.slo import SLO
-from tests.bench.conftest import AZURE, MOONCAKE
+from tests.bench.trace_files import write_azure, write_mooncake
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "results" / "sim_accuracy" / "calibration.json"
 HEAVY = SyntheticSpec(rate=1.0, input=LengthDist("lognormal", 1024, 0.4), output=LengthDist("fixed", 64), num_requests=12)
@@ -36,11 +36,14 @@ def _heavy(rate: float, trial: int):
     return WorkloadDef(synthetic=HEAVY, num_requests=12).trial(rate, trial).requests
 
 
-def test_plan_simulates_the_very_requests_bench_sends():
+def test_plan_simulates_the_very_requests_bench_sends(tmp_path):
     syn = WorkloadDef(synthetic=HEAVY, num_requests=12)
     assert syn.trial(0.3, 2) == workload_at(HEAVY, None, 0.3, 2)
     assert syn.trial(0.3, 0).requests != syn.trial(0.3, 1).requests  # each trial its own draw
-    for path in (AZURE, MOONCAKE):
+    azure = write_azure(tmp_path / "azure.csv", [(f"2023-11-16 18:15:{i:02d}.000", 100 + 37 * i, 5 + i) for i in range(12)])
+    mooncake = write_mooncake(tmp_path / "mooncake.jsonl", [(3000 * (i // 3), 600 + 50 * i, 20 + i, list(range(i % 4 + 1)))
+                                                            for i in range(12)])
+    for path in (azure, mooncake):
         trace, scaling = read_trace(path), Scaling(length_scale=0.5, jitter_s=3.0, seed=3, max_requests=10)
         wl = WorkloadDef(trace=trace, scaling=scaling, num_requests=10)
         assert wl.trial(0.5, 1) == workload_at(TraceLoad(str(path), scaling=scaling), trace, 0.5, 1)
