@@ -68,14 +68,20 @@ def step_log_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def calibrate_from_steps(base: Calibration, paths: Sequence[Path], min_steps: int = 3) -> Calibration:
-    """`base`'s hardware and model, its performance model fitted again to the served steps of the step logs
-    under `paths` (files or directories)."""
+def served_steps(files: Iterable[Path]) -> list[tuple[Batch, float]]:
+    """Every step the step-log files recorded: (batch as the performance model takes it, wall seconds)."""
     steps: list[tuple[Batch, float]] = []
-    files = step_log_files(paths)
     for f in files:
         _, records = read_step_log(f)
         steps += [([(int(n), int(c), bool(s)) for n, c, s in r["b"]], float(r["s"])) for r in records]
+    return steps
+
+
+def calibrate_from_steps(base: Calibration, paths: Sequence[Path], min_steps: int = 3) -> Calibration:
+    """`base`'s hardware and model, its performance model fitted again to the served steps of the step logs
+    under `paths` (files or directories)."""
+    files = step_log_files(paths)
+    steps = served_steps(files)
     points = points_from_steps(steps, min_steps)
     kinds = {p.kind for p in points}
     if len(points) < 4 or kinds != {"prefill", "decode"}:
