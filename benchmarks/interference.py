@@ -8,7 +8,7 @@ Deployments (benchmarks/interference_measure.py has their `splitserve serve` fla
   1p1d               prefill and decode worker pinned to a core each, every prompt split (--no-conditional)
   1p1d_conditional   the same, the router prefilling a prompt on the decode worker when its costs say so
 Workloads (benchmarks/interference_workloads.py): prompt_heavy (the seed's: lognormal 1,024 sigma 0.4 / 128
-out), mooncake (conversations, prompts x1/16, answers x1/4), azure_code (prompts x1/8, answers kept),
+out), mooncake (conversations, prompts x1/32, answers x1/4), azure_code (prompts x1/8, answers kept),
 short_prompts (64 / 128: splitting should lose), mixed (70 % ~64-token, 30 % ~1,024-token prompts: conditional's case).
 SLO: TTFT <= 8 s, mean TPOT <= 0.25 s and no gap between two tokens over 0.5 s (--slo-*), for >= 90 % of
 requests. Goodput: `splitserve bench`'s sweep over the workload's rate bracket, --trials runs per rate judged
