@@ -168,7 +168,9 @@ def test_removed_node_fails_over_within_bound_and_leaks_nothing(sim, checkpoint)
         print(f"remove_node took {time.monotonic() - killed:.2f} s")
         wait_for(lambda: victim["url"] not in {w["url"] for w in dep.workers()}, BOUND_S, "the router to drop it")
         dropped = time.monotonic() - killed
-        assert not running(victim["pid"]), "the worker outlived its node"
+        # The router may drop it on a stream the dying process closed, a moment before the kernel finishes
+        # that process's exit (seen once on a loaded CI machine): its exit is awaited, briefly, not assumed.
+        wait_for(lambda: not running(victim["pid"]), 10, "the worker to exit with its node")
         served = load.done()
         wait_for(lambda: load.done() >= served + 4, 60, "requests after the removal")
         streams = load.stop()
