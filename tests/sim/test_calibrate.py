@@ -94,3 +94,20 @@ def test_a_calibration_is_read_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) > 0
+
+
+def test_calibration_waits_for_the_kernels_before_it_times_anything(tmp_path, monkeypatch):
+    """The kernels build in the background: peaks and steps timed beside the compiler were a third and a tenth
+    of their speed, so `calibrate` waits for the build first and says whether it timed them."""
+    pytest.importorskip("transformers")
+    import splitserve.calibrate.profile as profile
+    from tests.tiny_models import make_tiny_checkpoint
+
+    order: list[str] = []
+    monkeypatch.setattr(profile.paged_kernel, "load", lambda timeout=None: order.append("kernels") or False)
+    monkeypatch.setattr(profile, "measure_peaks", lambda threads, cpu_time=False: order.append("peaks") or (50e9, 10e9))
+    real_profile = profile.profile_engine
+    monkeypatch.setattr(profile, "profile_engine", lambda *a, **k: order.append("grid") or real_profile(*a, **k))
+    cal = profile.calibrate(str(make_tiny_checkpoint(tmp_path / "tiny")), 1, quick=True)
+    assert order == ["kernels", "peaks", "grid"]
+    assert cal.machine["kernels"] is False
