@@ -140,7 +140,12 @@ def profile_engine(
             drain()
         add("prefill", batch, times)
     for b, ctx in grid.decode:
-        params = SamplingParams(max_tokens=grid.decode_steps + 1, ignore_eos=True)
+        # The prompts take several steps to prefill when they hold more than a step's token budget, and the
+        # first ones decode meanwhile: each must outlast that by the timed steps, or the batch never reaches
+        # `b` decodes and the point is lost (48 x 256 and 16 x 1,024 were, silently, at the 2,048 budget).
+        # Twice the steps their tokens fill: the decodes beside them take from the same budget.
+        prefill_steps = -(-b * ctx // engine.config.max_num_batched_tokens)
+        params = SamplingParams(max_tokens=grid.decode_steps + 2 * prefill_steps + 1, ignore_eos=True)
         for _ in range(b):
             engine.add_request(f"cal{next(counter)}", prompt(ctx), params, 0.0)
         while True:  # prefill everything (untimed)
@@ -150,7 +155,7 @@ def profile_engine(
         times, batch = [], []
         while engine.has_work():
             batch_now, dt = timed_step()
-            if len(batch_now) == b and all(n == 1 for n, _, _ in batch_now):
+            if len(batch_now) == b and all(n == 1 for n, _, _ in batch_now) and len(times) < grid.decode_steps:
                 times.append(dt)
                 batch = batch_now
         if times:

@@ -111,3 +111,20 @@ def test_calibration_waits_for_the_kernels_before_it_times_anything(tmp_path, mo
     cal = profile.calibrate(str(make_tiny_checkpoint(tmp_path / "tiny")), 1, quick=True)
     assert order == ["kernels", "peaks", "grid"]
     assert cal.machine["kernels"] is False
+
+
+def test_a_decode_batch_whose_prompts_take_several_steps_to_prefill_is_still_timed(tmp_path):
+    """Four 40-token prompts at a 32-token step budget prefill over five steps while the first ones decode:
+    each must outlast that, or the batch never holds four decodes at once and the point is lost."""
+    pytest.importorskip("transformers")
+    from splitserve.calibrate.profile import Grid, profile_engine
+    from splitserve.model.loader import load_model
+    from splitserve.runtime.worker.engine import Engine, EngineConfig
+    from tests.tiny_models import make_tiny_checkpoint
+
+    loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=16, num_blocks=256, max_num_batched_tokens=32))
+    points = profile_engine(engine, Grid(prefill=(), decode=((4, 40),), decode_steps=2, repeats=1), loaded.config.vocab_size)
+    assert len(points) == 1 and points[0].kind == "decode"
+    assert len(points[0].batch) == 4 and all(n == 1 and c >= 40 for n, c, _ in points[0].batch)
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
