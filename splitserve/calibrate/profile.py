@@ -14,6 +14,7 @@ The result (`table.Calibration`) is a JSON file `splitserve plan --calibration F
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import platform
 import random
@@ -32,6 +33,8 @@ from splitserve.model.loader import load_model
 from splitserve.runtime.config import EngineConfig
 from splitserve.runtime.worker.engine import Engine
 from splitserve.runtime.worker.peaks import measure_peaks, step_clock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ def profile_engine(
                 batch = batch_now
         if times:
             add("decode", batch, times)
+        else:  # said, not swallowed: two such points were lost unseen until a fit missed them
+            log.warning("calibration point lost: the engine never ran %d decodes of %d-token contexts at once", b, ctx)
     for d, ctx, chunk, cached in grid.mixed:
         # Enough tokens to still be decoding at the last repeat: a step or two each, and a few while they prefill.
         long = SamplingParams(max_tokens=2 * grid.repeats + 8, ignore_eos=True)
@@ -183,6 +188,9 @@ def profile_engine(
         drain()
         if times:
             add("prefill", batch, times)
+        else:
+            log.warning("calibration point lost: the engine never ran a %d-token chunk over %d cached tokens beside "
+                        "%d decodes", chunk, cached, d)
     return points
 
 

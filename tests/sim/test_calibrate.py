@@ -128,3 +128,20 @@ def test_a_decode_batch_whose_prompts_take_several_steps_to_prefill_is_still_tim
     assert len(points) == 1 and points[0].kind == "decode"
     assert len(points[0].batch) == 4 and all(n == 1 and c >= 40 for n, c, _ in points[0].batch)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_a_grid_point_the_engine_cannot_run_is_reported_not_swallowed(tmp_path, caplog):
+    """20 decodes at once on an engine that runs at most 16: no point, and a warning naming the one lost."""
+    pytest.importorskip("transformers")
+    from splitserve.calibrate.profile import Grid, profile_engine
+    from splitserve.model.loader import load_model
+    from splitserve.runtime.worker.engine import Engine, EngineConfig
+    from tests.tiny_models import make_tiny_checkpoint
+
+    loaded = load_model(make_tiny_checkpoint(tmp_path / "tiny"))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=16, num_blocks=256))
+    with caplog.at_level("WARNING", logger="splitserve.calibrate.profile"):
+        points = profile_engine(engine, Grid(prefill=(), decode=((20, 8),), decode_steps=2, repeats=1), loaded.config.vocab_size)
+    assert points == []
+    assert "20 decodes of 8-token contexts" in caplog.text
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
