@@ -10,6 +10,7 @@ Per layer, on each of `tp` GPUs (tensor parallel: each does 1/tp of every matrix
 
     projections + MLP   FLOPs 2 * tokens * linear_params / tp     bytes: weights / tp + activations per token
     attention           FLOPs 4 * q_heads * head_dim * sum over sequences of (new * context + new^2 / 2) / tp
+                        (the new * context part of a chunk of several tokens counted apart as well: see StepWork)
                         bytes: the K and V of every sequence's context and new tokens (/ tp)
     all-reduce (tp > 1) 2 (tp-1)/tp * tokens * hidden * bytes, twice per layer
 and once per step the LM head for the sequences that sample.
@@ -184,6 +185,11 @@ class StepWork(NamedTuple):
     linear_flops: float
     linear_bytes: float  # weights, and activations read and written around each product
     attention_flops: float
+    # The part of attention_flops where a chunk of several new tokens attends to its cached context (chunked
+    # prefill, a prefix-cache hit). The engine runs it through another kernel path than a fresh prompt's causal
+    # attention or a decode (a copied context and an explicit mask), which on a CPU reaches a different
+    # fraction of peak (`sim/perf.Efficiency.prefix_attention`).
+    prefix_attention_flops: float
     attention_bytes: float  # K and V read from the paged cache
     allreduce_bytes: float  # ring all-reduce traffic, both all-reduces of the layer; 0 when tp == 1
     head_flops: float
@@ -212,9 +218,11 @@ class WorkModel:
         self.head_bytes = h * m.vocab_size * wb / tp
         self.ar_bytes_tok = h * wb * 2.0 * (tp - 1) / tp  # ring all-reduce traffic per GPU, per token
 
-    def work(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int) -> StepWork:
+    def work(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int,
+             prefix_pairs: float = 0.0) -> StepWork:
         """A step computing `tokens` new tokens for `seqs` sequences, `samples` of which sample; attention
-        covers `att_pairs` query-key pairs and reads `kv_tokens` tokens of K/V."""
+        covers `att_pairs` query-key pairs, `prefix_pairs` of them between a chunk of several tokens and its
+        cached context, and reads `kv_tokens` tokens of K/V."""
         lin_f = tokens * self.lin_flops_tok
         lin_b = self.lin_weight_bytes + tokens * self.act_bytes_tok
         att_f = att_pairs * self.att_flops_coef
@@ -223,31 +231,35 @@ class WorkModel:
         head_b = self.head_bytes if samples else 0.0
         flops = (self.layers * (lin_f + att_f) + head_f) * self.tp
         nbytes = (self.layers * (lin_b + att_b) + head_b) * self.tp
-        return StepWork(tokens, samples, seqs, lin_f, lin_b, att_f, att_b, tokens * self.ar_bytes_tok, head_f, head_b,
-                        flops, nbytes)
+        return StepWork(tokens, samples, seqs, lin_f, lin_b, att_f, prefix_pairs * self.att_flops_coef, att_b,
+                        tokens * self.ar_bytes_tok, head_f, head_b, flops, nbytes)
 
     def batch(self, seqs: Batch) -> StepWork:
         """A batch given as (new tokens, tokens already cached, samples) per sequence."""
         tokens = samples = kv = n_seqs = 0
-        pairs = 0.0
+        pairs = prefix = 0.0
         for n, c, sample in seqs:
             tokens += n
             kv += c + n
             pairs += n * c + n * (n + 1) * 0.5
+            if n > 1:
+                prefix += n * c
             samples += bool(sample)
             n_seqs += 1
-        return self.work(tokens, samples, pairs, kv, n_seqs)
+        return self.work(tokens, samples, pairs, kv, n_seqs, prefix)
 
     def scheduled(self, out: SchedulerOutput) -> StepWork:
         """The work of a core `SchedulerOutput`: `batch`'s sums (in the same order, so the same floats), read
         straight off the sequences rather than through a tuple per sequence (the simulator's hot path)."""
         tokens = samples = kv = 0
-        pairs = 0.0
+        pairs = prefix = 0.0
         for s in out.seqs:
             n, c = s.num_new_tokens, s.start_pos
             tokens += n
             kv += c + n
             pairs += n * c + n * (n + 1) * 0.5
+            if n > 1:
+                prefix += n * c
             if s.sample:
                 samples += 1
-        return self.work(tokens, samples, pairs, kv, len(out.seqs))
+        return self.work(tokens, samples, pairs, kv, len(out.seqs), prefix)

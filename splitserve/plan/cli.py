@@ -62,6 +62,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                           "workers of --base's thread count) instead of profiling: served steps share the cores with "
                           "the frontend and run slower than alone")
     cal.add_argument("--base", type=Path, help="with --from-step-logs: the calibration whose hardware and model to keep")
+    cal.add_argument("--refit", type=Path, metavar="CALIBRATION", help="fit a calibration's timed points again with this "
+                     "version's model instead of profiling (one made before the model gained a part)")
     cal.set_defaults(plan_action=_calibrate)
     rep = sub.add_parser("report", help="plots and an HTML page from saved plan or sweep JSON")
     rep.add_argument("files", nargs="+", type=Path, metavar="RESULT.json")
@@ -197,7 +199,15 @@ def _emit(args: argparse.Namespace, out, doc: dict, show, write) -> int:  # type
 
 
 def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    if args.from_step_logs:
+    if args.refit and args.from_step_logs:
+        raise PlanError("--refit and --from-step-logs are two sources of points: give one")
+    if args.refit:
+        from splitserve.calibrate.fit import refit
+
+        if args.base is not None:
+            raise PlanError("--base goes with --from-step-logs")
+        cal = refit(Calibration.load(args.refit))
+    elif args.from_step_logs:
         cal = _calibrate_from_steps(args)
     else:
         from splitserve.calibrate.profile import calibrate
@@ -216,7 +226,8 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
     cal.save(args.out)
     e = cal.efficiency
     out.print(f"{cal.hardware.describe()}")
-    out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}, memory {e.memory:.2f}, KV reads {e.kv_memory:.2f} of peak; overheads "
+    prefix = "" if e.prefix_attention is None else f" (over a cached prefix {e.prefix_attention:.2f})"
+    out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}{prefix}, memory {e.memory:.2f}, KV reads {e.kv_memory:.2f} of peak; overheads "
               f"{e.step_overhead_s * 1e3:.2f} ms/step, {e.seq_overhead_s * 1e3:.3f} ms/seq, {e.token_overhead_s * 1e3:.4f} ms/token")
     out.print(f"step-time error over {len(cal.points)} points: median {cal.median_rel_err:.1%}, p90 {cal.p90_rel_err:.1%}")
     out.print(f"wrote {args.out}")

@@ -28,6 +28,11 @@ GPU_RESERVE_BYTES = 1e9  # per GPU, beyond the weights: activations, CUDA contex
 class Efficiency:
     compute: float = 0.6  # matrix products: fraction of peak FLOP/s
     attention: float = 0.5  # attention kernels: fraction of peak FLOP/s
+    # A chunk of several tokens attending to its cached context (chunked prefill, a prefix-cache hit); None:
+    # `attention`'s. A calibration fits it apart because the engine runs it another way (see
+    # `core.model_spec.StepWork`): with 2 threads on this CPU it reached 0.63 of peak where a fresh prompt's
+    # causal attention reached 1.06 (`results/interference_avx2/README.md`).
+    prefix_attention: float | None = None
     memory: float = 0.8  # fraction of peak memory bandwidth (weights, activations)
     kv_memory: float = 0.7  # fraction of peak bandwidth when attention reads the paged KV cache
     comm: float = 0.7  # all-reduce: fraction of the intra-node link bandwidth
@@ -37,8 +42,10 @@ class Efficiency:
     token_overhead_s: float = 0.0  # per token in the batch
 
     def __post_init__(self) -> None:
-        for name in ("compute", "attention", "memory", "kv_memory", "comm"):
+        for name in ("compute", "attention", "prefix_attention", "memory", "kv_memory", "comm"):
             v = getattr(self, name)
+            if v is None and name == "prefix_attention":
+                continue
             if not 0 < v <= 4:
                 raise ValueError(f"efficiency {name} must be in (0, 4], got {v}")
 
@@ -59,6 +66,7 @@ class PerfModel:
         self.layers = model.num_layers
         self.compute_rate = hardware.flops * eff.compute
         self.att_rate = hardware.flops * eff.attention
+        self.prefix_att_rate = hardware.flops * (eff.attention if eff.prefix_attention is None else eff.prefix_attention)
         self.mem_rate = hardware.mem_bw * eff.memory
         self.kv_rate = hardware.mem_bw * eff.kv_memory
         self.link_rate = hardware.link_bw * eff.comm
@@ -68,8 +76,9 @@ class PerfModel:
 
     def timed(self, w: StepWork) -> StepCost:
         """The seconds of a step's work on this worker."""
+        att_s = (w.attention_flops - w.prefix_attention_flops) / self.att_rate + w.prefix_attention_flops / self.prefix_att_rate
         layer = (max(w.linear_flops / self.compute_rate, w.linear_bytes / self.mem_rate)
-                 + max(w.attention_flops / self.att_rate, w.attention_bytes / self.kv_rate))
+                 + max(att_s, w.attention_bytes / self.kv_rate))
         if self.tp > 1:
             layer += 2 * (self.ar_latency + w.allreduce_bytes / self.link_rate)
         head = max(w.head_flops / self.compute_rate, w.head_bytes / self.mem_rate)
@@ -78,20 +87,23 @@ class PerfModel:
              + e.token_overhead_s * w.tokens)
         return StepCost(t, w.flops, w.bytes)
 
-    def cost(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int) -> StepCost:
+    def cost(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int,
+             prefix_pairs: float = 0.0) -> StepCost:
         """A step computing `tokens` new tokens for `seqs` sequences, `samples` of which sample; attention
-        covers `att_pairs` query-key pairs and reads `kv_tokens` tokens of K/V."""
-        return self.timed(self.counter.work(tokens, samples, att_pairs, kv_tokens, seqs))
+        covers `att_pairs` query-key pairs, `prefix_pairs` of them between a chunk and its cached context, and
+        reads `kv_tokens` tokens of K/V."""
+        return self.timed(self.counter.work(tokens, samples, att_pairs, kv_tokens, seqs, prefix_pairs))
 
     def roofline_parts(self, seqs: Batch) -> tuple[float, ...]:
         """Seconds at peak (efficiency 1) of one step's parts, for fitting efficiencies: per layer (linear
-        compute, linear memory, attention compute, attention memory, all-reduce), then the LM head (compute,
-        memory), then (sequences, tokens)."""
+        compute, linear memory, attention compute apart from prefix pairs, prefix attention compute, attention
+        memory, all-reduce), then the LM head (compute, memory), then (sequences, tokens)."""
         w, hw = self.counter.batch(seqs), self.hardware
         comm = 2 * (self.ar_latency + w.allreduce_bytes / hw.link_bw) if self.tp > 1 else 0.0
         return (
             w.linear_flops / hw.flops, w.linear_bytes / hw.mem_bw,
-            w.attention_flops / hw.flops, w.attention_bytes / hw.mem_bw, comm,
+            (w.attention_flops - w.prefix_attention_flops) / hw.flops, w.prefix_attention_flops / hw.flops,
+            w.attention_bytes / hw.mem_bw, comm,
             w.head_flops / hw.flops, w.head_bytes / hw.mem_bw,
             w.seqs, w.tokens,
         )
@@ -120,8 +132,9 @@ class PerfModel:
     def mixed_step_time(self, batch: int, ctx: float, chunk: int, chunk_ctx: float = 0) -> float:
         """A decode batch plus `chunk` prompt tokens of one sequence (chunked prefill)."""
         ctx, chunk_ctx = max(0, int(ctx)), max(0, int(chunk_ctx))
+        prefix = chunk * chunk_ctx if chunk > 1 else 0.0
         pairs = batch * (ctx + 1.0) + chunk * chunk_ctx + chunk * (chunk + 1) / 2
-        return self.cost(batch + chunk, batch + 1, pairs, batch * (ctx + 1) + chunk_ctx + chunk, batch + 1).seconds
+        return self.cost(batch + chunk, batch + 1, pairs, batch * (ctx + 1) + chunk_ctx + chunk, batch + 1, prefix).seconds
 
     def layer_time(self, step_seconds: float) -> float:
         e = self.eff

@@ -117,3 +117,19 @@ def test_a_scheduler_output_counts_as_its_batch():
     counter = WorkModel(ModelSpec.from_hf_config(BASE))
     out = SchedulerOutput([ScheduledSeq(None, 30, 10, False), ScheduledSeq(None, 99, 1, True)])
     assert counter.scheduled(out) == counter.batch([(10, 30, False), (1, 99, True)])
+
+
+def test_a_chunk_over_its_cached_context_is_counted_apart():
+    counter = WorkModel(ModelSpec.from_hf_config(BASE))
+    coef = 4 * 64
+    chunk = counter.batch([(128, 1024, True)])
+    # Its pairs with the 1,024 cached tokens are prefix pairs; its own causal triangle is not.
+    assert chunk.prefix_attention_flops == coef * 128 * 1024
+    assert chunk.attention_flops == coef * (128 * 1024 + 128 * 129 / 2)
+    # A decode's pairs with its context, and a fresh prompt, have none.
+    assert counter.batch([(1, 1024, True)] * 8).prefix_attention_flops == 0
+    assert counter.batch([(128, 0, True)]).prefix_attention_flops == 0
+    beside = counter.batch([(1, 500, True), (64, 256, False)])
+    assert beside.prefix_attention_flops == coef * 64 * 256
+    out = SchedulerOutput([ScheduledSeq(None, 500, 1, True), ScheduledSeq(None, 256, 64, False)])
+    assert counter.scheduled(out) == beside

@@ -30,6 +30,44 @@ def test_fit_recovers_the_step_times_of_a_known_model():
     assert eff.step_overhead_s == pytest.approx(0.02, rel=0.3)
 
 
+def test_fit_finds_a_slower_attention_over_a_cached_prefix():
+    """One attention efficiency for fresh prompts and for chunks over a cached prefix could not time both (on
+    this CPU with 2 threads a 128-token chunk over 2,048 cached tokens was fitted at 0.39 s, measured 0.48 s)."""
+    truth = Efficiency(compute=0.45, attention=0.6, prefix_attention=0.15, memory=0.7, step_overhead_s=0.02,
+                       seq_overhead_s=0.001, token_overhead_s=2e-5)
+    pm = PerfModel(SMOL, CPU, 1, truth)
+    chunks = [[(128, c, True)] for c in (256, 1024, 2048)] + [[(64, 448, True)], [(1, 900, True), (128, 1024, True)]]
+    points = synthetic_points(truth) + [Point("prefill", b, pm.step(b).seconds) for b in chunks]
+    eff, median, p90 = fit(SMOL, CPU, points)
+    assert p90 < 0.05, (eff, median, p90)
+    assert eff.prefix_attention is not None and eff.prefix_attention < 0.5 * eff.attention
+    far = [(128, 3072, True)]  # beyond the points: the slope per cached token is what was fitted
+    assert PerfModel(SMOL, CPU, 1, eff).step(far).seconds == pytest.approx(pm.step(far).seconds, rel=0.05)
+    # Without such a chunk among the points, nothing says what the efficiency is: it stays attention's.
+    fresh = [p for p in synthetic_points(truth) if all(n == 1 or c == 0 for n, c, _ in p.batch)]
+    assert fit(SMOL, CPU, fresh)[0].prefix_attention is None
+
+
+def test_refit_fits_a_calibrations_points_again_and_the_cli_writes_it(tmp_path, capsys):
+    from splitserve.calibrate.fit import refit
+    from splitserve.plan.cli import main
+
+    truth = Efficiency(attention=0.6, prefix_attention=0.15)
+    pm = PerfModel(SMOL, CPU, 1, truth)
+    points = synthetic_points(truth) + [Point("prefill", [(128, c, True)], pm.step([(128, c, True)]).seconds) for c in (1024, 2048)]
+    # As a version whose model had one attention efficiency saved it.
+    old = Calibration(CPU, SMOL, Efficiency(attention=0.3), points, 0.2, 0.5, {"threads": 1})
+    old.save(tmp_path / "old.json")
+    new = refit(Calibration.load(tmp_path / "old.json"))
+    assert new.efficiency.prefix_attention is not None and new.p90_rel_err < 0.1
+    assert [p.seconds for p in new.points] == [p.seconds for p in points] and new.machine["threads"] == 1
+    assert main(["calibrate", "--refit", str(tmp_path / "old.json"), "--out", str(tmp_path / "new.json")]) == 0
+    assert "over a cached prefix" in capsys.readouterr().out
+    assert Calibration.load(tmp_path / "new.json").efficiency == new.efficiency
+    assert main(["calibrate", "--refit", str(tmp_path / "old.json"), "--base", str(tmp_path / "old.json")]) == 2
+    assert "--base goes with --from-step-logs" in capsys.readouterr().err
+
+
 def test_calibration_round_trips_through_json(tmp_path):
     points = synthetic_points(Efficiency())
     eff, med, p90 = fit(SMOL, CPU, points)

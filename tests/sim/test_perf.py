@@ -49,3 +49,17 @@ def test_efficiencies_and_overheads_scale_the_time():
 def test_kv_capacity_counts_weights_and_tp():
     assert PerfModel(L70, H100, 1).kv_capacity_tokens() < 0  # 141 GB of weights on one 80 GB GPU
     assert PerfModel(L70, H100, 8).kv_capacity_tokens() > 2.5 * PerfModel(L70, H100, 4).kv_capacity_tokens()
+
+
+def test_a_chunk_over_a_cached_prefix_has_its_own_attention_efficiency():
+    base = PerfModel(L70, H100, 4)
+    assert PerfModel(L70, H100, 4, Efficiency(prefix_attention=0.5)).prefill_time(512, 7680) == base.prefill_time(512, 7680)
+    slow = PerfModel(L70, H100, 4, Efficiency(prefix_attention=0.1))
+    # Only a chunk's pairs with its cached context are slower: a fresh prompt and a decode are not.
+    assert slow.prefill_time(512, 7680) > 1.3 * base.prefill_time(512, 7680)
+    assert slow.prefill_time(8192) == base.prefill_time(8192)
+    assert slow.decode_step_time(64, 8192) == base.decode_step_time(64, 8192)
+    assert slow.mixed_step_time(16, 2048, 512, 7680) > base.mixed_step_time(16, 2048, 512, 7680)
+    assert slow.mixed_step_time(16, 2048, 512, 0) == base.mixed_step_time(16, 2048, 512, 0)
+    with pytest.raises(ValueError, match="prefix_attention"):
+        Efficiency(prefix_attention=0.0)
