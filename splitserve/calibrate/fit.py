@@ -34,9 +34,7 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point]) -> tuple[
     # On a CPU the split between a per-token overhead and compute, or a per-step overhead and reading the
     # weights, is barely identifiable; the fit is judged by its predictions, which is what the simulator uses.
     a = np.stack([np.ones_like(t), seqs, tokens], axis=1) * w[:, None]  # [P, 3]
-    active_sets = [cols for r in (1, 2, 3) for cols in itertools.combinations(range(3), r)]
-    # Per active set: its pseudo-inverse (the overheads) and an orthonormal basis of its columns (the error).
-    solvers = [(cols, np.linalg.pinv(a[:, cols]).T, np.linalg.qr(a[:, cols])[0]) for cols in active_sets]
+    solvers = _solvers(a)
     fixed = model.num_layers * (np.maximum(lin_c / ec, lin_m / em) + comm) + np.maximum(head_c / ec, head_m / em)
     best: tuple[float, float | None, int, np.ndarray] | None = None  # (error, prefix efficiency, grid index, overheads)
     for ep in (grid if np.any(pre_c > 0) else (None,)):
@@ -58,6 +56,20 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point]) -> tuple[
         p.predicted = fitted.step(p.batch).seconds
         rel.append(abs(p.predicted - p.seconds) / p.seconds)
     return eff, float(np.median(rel)), float(np.percentile(rel, 90))
+
+
+def _solvers(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    """Per active set of the overheads' columns of `a` [P, 3]: its pseudo-inverse (the overheads) and an
+    orthonormal basis of its columns (the error they leave)."""
+    sets = [cols for r in (1, 2, 3) for cols in itertools.combinations(range(a.shape[1]), r)]
+    return [(cols, np.linalg.pinv(a[:, cols]).T, _basis(a[:, cols])) for cols in sets]
+
+
+def _basis(a: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of `a`'s column space, dropping directions a rank-deficient `a` lacks (where the
+    points cannot tell two overheads apart), at the cut `np.linalg.pinv` makes."""
+    u, sv, _ = np.linalg.svd(a, full_matrices=False)
+    return u[:, sv > sv.max() * max(a.shape) * np.finfo(a.dtype).eps]
 
 
 def _overheads(y: np.ndarray, solvers: list) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.calibrate.fit import fit
 from splitserve.calibrate.table import Calibration, Point, cpu_hardware
@@ -46,6 +49,22 @@ def test_fit_finds_a_slower_attention_over_a_cached_prefix():
     # Without such a chunk among the points, nothing says what the efficiency is: it stays attention's.
     fresh = [p for p in synthetic_points(truth) if all(n == 1 or c == 0 for n, c, _ in p.batch)]
     assert fit(SMOL, CPU, fresh)[0].prefix_attention is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=4, max_size=12), st.integers(0, 2), st.integers(0, 2**32 - 1))
+def test_the_overheads_error_is_what_they_leave(weights, twin, seed):
+    """For every active set the error credited is the residual of the overheads returned, also where two
+    columns are one (every point one sequence: per-step and per-sequence overheads cannot be told apart)."""
+    from splitserve.calibrate.fit import _overheads, _solvers
+
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.5, 5.0, size=(len(weights), 3)) * np.array(weights)[:, None]
+    a[:, (twin + 1) % 3] = a[:, twin]
+    y = rng.normal(size=(8, len(weights)))
+    err, x = _overheads(y, _solvers(a))
+    assert np.all(x >= 0)
+    assert np.allclose(err, ((x @ a.T - y) ** 2).sum(axis=1), atol=1e-9)
 
 
 def test_refit_fits_a_calibrations_points_again_and_the_cli_writes_it(tmp_path, capsys):
