@@ -13,21 +13,18 @@ from splitserve.sim.hardware import Hardware
 from splitserve.sim.perf import Efficiency, PerfModel
 
 
-def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point],
-        skinny_rows: int = 0) -> tuple[Efficiency, float, float]:
+def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point]) -> tuple[Efficiency, float, float]:
     """Efficiencies and overheads minimising squared relative error over `points`.
 
     Grid search over the compute, attention, memory and KV-read efficiencies, and the prefix-attention one
     where some point has a chunk over a cached context (else it stays `attention`'s); for each, the overheads
-    (per step, per sequence, per token, and per token of a step of at most `skinny_rows` tokens where the engine
-    that ran the points has such a kernel) by non-negative least squares, solved for every grid point at once:
-    the design matrix is the same for all of them, so each active set's pseudo-inverse is computed once."""
+    (per step, per sequence, per token) by non-negative least squares, solved for every grid point at once: the
+    design matrix is the same for all of them, so each active set's pseudo-inverse is computed once."""
     if not points:
         raise ValueError("no calibration points")
-    pm = PerfModel(model, hardware, 1, Efficiency(step_overhead_s=0.0, seq_overhead_s=0.0, token_overhead_s=0.0,
-                                                  skinny_rows=skinny_rows))
-    parts = np.array([pm.roofline_parts(p.batch) for p in points])  # [P, 11]
-    lin_c, lin_m, att_c, pre_c, att_m, comm, head_c, head_m, seqs, tokens, skinny = parts.T
+    pm = PerfModel(model, hardware, 1, Efficiency(step_overhead_s=0.0, seq_overhead_s=0.0, token_overhead_s=0.0))
+    parts = np.array([pm.roofline_parts(p.batch) for p in points])  # [P, 10]
+    lin_c, lin_m, att_c, pre_c, att_m, comm, head_c, head_m, seqs, tokens = parts.T
     t = np.array([p.seconds for p in points])
     w = 1.0 / t
     grid = np.geomspace(0.01, 3.0, 16)  # above 1: the measured peak was not the best this machine does
@@ -36,8 +33,7 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point],
     ec, ea, em, ek = (grid.reshape([g if d == axis else 1 for d in range(4)] + [1]) for axis in range(4))
     # On a CPU the split between a per-token overhead and compute, or a per-step overhead and reading the
     # weights, is barely identifiable; the fit is judged by its predictions, which is what the simulator uses.
-    columns = [np.ones_like(t), seqs, tokens] + ([skinny] if skinny_rows > 0 else [])
-    a = np.stack(columns, axis=1) * w[:, None]  # [P, 3 or 4]
+    a = np.stack([np.ones_like(t), seqs, tokens], axis=1) * w[:, None]  # [P, 3]
     solvers = _solvers(a)
     fixed = model.num_layers * (np.maximum(lin_c / ec, lin_m / em) + comm) + np.maximum(head_c / ec, head_m / em)
     best: tuple[float, float | None, int, np.ndarray] | None = None  # (error, prefix efficiency, grid index, overheads)
@@ -53,8 +49,7 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point],
     gi = np.unravel_index(i, (g,) * 4)
     eff = Efficiency(compute=float(grid[gi[0]]), attention=float(grid[gi[1]]), memory=float(grid[gi[2]]),
                      kv_memory=float(grid[gi[3]]), prefix_attention=None if ep is None else float(ep),
-                     step_overhead_s=float(x[0]), seq_overhead_s=float(x[1]), token_overhead_s=float(x[2]),
-                     skinny_rows=skinny_rows, skinny_token_overhead_s=float(x[3]) if skinny_rows > 0 else 0.0)
+                     step_overhead_s=float(x[0]), seq_overhead_s=float(x[1]), token_overhead_s=float(x[2]))
     fitted = PerfModel(model, hardware, 1, eff)
     rel = []
     for p in points:
@@ -64,10 +59,9 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point],
 
 
 def _solvers(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
-    """Per active set of the overheads' columns of `a` [P, K]: its pseudo-inverse (the overheads) and an
+    """Per active set of the overheads' columns of `a` [P, 3]: its pseudo-inverse (the overheads) and an
     orthonormal basis of its columns (the error they leave)."""
-    k = a.shape[1]
-    sets = [cols for r in range(1, k + 1) for cols in itertools.combinations(range(k), r)]
+    sets = [cols for r in (1, 2, 3) for cols in itertools.combinations(range(a.shape[1]), r)]
     return [(cols, np.linalg.pinv(a[:, cols]).T, _basis(a[:, cols])) for cols in sets]
 
 
@@ -79,36 +73,26 @@ def _basis(a: np.ndarray) -> np.ndarray:
 
 
 def _overheads(y: np.ndarray, solvers: list) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of residuals `y` [N, P]: the non-negative overheads x [N, K] (least squares over every active set
-    of the overheads' K columns) and the squared error left."""
-    k = max(max(cols) for cols, _, _ in solvers) + 1
+    """Per row of residuals `y` [N, P]: the non-negative overheads x [N, 3] (least squares over every active set
+    of the overheads' columns) and the squared error left."""
     yy = np.einsum("np,np->n", y, y)
     best_err = yy.copy()
-    best_x = np.zeros((len(y), k))
+    best_x = np.zeros((len(y), 3))
     for cols, pinv, basis in solvers:
         x = y @ pinv  # [N, r]
         proj = y @ basis
         err = yy - np.einsum("nr,nr->n", proj, proj)  # least squares leaves what its columns cannot span
         better = np.all(x >= 0, axis=1) & (err < best_err)
         best_err = np.where(better, err, best_err)
-        full = np.zeros((len(y), k))
+        full = np.zeros((len(y), 3))
         full[:, cols] = x
         best_x = np.where(better[:, None], full, best_x)
     return best_err, best_x
 
 
-def refit(cal: Calibration, skinny_rows: int | None = None) -> Calibration:
+def refit(cal: Calibration) -> Calibration:
     """`cal`'s timed points fitted again (by this version's model and fit), its hardware and model kept: a
-    calibration made before the model gained a part is brought up to date without profiling again.
-    `skinny_rows`: the skinny-kernel row limit of the engine that timed the points; None: the calibration's
-    own, or for one made before it recorded that with the C++ kernels built, this engine's."""
-    if skinny_rows is None:
-        skinny_rows = cal.efficiency.skinny_rows
-        if not skinny_rows and cal.machine.get("kernels"):
-            # It imports torch: only here, so that the fit itself needs none.
-            from splitserve.model.linear import SKINNY_MAX_ROWS
-
-            skinny_rows = SKINNY_MAX_ROWS
+    calibration made before the model gained a part is brought up to date without profiling again."""
     points = [Point(p.kind, list(p.batch), p.seconds) for p in cal.points]
-    eff, med, p90 = fit(cal.model, cal.hardware, points, skinny_rows)
+    eff, med, p90 = fit(cal.model, cal.hardware, points)
     return Calibration(cal.hardware, cal.model, eff, points, med, p90, {**cal.machine, "refitted": True})

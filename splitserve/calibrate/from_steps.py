@@ -87,7 +87,7 @@ def calibrate_from_steps(base: Calibration, paths: Sequence[Path], min_steps: in
     if len(points) < 4 or kinds != {"prefill", "decode"}:
         raise ValueError(f"{len(steps)} logged steps give {len(points)} step shapes seen {min_steps}+ times "
                          f"({', '.join(sorted(kinds)) or 'none'}): a fit needs prefill and decode steps of several shapes")
-    eff, med, p90 = fit(base.model, base.hardware, points, base.efficiency.skinny_rows)
+    eff, med, p90 = fit(base.model, base.hardware, points)
     machine = {**base.machine, "clock": "served wall time (step logs)", "step_logs": [str(f) for f in files],
                "steps": len(steps), "base_efficiency": asdict(base.efficiency)}
     return Calibration(base.hardware, base.model, eff, points, med, p90, machine)

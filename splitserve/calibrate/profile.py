@@ -28,7 +28,7 @@ import torch
 from splitserve.calibrate.fit import fit
 from splitserve.calibrate.table import Batch, Calibration, Point, cpu_hardware
 from splitserve.core.request import SamplingParams
-from splitserve.model import linear, paged_kernel
+from splitserve.model import paged_kernel
 from splitserve.model.loader import load_model
 from splitserve.runtime.config import EngineConfig
 from splitserve.runtime.worker.engine import Engine
@@ -223,8 +223,7 @@ def calibrate(
     spec = replace(loaded.config, name=loaded.name, source="loaded engine model")
     clock = step_clock(threads, cpu_time)
     points = profile_engine(engine, Grid.default(quick), loaded.config.vocab_size, on_point, clock=clock)
-    # Steps of up to SKINNY_MAX_ROWS tokens ran their linears in the skinny kernel, built with the others.
-    eff, med, p90 = fit(spec, hw, points, linear.SKINNY_MAX_ROWS if kernels and linear.SKINNY else 0)
+    eff, med, p90 = fit(spec, hw, points)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
                "clock": "thread CPU time" if clock is time.thread_time else "wall", "kernels": kernels,
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}

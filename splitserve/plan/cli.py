@@ -228,8 +228,7 @@ def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(f"{cal.hardware.describe()}")
     prefix = "" if e.prefix_attention is None else f" (over a cached prefix {e.prefix_attention:.2f})"
     out.print(f"fitted: compute {e.compute:.2f}, attention {e.attention:.2f}{prefix}, memory {e.memory:.2f}, KV reads {e.kv_memory:.2f} of peak; overheads "
-              f"{e.step_overhead_s * 1e3:.2f} ms/step, {e.seq_overhead_s * 1e3:.3f} ms/seq, {e.token_overhead_s * 1e3:.4f} ms/token"
-              + (f", {e.skinny_token_overhead_s * 1e3:.3f} ms/token in steps of <= {e.skinny_rows} tokens" if e.skinny_rows else ""))
+              f"{e.step_overhead_s * 1e3:.2f} ms/step, {e.seq_overhead_s * 1e3:.3f} ms/seq, {e.token_overhead_s * 1e3:.4f} ms/token")
     out.print(f"step-time error over {len(cal.points)} points: median {cal.median_rel_err:.1%}, p90 {cal.p90_rel_err:.1%}")
     out.print(f"wrote {args.out}")
     return 0

@@ -40,11 +40,6 @@ class Efficiency:
     layer_overhead_s: float = 0.0  # per layer per step: the latency floors of its kernels (GPU tables)
     seq_overhead_s: float = 5e-6  # per sequence in the batch
     token_overhead_s: float = 0.0  # per token in the batch
-    # Steps of at most `skinny_rows` tokens run their matrix products through a kernel whose cost grows with
-    # each row (the CPU engine's skinny kernel, `model/linear.py`: at 2 threads 33 ms at 1 row, 50 at 4, 73 at
-    # 8, then oneDNN at 80 ms for 16); 0: no such kernel. A calibration fits the cost per row.
-    skinny_rows: int = 0
-    skinny_token_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("compute", "attention", "prefix_attention", "memory", "kv_memory", "comm"):
@@ -89,11 +84,8 @@ class PerfModel:
         head = max(w.head_flops / self.compute_rate, w.head_bytes / self.mem_rate)
         e = self.eff
         t = (self.layers * (layer + e.layer_overhead_s) + head + e.step_overhead_s + e.seq_overhead_s * w.seqs
-             + e.token_overhead_s * w.tokens + e.skinny_token_overhead_s * self._skinny_tokens(w))
+             + e.token_overhead_s * w.tokens)
         return StepCost(t, w.flops, w.bytes)
-
-    def _skinny_tokens(self, w: StepWork) -> int:
-        return w.tokens if w.tokens <= self.eff.skinny_rows else 0
 
     def cost(self, tokens: int, samples: int, att_pairs: float, kv_tokens: int, seqs: int,
              prefix_pairs: float = 0.0) -> StepCost:
@@ -105,8 +97,7 @@ class PerfModel:
     def roofline_parts(self, seqs: Batch) -> tuple[float, ...]:
         """Seconds at peak (efficiency 1) of one step's parts, for fitting efficiencies: per layer (linear
         compute, linear memory, attention compute apart from prefix pairs, prefix attention compute, attention
-        memory, all-reduce), then the LM head (compute, memory), then (sequences, tokens, tokens of a step small
-        enough for the skinny kernel)."""
+        memory, all-reduce), then the LM head (compute, memory), then (sequences, tokens)."""
         w, hw = self.counter.batch(seqs), self.hardware
         comm = 2 * (self.ar_latency + w.allreduce_bytes / hw.link_bw) if self.tp > 1 else 0.0
         return (
@@ -114,7 +105,7 @@ class PerfModel:
             (w.attention_flops - w.prefix_attention_flops) / hw.flops, w.prefix_attention_flops / hw.flops,
             w.attention_bytes / hw.mem_bw, comm,
             w.head_flops / hw.flops, w.head_bytes / hw.mem_bw,
-            w.seqs, w.tokens, self._skinny_tokens(w),
+            w.seqs, w.tokens,
         )
 
     def step(self, seqs: Batch) -> StepCost:

@@ -87,28 +87,6 @@ def test_refit_fits_a_calibrations_points_again_and_the_cli_writes_it(tmp_path, 
     assert "--base goes with --from-step-logs" in capsys.readouterr().err
     assert main(["calibrate", "--refit", str(tmp_path / "old.json"), "--from-step-logs", str(tmp_path)]) == 2
     assert "two sources of points" in capsys.readouterr().err
-    # Made before calibrations recorded the skinny kernel's rows, with the C++ kernels built: it ran them.
-    from splitserve.model.linear import SKINNY_MAX_ROWS
-
-    assert new.efficiency.skinny_rows == 0
-    kernels = Calibration(CPU, SMOL, Efficiency(attention=0.3), points, 0.2, 0.5, {"kernels": True})
-    assert refit(kernels).efficiency.skinny_rows == SKINNY_MAX_ROWS
-    assert refit(kernels, skinny_rows=0).efficiency.skinny_rows == 0
-
-
-def test_fit_finds_the_skinny_kernels_cost_per_row():
-    """Decode steps of up to 8 rows ran the linears in a kernel whose cost grows with each row (2 threads here:
-    33 ms at 1 row, 50 at 4, 73 at 8, 80 at 16 in oneDNN): one per-token overhead for every step cannot time both."""
-    truth = Efficiency(compute=0.45, attention=0.2, memory=0.7, step_overhead_s=0.02, seq_overhead_s=0.001,
-                       token_overhead_s=2e-5, skinny_rows=8, skinny_token_overhead_s=5e-3)
-    pm = PerfModel(SMOL, CPU, 1, truth)
-    small = [[(1, c, True)] * b for b in (2, 8) for c in (64, 512)]
-    points = synthetic_points(truth) + [Point("decode", b, pm.step(b).seconds) for b in small]
-    eff, median, p90 = fit(SMOL, CPU, points, skinny_rows=8)
-    assert p90 < 0.05, (eff, median, p90)
-    assert eff.skinny_rows == 8 and eff.skinny_token_overhead_s == pytest.approx(5e-3, rel=0.3)
-    _, _, p90_without = fit(SMOL, CPU, points)
-    assert p90_without > 2 * p90
 
 
 def test_calibration_round_trips_through_json(tmp_path):

@@ -63,13 +63,3 @@ def test_a_chunk_over_a_cached_prefix_has_its_own_attention_efficiency():
     assert slow.mixed_step_time(16, 2048, 512, 0) == base.mixed_step_time(16, 2048, 512, 0)
     with pytest.raises(ValueError, match="prefix_attention"):
         Efficiency(prefix_attention=0.0)
-
-
-def test_a_step_small_enough_for_the_skinny_kernel_pays_its_cost_per_row():
-    base = PerfModel(L70, H100, 4)
-    skinny = PerfModel(L70, H100, 4, Efficiency(skinny_rows=8, skinny_token_overhead_s=2e-3))
-    for batch in (1, 4, 8):
-        assert skinny.decode_step_time(batch, 1024) - base.decode_step_time(batch, 1024) == pytest.approx(batch * 2e-3)
-    # Nine rows go to the other kernel; so does any step with a prompt chunk.
-    assert skinny.decode_step_time(9, 1024) == base.decode_step_time(9, 1024)
-    assert skinny.prefill_time(16) == base.prefill_time(16)
