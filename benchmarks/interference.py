@@ -245,19 +245,19 @@ def main() -> None:
         # other workloads: a refinement a user has only after serving loads on the machine.
         "with_serving_speed": {"predicted": predicted_served, "table": rows_served,
                                **{k: v for k, v in headline(rows_served, {}, None).items()
-                                  if k in ("planner_winner_agreement", "predictions_holding")}},
+                                  if k in ("planner_winner_agreement", "predictions_holding", "prediction_log_error")}},
         "serving_speed_used": speeds, "serving_speed_by_workload": speed_by_workload(sums),
         # The planner again with both calibrations fitted to the steps the other workloads' sweeps served
         # (`splitserve plan calibrate --from-step-logs`): each step shape at its served time.
         "with_served_calibration": {"predicted": predicted_refit, "table": rows_refit, "fits": refit_report,
                                     **{k: v for k, v in headline(rows_refit, {}, None).items()
-                                       if k in ("planner_winner_agreement", "predictions_holding")}},
+                                       if k in ("planner_winner_agreement", "predictions_holding", "prediction_log_error")}},
         "measured": measured,
         "latency_at_rate_lo": lowest,
         "attainment_by_gap_at_rate_lo": by_gap,
         # Each sweep's own runs judged at the stricter stall bound: (highest probed rate passed, lowest failed).
         "goodput_at_tight_stall": {"max_gap_s": TIGHT_GAP_S, "table": tight_rows,
-                                   "planner_winner_agreement": tight_head["planner_winner_agreement"]},
+                                   **{k: v for k, v in tight_head.items() if k.startswith("prediction") or k == "planner_winner_agreement"}},
         "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
         "wall_s": time.time() - started, "quick": args.quick,
     }

@@ -148,6 +148,19 @@ def band_holds(slower: float, faster: float, lo: float, hi: float | None) -> boo
     return reaches and below_top
 
 
+def prediction_log_error(rows: list[dict]) -> dict:
+    """How far the predictions sit from the measurements, not only whether each is within 15 %: the mean
+    |ln(predicted / measured)| over cells where both passed the lowest rate (0.22 is a factor 1.25 either way),
+    and how many cells one passed and the other did not. A change to the model that moves a cell across the
+    15 % line by one request shows here as the small change it is."""
+    both = [abs(math.log(r["predicted_goodput"] / r["measured_goodput"])) for r in rows
+            if r.get("predicted_goodput") and r["measured_goodput"] > 0]
+    one = sum(1 for r in rows if r.get("predicted_goodput") is not None
+              and (r["predicted_goodput"] > 0) != (r["measured_goodput"] > 0))
+    return {"prediction_log_error": sum(both) / len(both) if both else None, "prediction_log_error_cells": len(both),
+            "prediction_pass_mismatches": one}
+
+
 def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: str | None,
              picks: dict[str, dict] | None = None) -> dict:
     """The benchmark's last line: the planner's agreement over workloads, and on the seed-like workload the
@@ -164,6 +177,7 @@ def headline(rows: list[dict], latency: dict[str, dict[str, dict]], seed_like: s
                  "split_stall_ratio_vs_colocated": None, "best_split_goodput_ratio": None}
     if in_band:
         out["predictions_holding_in_band"] = f"{sum(in_band)} of {len(in_band)}"
+    out.update(prediction_log_error(rows))
     if picks:
         judged = {w: p for w, p in picks.items() if w in agree}
         out["robust_picks"] = f"{sum(p['robust'] for p in judged.values())} of {len(judged)}"

@@ -159,6 +159,10 @@ def test_the_table_and_headline_judge_the_planner_by_the_measured_spread():
     lat = {"heavy": {"1p1d": {"itl_p99_s": 0.2}, "colocated": {"itl_p99_s": 2.0}}}
     head = headline(rows, lat, "heavy")
     assert head["planner_winner_agreement"] == 0.5
+    # Cells both passed: heavy 1p1d 0.25/0.3, conditional 0.33/0.2, short colocated 1.0/2.0, 1p1d 1.2/1.0.
+    logs = [math.log(0.3 / 0.25), math.log(0.33 / 0.2), math.log(2.0), math.log(1.2)]
+    assert head["prediction_log_error"] == pytest.approx(sum(logs) / 4) and head["prediction_log_error_cells"] == 4
+    assert head["prediction_pass_mismatches"] == 1  # heavy colocated: 0.05 predicted, nothing passed
     assert head["split_stall_ratio_vs_colocated"] == pytest.approx(0.1)
     assert head["best_split_goodput_ratio"] is None and "best_split_goodput_ratio_note" in head
     mixed = table({"mixed": {"colocated": (0.4, 0.6), "1p1d": (0.6, 0.8), "1p1d_conditional": (0.8, 1.0)}}, {})
