@@ -58,21 +58,23 @@ def fit(model: ModelSpec, hardware: Hardware, points: Sequence[Point]) -> tuple[
     return eff, float(np.median(rel)), float(np.percentile(rel, 90))
 
 
-def _solvers(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+Solver = tuple[tuple[int, ...], np.ndarray, np.ndarray]  # (active columns, pseudo-inverse^T, orthonormal basis)
+
+
+def _solvers(a: np.ndarray) -> list[Solver]:
     """Per active set of the overheads' columns of `a` [P, 3]: its pseudo-inverse (the overheads) and an
-    orthonormal basis of its columns (the error they leave)."""
-    sets = [cols for r in (1, 2, 3) for cols in itertools.combinations(range(a.shape[1]), r)]
-    return [(cols, np.linalg.pinv(a[:, cols]).T, _basis(a[:, cols])) for cols in sets]
+    orthonormal basis of its columns (the error they leave), both from one SVD cut at one place, so that where
+    the points cannot tell two overheads apart (a rank-deficient set) neither holds a direction the other lacks."""
+    out = []
+    for cols in (c for r in (1, 2, 3) for c in itertools.combinations(range(a.shape[1]), r)):
+        u, sv, vt = np.linalg.svd(a[:, cols], full_matrices=False)
+        keep = sv > sv.max() * max(a.shape) * np.finfo(a.dtype).eps
+        basis = u[:, keep]
+        out.append((cols, (basis / sv[keep]) @ vt[keep], basis))
+    return out
 
 
-def _basis(a: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of `a`'s column space, dropping directions a rank-deficient `a` lacks (where the
-    points cannot tell two overheads apart), at the cut `np.linalg.pinv` makes."""
-    u, sv, _ = np.linalg.svd(a, full_matrices=False)
-    return u[:, sv > sv.max() * max(a.shape) * np.finfo(a.dtype).eps]
-
-
-def _overheads(y: np.ndarray, solvers: list) -> tuple[np.ndarray, np.ndarray]:
+def _overheads(y: np.ndarray, solvers: list[Solver]) -> tuple[np.ndarray, np.ndarray]:
     """Per row of residuals `y` [N, P]: the non-negative overheads x [N, 3] (least squares over every active set
     of the overheads' columns) and the squared error left."""
     yy = np.einsum("np,np->n", y, y)

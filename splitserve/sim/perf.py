@@ -30,8 +30,8 @@ class Efficiency:
     attention: float = 0.5  # attention kernels: fraction of peak FLOP/s
     # A chunk of several tokens attending to its cached context (chunked prefill, a prefix-cache hit); None:
     # `attention`'s. A calibration fits it apart because the engine runs it another way (see
-    # `core.model_spec.StepWork`): with 2 threads on this CPU it reached 0.63 of peak where a fresh prompt's
-    # causal attention reached 1.06 (`results/interference_avx2/README.md`).
+    # `core.model_spec.StepWork`): fitted to the AVX2 EPYC's 2-thread calibration it is 0.66 of peak where a
+    # fresh prompt's causal attention is 1.40 (`results/interference_avx2/README.md`).
     prefix_attention: float | None = None
     memory: float = 0.8  # fraction of peak memory bandwidth (weights, activations)
     kv_memory: float = 0.7  # fraction of peak bandwidth when attention reads the paged KV cache

@@ -87,6 +87,8 @@ def test_refit_fits_a_calibrations_points_again_and_the_cli_writes_it(tmp_path, 
     assert "--base goes with --from-step-logs" in capsys.readouterr().err
     assert main(["calibrate", "--refit", str(tmp_path / "old.json"), "--from-step-logs", str(tmp_path)]) == 2
     assert "two sources of points" in capsys.readouterr().err
+    assert main(["calibrate", "--refit", str(tmp_path / "missing.json")]) == 2
+    assert "calibration file not found" in capsys.readouterr().err
 
 
 def test_calibration_round_trips_through_json(tmp_path):
